@@ -1,0 +1,1 @@
+"""The Chatterbox pipeline on MLX."""

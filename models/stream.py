@@ -1,0 +1,33 @@
+"""Audio chunks as the streaming synthesiser yields them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+SAMPLE_RATE = 24000  # Hz, S3Gen output
+SAMPLES_PER_TOKEN = 960  # 40 ms per speech token at 24 kHz
+
+
+@dataclass
+class AudioChunk:
+    """One piece of a streamed utterance.
+
+    samples: float32 mono at 24 kHz, shape (n,). index: 0-based chunk number.
+    token_start/token_end: the speech-token range [start, end) this chunk renders.
+    timings: milliseconds and rates measured while producing it (keys such as
+    ``t3_ms``, ``s3gen_ms``, ``ttfa_ms`` on the first chunk, ``t3_tokens_per_s``).
+    is_last: True on the final chunk of the utterance.
+    """
+
+    samples: np.ndarray
+    index: int
+    token_start: int
+    token_end: int
+    timings: dict = field(default_factory=dict)
+    is_last: bool = False
+
+    @property
+    def duration_s(self) -> float:
+        return len(self.samples) / SAMPLE_RATE
