@@ -79,3 +79,92 @@ def sample_tensor(key: str, shape: tuple, rng: np.random.Generator) -> np.ndarra
 def random_weights(shapes: dict[str, tuple], rng: np.random.Generator, prefix: str = "") -> dict[str, np.ndarray]:
     """Random tensors for every key of an upstream spec (keys sorted, so order is stable)."""
     return {prefix + key: sample_tensor(prefix + key, tuple(shapes[key]), rng) for key in sorted(shapes)}
+
+
+# Built-in voice of a generated checkpoint: prompt lengths in speech tokens (25 per second).
+CONDS_PROMPT_TOKENS = {"tiny": (50, 25), "full": (150, 157)}  # (T3 prompt, S3Gen prompt)
+SPEECH_CODEBOOK = 6561
+XVECTOR_NORM = 13.9  # the shipped voice's CAMPPlus x-vector norm (chatterbox.md 5.6)
+
+
+def component_configs(size: str) -> dict:
+    """The per-component configs for a size, as model objects (see dims.json)."""
+    from . import t3, voice_encoder
+    from .s3gen.s3gen import S3GenConfig
+
+    if size not in SIZES:
+        raise ValueError(f"unknown checkpoint size {size!r}; choose from {', '.join(SIZES)}")
+    pick = (lambda c: c.tiny()) if size == "tiny" else (lambda c: c.full())
+    return {"t3": pick(t3.T3Config), "ve": pick(voice_encoder.VoiceEncoderConfig), "s3gen": pick(S3GenConfig)}
+
+
+def random_conds(rng: np.random.Generator, size: str, speaker_dim: int, xvector_dim: int, mel_bins: int = 80):
+    """A random built-in voice in the upstream conds.pt structure (numpy arrays)."""
+    t3_tokens, gen_tokens = CONDS_PROMPT_TOKENS[size]
+    speaker = np.abs(rng.standard_normal((1, speaker_dim))).astype(np.float32)
+    speaker /= np.linalg.norm(speaker)
+    xvector = rng.standard_normal((1, xvector_dim)).astype(np.float32)
+    xvector *= XVECTOR_NORM / np.linalg.norm(xvector)
+    prompt_token = rng.integers(0, SPEECH_CODEBOOK, size=(1, gen_tokens), dtype=np.int64)
+    return {
+        "t3": {
+            "speaker_emb": speaker,
+            "clap_emb": None,
+            "cond_prompt_speech_tokens": prompt_token[:, :t3_tokens].copy(),
+            "cond_prompt_speech_emb": None,
+            "emotion_adv": np.full((1, 1, 1), 0.5, dtype=np.float32),
+        },
+        "gen": {
+            "prompt_token": prompt_token,
+            "prompt_token_len": np.array([gen_tokens], dtype=np.int64),
+            "prompt_feat": (rng.standard_normal((1, 2 * gen_tokens, mel_bins)) * 2.0 - 3.5).astype(np.float32),
+            "prompt_feat_len": None,
+            "embedding": xvector,
+        },
+    }
+
+
+def _save_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
+    from safetensors.numpy import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path)
+
+
+def make_checkpoint(directory: str | os.PathLike, size: str = "tiny", seed: int = 0) -> Path:
+    """Write a random checkpoint (the five upstream files plus dims.json) into `directory`.
+
+    The same (size, seed) always gives the same tensors. Each file draws from its own
+    generator (seeded from `seed` and the file's name), so files are independent.
+    """
+    from . import t3, torchpickle, voice_encoder
+    from .s3gen import s3gen
+    from .tokenizer import write_stand_in_tokenizer_json
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    cfgs = component_configs(size)
+    specs = {
+        "t3_cfg.safetensors": t3.upstream_shapes(cfgs["t3"]),
+        "ve.safetensors": voice_encoder.upstream_shapes(cfgs["ve"]),
+        "s3gen.safetensors": s3gen.upstream_shapes(cfgs["s3gen"]),
+    }
+    for index, (name, spec) in enumerate(specs.items()):
+        logger.info("writing %s (%d tensors)", name, len(spec))
+        rng = np.random.default_rng([seed, index])
+        weights = random_weights(spec, rng)
+        _save_safetensors(out / name, weights)
+        del weights
+    write_stand_in_tokenizer_json(out / "tokenizer.json")
+    conds = random_conds(
+        np.random.default_rng([seed, len(specs)]),
+        size,
+        speaker_dim=cfgs["t3"].speaker_embed_size,
+        xvector_dim=cfgs["s3gen"].flow.spk_embed_dim,
+    )
+    torchpickle.save(out / "conds.pt", conds)
+    dims = {"size": size, "seed": seed, "t3": cfgs["t3"].to_dict(), "ve": cfgs["ve"].to_dict(), "s3gen": cfgs["s3gen"].to_dict()}
+    (out / DIMS_FILE).write_text(json.dumps(dims, indent=2, sort_keys=True) + "\n")
+    return out
+

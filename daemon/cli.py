@@ -1,0 +1,162 @@
+"""The `nightingale` command: serve, synth, voices, models, service, dev.
+
+Each subcommand's work lives in its own module, imported only when that subcommand runs,
+so `nightingale --help` and the service commands start without loading MLX.
+Exit codes: 0 success, 1 runtime failure, 2 usage or bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+QUANTIZE_CHOICES = ("8", "4", "none")
+
+
+class CliError(Exception):
+    """A failure reported as one line on stderr with an exit code (no traceback)."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILURE):
+        super().__init__(message)
+        self.code = code
+
+
+def default_model() -> str | None:
+    return os.environ.get("NIGHTINGALE_MODEL") or None
+
+
+def _add_model_args(parser: argparse.ArgumentParser, quantize: bool = True) -> None:
+    parser.add_argument(
+        "--model",
+        default=default_model(),
+        metavar="PATH_OR_REPO",
+        help="checkpoint directory or Hugging Face repo (env NIGHTINGALE_MODEL; default ResembleAI/chatterbox)",
+    )
+    if quantize:
+        parser.add_argument(
+            "--quantize",
+            choices=QUANTIZE_CHOICES,
+            default="8",
+            help="weight quantization bits for the Linear layers (default 8)",
+        )
+
+
+def parse_quantize(value: str) -> int | None:
+    return None if value == "none" else int(value)
+
+
+def _add_socket_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--socket",
+        default=None,
+        metavar="PATH",
+        help="Unix socket path (env NIGHTINGALE_SOCKET; default in the per-user runtime directory)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nightingale", description="Streaming neural text-to-speech daemon.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    serve = sub.add_parser("serve", help="run the speech daemon")
+    _add_model_args(serve)
+    _add_socket_arg(serve)
+    serve.add_argument("--device", default=None, help="audio output device (name or index)")
+    serve.add_argument("--no-playback", action="store_true", help="never open an audio device")
+    serve.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None, help="precision of non-quantized parts")
+    serve.set_defaults(handler="nightingale.daemon.server:serve_main")
+
+    synth = sub.add_parser("synth", help="synthesize text to a file in-process (no daemon)")
+    synth.add_argument("text", help="text to speak")
+    synth.add_argument("-o", "--output", help="output audio file (.wav, .flac, .aiff)")
+    synth.add_argument("--voice", default=None, help="voice name or conds.pt path (default: built-in)")
+    synth.add_argument("--seed", type=int, default=None)
+    synth.add_argument("--stream", action="store_true", help="synthesize in streamed chunks; report TTFA and RTF")
+    synth.add_argument("--play", action="store_true", help="play through the default audio device")
+    synth.add_argument("--temperature", type=float, default=0.8)
+    synth.add_argument("--cfg-weight", type=float, default=0.5)
+    synth.add_argument("--exaggeration", type=float, default=0.5)
+    synth.add_argument("--max-new-tokens", type=int, default=1000)
+    synth.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None)
+    _add_model_args(synth)
+    synth.set_defaults(handler="nightingale.daemon.synth:synth_main")
+
+    voices = sub.add_parser("voices", help="manage named voices")
+    vsub = voices.add_subparsers(dest="voices_command", metavar="ACTION")
+    vsub.required = True
+    vadd = vsub.add_parser("add", help="compute a voice from reference audio and store it")
+    vadd.add_argument("name")
+    vadd.add_argument("audio", help="reference audio file (WAV, FLAC, OGG, MP3), about 10 s")
+    vadd.add_argument("--force", action="store_true", help="replace a voice of the same name")
+    vadd.add_argument("--exaggeration", type=float, default=0.5)
+    _add_model_args(vadd, quantize=False)
+    vlist = vsub.add_parser("list", help="list voices")
+    _add_model_args(vlist, quantize=False)
+    vrm = vsub.add_parser("remove", help="remove a stored voice")
+    vrm.add_argument("name")
+    voices.set_defaults(handler="nightingale.daemon.synth:voices_main")
+
+    models = sub.add_parser("models", help="convert and inspect models")
+    msub = models.add_subparsers(dest="models_command", metavar="ACTION")
+    msub.required = True
+    conv = msub.add_parser("convert", help="convert an upstream checkpoint into an MLX-native directory")
+    conv.add_argument("src", help="upstream checkpoint directory or Hugging Face repo")
+    conv.add_argument("dst", help="output directory")
+    conv.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="8")
+    conv.add_argument("--group-size", type=int, default=64)
+    conv.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None)
+    models.set_defaults(handler="nightingale.daemon.synth:models_main")
+
+    service = sub.add_parser("service", help="install the background service (LaunchAgent / systemd user unit)")
+    ssub = service.add_subparsers(dest="service_command", metavar="ACTION")
+    ssub.required = True
+    for action in ("install", "uninstall", "status"):
+        sp = ssub.add_parser(action)
+        sp.add_argument("--dry-run", action="store_true", help="print what would be written and run")
+        sp.add_argument("--platform", choices=("macos", "linux"), default=None, help="render for this system")
+        if action == "install":
+            _add_model_args(sp)
+            _add_socket_arg(sp)
+            sp.add_argument("--device", default=None, help="audio output device for the service")
+    service.set_defaults(handler="nightingale.client.service:service_main")
+
+    dev = sub.add_parser("dev", help="developer tools")
+    dsub = dev.add_subparsers(dest="dev_command", metavar="ACTION")
+    dsub.required = True
+    mk = dsub.add_parser("make-checkpoint", help="write a random checkpoint in the upstream layout")
+    mk.add_argument("dir")
+    mk.add_argument("--size", choices=("tiny", "full"), default="tiny")
+    mk.add_argument("--seed", type=int, default=0)
+    dev.set_defaults(handler="nightingale.daemon.synth:dev_main")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    module_name, func_name = args.handler.split(":")
+    handler = getattr(importlib.import_module(module_name), func_name)
+    try:
+        return int(handler(args) or 0)
+    except CliError as err:
+        print(f"nightingale: {err}", file=sys.stderr)
+        return err.code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""In-process commands of `nightingale`: synth, voices, models convert, dev make-checkpoint.
+
+Errors the user can fix (bad text, unknown voice, unwritable output) end as one line on
+stderr with exit code 2; failures of the model or the machine with exit code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from .cli import EXIT_FAILURE, EXIT_USAGE, CliError, parse_quantize
+
+logger = logging.getLogger(__name__)
+
+
+def _load(args: argparse.Namespace, quantize: int | None = None):
+    from nightingale.models import hub, loading, load_model
+
+    try:
+        return load_model(args.model, quantize=quantize, dtype=getattr(args, "dtype", None))
+    except hub.CheckpointNotFoundError as err:
+        raise CliError(str(err), EXIT_USAGE) from None
+    except loading.CheckpointError as err:
+        raise CliError(f"bad checkpoint: {err}", EXIT_FAILURE) from None
+
+
+def _voice(model, name: str | None):
+    from nightingale.models import torchpickle, voice, voices
+
+    try:
+        return model.resolve_voice(name)
+    except (voices.VoiceStoreError, voice.VoiceError, torchpickle.TorchPickleError, KeyError) as err:
+        raise CliError(str(err).strip("'\""), EXIT_USAGE) from None
+
+
+def synth_main(args: argparse.Namespace) -> int:
+    from nightingale.client.audiofile import AudioFileWriter, resolve_output
+
+    if not args.text.strip():
+        raise CliError("nothing to say: the text is empty", EXIT_USAGE)
+    if not args.output and not args.play:
+        raise CliError("say where the audio goes: -o FILE and/or --play", EXIT_USAGE)
+    spec = None
+    if args.output:
+        try:
+            spec = resolve_output(args.output)
+        except ValueError as err:
+            raise CliError(str(err), EXIT_USAGE) from None
+    model = _load(args, parse_quantize(args.quantize))
+    voice = _voice(model, args.voice)
+    sampling = dict(
+        exaggeration=args.exaggeration,
+        cfg_weight=args.cfg_weight,
+        temperature=args.temperature,
+        max_new_tokens=args.max_new_tokens,
+    )
+    writer = AudioFileWriter(spec) if spec else None
+    player = _Player() if args.play else None
+    try:
+        if args.stream:
+            _synth_streamed(model, args, voice, sampling, writer, player)
+        else:
+            t0 = time.perf_counter()
+            audio = model.synthesize(args.text, voice=voice, seed=args.seed, **sampling)
+            elapsed = time.perf_counter() - t0
+            if writer:
+                writer.write(audio, model.sample_rate)
+            if player:
+                player.play(audio)
+            print(f"{len(audio) / model.sample_rate:.2f} s of audio in {elapsed:.2f} s", file=sys.stderr)
+        if writer:
+            writer.commit(model.sample_rate)
+    except OSError as err:
+        if writer:
+            writer.abort()
+        raise CliError(f"cannot write {args.output}: {err.strerror or err}", EXIT_FAILURE) from None
+    except BaseException:
+        if writer:
+            writer.abort()
+        raise
+    finally:
+        if player:
+            player.close()
+    return 0
+
+
+def _synth_streamed(model, args, voice, sampling, writer, player) -> None:
+    t0 = time.perf_counter()
+    audio_s = 0.0
+    ttfa_ms = None
+    for chunk in model.stream(args.text, voice=voice, seed=args.seed, **sampling):
+        if ttfa_ms is None:
+            ttfa_ms = (time.perf_counter() - t0) * 1000
+        audio_s += chunk.duration_s
+        if writer:
+            writer.write(chunk.samples, model.sample_rate)
+        if player:
+            player.play(chunk.samples)
+    elapsed = time.perf_counter() - t0
+    rtf = elapsed / audio_s if audio_s else float("nan")
+    print(
+        f"TTFA {ttfa_ms if ttfa_ms is not None else float('nan'):.0f} ms, RTF {rtf:.2f} "
+        f"({audio_s:.2f} s of audio in {elapsed:.2f} s)",
+        file=sys.stderr,
+    )
+
+
+class _Player:
+    """Blocking playback through sounddevice for `synth --play` (the daemon has its own)."""
+
+    def __init__(self):
+        try:
+            import sounddevice as sd
+        except OSError as err:  # PortAudio missing
+            raise CliError(f"local playback unavailable: {err}", EXIT_FAILURE) from None
+        try:
+            self._stream = sd.OutputStream(samplerate=24000, channels=1, dtype="float32")
+            self._stream.start()
+        except Exception as err:  # sounddevice.PortAudioError: no device
+            raise CliError(f"local playback unavailable: {err}", EXIT_FAILURE) from None
+
+    def play(self, samples) -> None:
+        import numpy as np
+
+        self._stream.write(np.ascontiguousarray(samples, dtype=np.float32).reshape(-1, 1))
+
+    def close(self) -> None:
+        self._stream.stop()  # waits for queued audio to finish
+        self._stream.close()
+
+
+def voices_main(args: argparse.Namespace) -> int:
+    from nightingale.models import voice, voices
+
+    try:
+        if args.voices_command == "remove":
+            voices.remove(args.name)
+            print(f"removed voice {args.name!r}")
+            return 0
+        if args.voices_command == "list":
+            model_voices = _builtin_voice_listing(args)
+            for line in model_voices:
+                print(line)
+            for entry in voices.list_voices():
+                print(voices.describe(entry))
+            return 0
+        # add: validate the name and the slot before any expensive work
+        voices.check_new_name(args.name, force=args.force)
+        model = _load(args)
+        conds = model.prepare_voice(args.audio, exaggeration=args.exaggeration)
+        entry = voices.add(args.name, conds, args.audio, force=args.force)
+        print(voices.describe(entry))
+        return 0
+    except (voices.VoiceStoreError, voice.VoiceError) as err:
+        raise CliError(str(err), EXIT_USAGE) from None
+
+
+def _builtin_voice_listing(args: argparse.Namespace) -> list[str]:
+    """`default` is the checkpoint's conds.pt; listed without loading the model."""
+    return ["default\t(built-in voice of the checkpoint, conds.pt)"]
+
+
+def models_main(args: argparse.Namespace) -> int:
+    from nightingale.models import cache, hub, loading
+
+    try:
+        out = cache.convert(
+            args.src,
+            args.dst,
+            quantize=parse_quantize(args.quantize),
+            group_size=args.group_size,
+            dtype=args.dtype,
+        )
+    except hub.CheckpointNotFoundError as err:
+        raise CliError(str(err), EXIT_USAGE) from None
+    except loading.CheckpointError as err:
+        raise CliError(f"bad checkpoint: {err}", EXIT_FAILURE) from None
+    print(out)
+    return 0
+
+
+def dev_main(args: argparse.Namespace) -> int:
+    from nightingale.models.checkpoint import make_checkpoint
+
+    try:
+        out = make_checkpoint(args.dir, args.size, seed=args.seed)
+    except OSError as err:
+        raise CliError(f"cannot write {args.dir}: {err.strerror or err}", EXIT_FAILURE) from None
+    print(out)
+    return 0

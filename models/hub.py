@@ -1,0 +1,180 @@
+"""Where the checkpoint comes from: a local directory, or a Hugging Face repository.
+
+Upstream's `from_pretrained` calls `hf_hub_download` for each of the five files and loads
+from the folder they land in (a snapshot of the HF cache). `resolve_checkpoint` does the
+same, and when the files cannot be had (offline, no network, nothing cached) raises a
+`CheckpointNotFoundError` whose message says which files are missing and how to get them,
+so a CLI can print `str(err)` instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from .checkpoint import CHECKPOINT_FILES  # the five upstream files, one list for the whole package
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_REPO = "ResembleAI/chatterbox"
+MODEL_ENV = "NIGHTINGALE_MODEL"  # overrides DEFAULT_REPO; a repo id or a directory
+# owner/name, as Hugging Face spells repo ids (a bare name would be mistaken for a typo'd path)
+REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+TRUE_VALUES = {"1", "ON", "YES", "TRUE"}
+PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+PROBE_TIMEOUT_S = 3.0  # one TCP connect to the Hub before downloading
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+    """The checkpoint is not usable; the message says what is missing and what to do."""
+
+    def __str__(self) -> str:  # FileNotFoundError would prefix errno details otherwise
+        return str(self.args[0]) if self.args else ""
+
+
+def check_checkpoint_dir(path: str | os.PathLike) -> Path:
+    """Return `path` resolved if it holds the five checkpoint files, else raise naming the missing ones."""
+    path = Path(path).expanduser().resolve()
+    if not path.is_dir():
+        raise CheckpointNotFoundError(
+            f"{path} is not a directory (expected a checkpoint directory holding {', '.join(CHECKPOINT_FILES)})"
+        )
+    missing = [name for name in CHECKPOINT_FILES if not (path / name).is_file()]
+    if missing:
+        raise CheckpointNotFoundError(
+            f"checkpoint directory {path} is missing {', '.join(missing)} "
+            f"(a Chatterbox checkpoint holds {', '.join(CHECKPOINT_FILES)})"
+        )
+    return path
+
+
+def _offline() -> bool:
+    # Read at call time: huggingface_hub reads HF_HUB_OFFLINE once, at import.
+    from huggingface_hub import constants
+
+    env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return env.upper() in TRUE_VALUES or constants.is_offline_mode()
+
+
+def _missing_message(repo_id: str, missing: dict[str, str], offline: bool, cache_dir: str) -> str:
+    why = "offline mode is on (HF_HUB_OFFLINE)" if offline else "huggingface.co could not be reached"
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in missing.items():
+        by_reason.setdefault(reason, []).append(name)
+    details = "; ".join(f"{', '.join(names)} ({reason})" for reason, names in by_reason.items())
+    steps = [
+        ("unset HF_HUB_OFFLINE and " if offline else "") + "connect to the internet once and run again "
+        f"(the files are then cached in {cache_dir}), or",
+        f"download them with `hf download {repo_id}` (older huggingface_hub: "
+        f"`huggingface-cli download {repo_id}`), or",
+        f"pass --model DIR, a directory holding {', '.join(CHECKPOINT_FILES)}.",
+    ]
+    return (
+        f"cannot get the Chatterbox checkpoint {repo_id}: {why}; missing {details}.\nTo fix it, either\n"
+        + "\n".join(f"  - {step}" for step in steps)
+    )
+
+
+def _reachable(endpoint: str, timeout_s: float = PROBE_TIMEOUT_S) -> bool:
+    """Whether a TCP connection to the Hub endpoint opens (True when a proxy is configured:
+    then only the proxy can tell)."""
+    if any(os.environ.get(v) for v in PROXY_VARS):
+        return True
+    url = urlsplit(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "", port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def _download(repo_id: str, revision: str | None, cache_dir: str | os.PathLike | None) -> Path:
+    """hf_hub_download each file into the HF cache; return the snapshot folder holding them."""
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+    from tqdm.auto import tqdm
+
+    offline = _offline()
+    local_only = offline
+    if not offline and not _reachable(constants.ENDPOINT):
+        # Without this, huggingface_hub retries a failed connection with back-off (about
+        # 25 s) before falling back to the cache.
+        logger.info("%s is unreachable; using the Hugging Face cache only", constants.ENDPOINT)
+        local_only = True
+    paths: dict[str, Path] = {}
+    missing: dict[str, str] = {}
+    cache_shown = str(cache_dir or constants.HF_HUB_CACHE)
+    with tqdm(total=len(CHECKPOINT_FILES), desc=f"Fetching {repo_id}", unit="file", disable=None) as bar:
+        for name in CHECKPOINT_FILES:
+            try:
+                paths[name] = Path(
+                    hf_hub_download(repo_id, name, revision=revision, cache_dir=cache_dir, local_files_only=local_only)
+                )
+            except RevisionNotFoundError:
+                raise CheckpointNotFoundError(f"Hugging Face repo {repo_id} has no revision {revision!r}") from None
+            except RepositoryNotFoundError:  # also gated/private repos without a token
+                raise CheckpointNotFoundError(
+                    f"Hugging Face repo {repo_id} was not found (or needs a token: `hf auth login`); "
+                    "pass --model DIR to use a local checkpoint"
+                ) from None
+            except LocalEntryNotFoundError:
+                missing[name] = "not cached"
+                # The network is down or off: later files can only come from the cache, so
+                # don't wait on connection timeouts again.
+                local_only = True
+            except EntryNotFoundError:
+                missing[name] = f"not in {repo_id}"
+            except (HfHubHTTPError, ConnectionError, TimeoutError) as e:
+                missing[name] = f"download failed: {e}".splitlines()[0]
+                local_only = True
+            bar.update(1)
+    if missing:
+        raise CheckpointNotFoundError(_missing_message(repo_id, missing, offline, cache_shown))
+
+    folders = {p.parent for p in paths.values()}
+    if len(folders) != 1:  # cannot happen for one resolved revision, but upstream relies on it
+        raise CheckpointNotFoundError(
+            f"the files of {repo_id} landed in different folders: {sorted(map(str, folders))}"
+        )
+    return check_checkpoint_dir(folders.pop())
+
+
+def resolve_checkpoint(
+    path_or_repo: str | os.PathLike | None = None,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> Path:
+    """The directory holding the five checkpoint files.
+
+    path_or_repo: an existing directory (used as is, after checking the files), or a Hugging
+    Face repo id `owner/name` (downloaded into the HF cache, or taken from it when offline).
+    None means $NIGHTINGALE_MODEL, else `ResembleAI/chatterbox`. revision / cache_dir are
+    passed to huggingface_hub (defaults: the main branch, its usual cache).
+
+    Raises CheckpointNotFoundError with a message meant for the user.
+    """
+    source = str(path_or_repo) if path_or_repo is not None else (os.environ.get(MODEL_ENV) or DEFAULT_REPO)
+    local = Path(source).expanduser()
+    if local.exists():
+        path = check_checkpoint_dir(local)
+        logger.info("checkpoint: %s", path)
+        return path
+    if not REPO_ID.match(source):
+        raise CheckpointNotFoundError(
+            f"no checkpoint directory at {local} (and {source!r} is not a Hugging Face repo id such as {DEFAULT_REPO})"
+        )
+    path = _download(source, revision, cache_dir)
+    logger.info("checkpoint: %s (from Hugging Face %s)", path, source)
+    return path

@@ -1,0 +1,531 @@
+"""HiFT vocoder (`mel2wav`): S3Gen's 80-bin log-mel at 50 frames/s -> 24 kHz waveform.
+
+Port of chatterbox/models/s3gen/hifigan.py (HiFTGenerator, SineGen, SourceModuleHnNSF,
+ResBlock, Snake) and f0_predictor.py (ConvRNNF0Predictor): a neural source-filter front
+(F0 -> harmonic sine source) feeding an iSTFTNet decoder (upsampling convs + Snake
+resblocks -> 9-bin magnitude/phase -> iSTFT with n_fft 16, hop 4). 8 * 5 * 3 * 4 = 480
+samples per mel frame.
+
+Activations are channels-last (B, T, C) inside; the public boundary keeps the reference's
+(B, C, T) for mels and sources. Weight norm is folded at load, so the module holds plain
+conv weights in MLX layout (C_out, K, C_in).
+
+On the Linux CPU backend MLX's dilated and transposed convolutions run at about
+1 GFLOP/s; here they are written as BLAS matmuls instead (accumulated per tap, an im2col
+for the strided or narrow ones, one matmul plus overlap-add for the transposed ones).
+`CONV_IMPL` picks that path or MLX's native conv ops ("auto": matmuls on CPU, native
+ops on a GPU).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, fields
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .. import dsp
+from ..convert import conv1d_from_torch, conv_transpose1d_from_torch, fold_weight_norm
+
+logger = logging.getLogger(__name__)
+
+# "auto" | "matmul" | "native". Module-level so a benchmark or a GPU build can flip it.
+CONV_IMPL = "auto"
+# Below this many input columns (K * C_in) one im2col matmul beats per-tap accumulation.
+IM2COL_MAX_COLUMNS = 1024
+
+SNAKE_EPS = 1e-9  # Snake's no_div_by_zero
+FINAL_LRELU_SLOPE = 0.01  # F.leaky_relu default, used once before conv_post (not lrelu_slope)
+MAGNITUDE_MAX = 100.0  # clip on exp(log-magnitude) before the iSTFT
+WEIGHT_NORM_SUFFIXES = (".parametrizations.weight.original0", ".parametrizations.weight.original1")
+
+
+@dataclass
+class HiFTConfig:
+    """HiFTGenerator hyper-parameters; field names follow the reference's constructor."""
+
+    in_channels: int = 80
+    base_channels: int = 512
+    nb_harmonics: int = 8
+    sampling_rate: int = 24_000  # Hz
+    nsf_alpha: float = 0.1  # sine amplitude
+    nsf_sigma: float = 0.003  # noise std in voiced regions
+    nsf_voiced_threshold: float = 10.0  # Hz
+    upsample_rates: tuple[int, ...] = (8, 5, 3)
+    upsample_kernel_sizes: tuple[int, ...] = (16, 11, 7)
+    istft_n_fft: int = 16  # samples
+    istft_hop_len: int = 4  # samples
+    resblock_kernel_sizes: tuple[int, ...] = (3, 7, 11)
+    resblock_dilation_sizes: tuple[tuple[int, ...], ...] = ((1, 3, 5), (1, 3, 5), (1, 3, 5))
+    source_resblock_kernel_sizes: tuple[int, ...] = (7, 7, 11)
+    source_resblock_dilation_sizes: tuple[tuple[int, ...], ...] = ((1, 3, 5), (1, 3, 5), (1, 3, 5))
+    lrelu_slope: float = 0.1
+    audio_limit: float = 0.99
+    f0_cond_channels: int = 512  # ConvRNNF0Predictor cond_channels
+    f0_num_class: int = 1
+
+    @classmethod
+    def full(cls) -> "HiFTConfig":
+        return cls()
+
+    @classmethod
+    def tiny(cls) -> "HiFTConfig":
+        """Narrow channels only: rates, kernels and the iSTFT keep 480 samples per frame."""
+        return cls(base_channels=32, f0_cond_channels=32)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "HiFTConfig":
+        known = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in known}
+        for k, v in kw.items():
+            if isinstance(v, list):
+                kw[k] = tuple(tuple(e) if isinstance(e, list) else e for e in v)
+        return cls(**kw)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def upsample_total(self) -> int:
+        """Samples per mel frame (480 for the real model)."""
+        return int(np.prod(self.upsample_rates)) * self.istft_hop_len
+
+    def stage_channels(self, i: int) -> int:
+        """Channels after upsampling stage i."""
+        return self.base_channels // (2 ** (i + 1))
+
+    def source_down_specs(self) -> list[tuple[int, int, int]]:
+        """(kernel, stride, padding) of source_downs[i], as the reference derives them."""
+        rates = [1] + list(self.upsample_rates[::-1][:-1])
+        cum = np.cumprod(rates)[::-1]
+        return [(1, 1, 0) if u == 1 else (int(u) * 2, int(u), int(u) // 2) for u in cum]
+
+
+# ---------------------------------------------------------------------------------------
+# Convolutions
+
+
+def _use_matmul_convs() -> bool:
+    if CONV_IMPL == "auto":
+        return mx.default_device().type == mx.DeviceType.cpu
+    if CONV_IMPL not in ("matmul", "native"):
+        raise ValueError(f"CONV_IMPL must be 'auto', 'matmul' or 'native', not {CONV_IMPL!r}")
+    return CONV_IMPL == "matmul"
+
+
+def conv1d(x: mx.array, weight: mx.array, bias: mx.array, stride: int = 1, padding: int = 0, dilation: int = 1) -> mx.array:
+    """torch Conv1d (zero padding on both sides) on channels-last input.
+
+    x (B, T, C_in), weight (C_out, K, C_in), bias (C_out,)
+    -> (B, (T + 2 padding - dilation (K - 1) - 1) // stride + 1, C_out).
+    """
+    if not _use_matmul_convs():
+        return mx.conv1d(x, weight, stride=stride, padding=padding, dilation=dilation) + bias
+    c_out, k, c_in = weight.shape
+    if padding:
+        x = mx.pad(x, [(0, 0), (padding, padding), (0, 0)])
+    batch, t_pad, _ = x.shape
+    t_out = (t_pad - dilation * (k - 1) - 1) // stride + 1
+    if k == 1:
+        return mx.addmm(bias, x[:, : (t_out - 1) * stride + 1 : stride], weight[:, 0].T)
+    if stride > 1 or k * c_in <= IM2COL_MAX_COLUMNS:
+        # im2col: every output step's receptive field as one row, then one GEMM.
+        cols = mx.as_strided(x, (batch, t_out, k, c_in), (t_pad * c_in, stride * c_in, dilation * c_in, 1))
+        return mx.addmm(bias, cols.reshape(batch, t_out, k * c_in), weight.reshape(c_out, k * c_in).T)
+    # Wide layers: one GEMM per tap on a shifted view, accumulated in place by BLAS (beta=1).
+    y = mx.addmm(bias, x[:, :t_out], weight[:, 0].T)
+    for j in range(1, k):
+        y = mx.addmm(y, x[:, j * dilation : j * dilation + t_out], weight[:, j].T)
+    return y
+
+
+def conv_transpose1d(x: mx.array, weight: mx.array, bias: mx.array, stride: int, padding: int) -> mx.array:
+    """torch ConvTranspose1d on channels-last input.
+
+    x (B, T, C_in), weight (C_out, K, C_in), bias (C_out,)
+    -> (B, (T - 1) stride - 2 padding + K, C_out).
+    """
+    if not _use_matmul_convs():
+        return mx.conv_transpose1d(x, weight, stride=stride, padding=padding) + bias
+    c_out, k, c_in = weight.shape
+    batch, t_in, _ = x.shape
+    # Every input step's contribution to its K output taps, then overlap-add at the stride.
+    w = weight.transpose(2, 1, 0).reshape(c_in, k * c_out)
+    taps = (x @ w).reshape(batch, t_in, k, c_out)
+    y = dsp.overlap_add(taps, stride)  # (B, (T - 1) stride + K, C_out)
+    return y[:, padding : y.shape[1] - padding] + bias
+
+
+class Conv1d(nn.Module):
+    """torch.nn.Conv1d (weight norm folded), channels-last. Weight (C_out, K, C_in)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0, dilation: int = 1):
+        super().__init__()
+        self.weight = mx.zeros((out_channels, kernel_size, in_channels))
+        self.bias = mx.zeros((out_channels,))
+        self.stride = stride
+        self.padding = padding
+        self.dilation = dilation
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return conv1d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+
+
+class ConvTranspose1d(nn.Module):
+    """torch.nn.ConvTranspose1d (weight norm folded), channels-last. Weight (C_out, K, C_in)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, padding: int):
+        super().__init__()
+        self.weight = mx.zeros((out_channels, kernel_size, in_channels))
+        self.bias = mx.zeros((out_channels,))
+        self.stride = stride
+        self.padding = padding
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return conv_transpose1d(x, self.weight, self.bias, self.stride, self.padding)
+
+
+# ---------------------------------------------------------------------------------------
+# Blocks
+
+
+class Snake(nn.Module):
+    """x + sin^2(alpha x) / (alpha + 1e-9), alpha per channel on a linear scale (float32)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.alpha = mx.ones((channels,))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        alpha = self.alpha.astype(mx.float32)
+        return x + mx.square(mx.sin(x * alpha)) * (1.0 / (alpha + SNAKE_EPS))
+
+
+def _same_padding(kernel_size: int, dilation: int = 1) -> int:
+    return (kernel_size * dilation - dilation) // 2
+
+
+class ResBlock(nn.Module):
+    """HiFi-GAN residual block: per dilation d, x += conv2(snake2(conv1_d(snake1(x))))."""
+
+    def __init__(self, channels: int, kernel_size: int, dilations: tuple[int, ...]):
+        super().__init__()
+        self.convs1 = [Conv1d(channels, channels, kernel_size, padding=_same_padding(kernel_size, d), dilation=d) for d in dilations]
+        self.convs2 = [Conv1d(channels, channels, kernel_size, padding=_same_padding(kernel_size)) for _ in dilations]
+        self.activations1 = [Snake(channels) for _ in dilations]
+        self.activations2 = [Snake(channels) for _ in dilations]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        for conv1, conv2, act1, act2 in zip(self.convs1, self.convs2, self.activations1, self.activations2):
+            x = x + conv2(act2(conv1(act1(x))))
+        return x
+
+
+class F0Predictor(nn.Module):
+    """ConvRNNF0Predictor: 5 x (Conv1d k3 + ELU), Linear -> |.|: mel (B, T, 80) -> F0 Hz (B, T)."""
+
+    def __init__(self, in_channels: int, cond_channels: int, num_class: int = 1):
+        super().__init__()
+        layers: list[nn.Module] = []
+        for i in range(5):
+            layers += [Conv1d(in_channels if i == 0 else cond_channels, cond_channels, 3, padding=1), nn.ELU()]
+        self.condnet = layers  # parameters at condnet.{0,2,4,6,8}, as the checkpoint
+        self.classifier = nn.Linear(cond_channels, num_class)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        for layer in self.condnet:
+            x = layer(x)
+        return mx.abs(self.classifier(x)[..., 0])
+
+
+class SourceModule(nn.Module):
+    """SourceModuleHnNSF's learnt part: harmonics (B, S, H+1) -> tanh(l_linear) (B, S, 1)."""
+
+    def __init__(self, nb_harmonics: int):
+        super().__init__()
+        self.l_linear = nn.Linear(nb_harmonics + 1, 1)
+
+    def __call__(self, harmonics: mx.array) -> mx.array:
+        return mx.tanh(self.l_linear(harmonics))
+
+
+def sine_harmonics(
+    f0: mx.array,
+    phase: mx.array,
+    noise: mx.array,
+    *,
+    upsample: int,
+    sampling_rate: int,
+    sine_amp: float,
+    noise_std: float,
+    voiced_threshold: float,
+) -> mx.array:
+    """SineGen on a frame-rate F0: (B, T) Hz -> (B, T * upsample, H) harmonics plus noise.
+
+    phase (B, H) initial phases in radians (entry 0, the fundamental's, is forced to 0 as in
+    the reference); noise (B, T * upsample, H) standard normal.
+
+    The reference takes theta_h[n] = 2 pi frac(sum_{m<=n} h f0[m] / sr) over the
+    nearest-upsampled F0. F0 is constant within a frame, so that sum is the (wrapped)
+    phase at the frame start plus a linear ramp: it is formed per frame here, which keeps
+    float32 phase exact to ~1e-6 cycle at any length (a float32 running sum over a 10 s
+    utterance would drift by ~1e-3 cycle).
+    """
+    batch, n_frames = f0.shape
+    n_harm = phase.shape[-1]
+    harmonic = mx.arange(1, n_harm + 1, dtype=mx.float32)  # (H,)
+    cycles_per_sample = (f0.astype(mx.float32) / sampling_rate)[..., None] * harmonic  # (B, T, H)
+    per_frame = cycles_per_sample * upsample
+    per_frame = per_frame - mx.floor(per_frame)
+    start = mx.cumsum(per_frame, axis=1) - per_frame  # exclusive: phase at each frame start
+    start = start - mx.floor(start)
+    ramp = mx.arange(1, upsample + 1, dtype=mx.float32)[:, None]  # (U, 1): sum includes sample n
+    cycles = start[:, :, None, :] + ramp * cycles_per_sample[:, :, None, :]  # (B, T, U, H)
+    theta = (2.0 * math.pi) * (cycles - mx.floor(cycles))
+    phase = phase.astype(mx.float32) * mx.array([0.0] + [1.0] * (n_harm - 1))
+    sine = sine_amp * mx.sin(theta + phase[:, None, None, :])
+    voiced = (f0 > voiced_threshold).astype(mx.float32)[:, :, None, None]  # (B, T, 1, 1)
+    noise_amp = voiced * noise_std + (1.0 - voiced) * (sine_amp / 3.0)
+    noise = noise.astype(mx.float32).reshape(batch, n_frames, upsample, n_harm)
+    out = sine * voiced + noise_amp * noise
+    return out.reshape(batch, n_frames * upsample, n_harm)
+
+
+# ---------------------------------------------------------------------------------------
+# Generator
+
+
+class HiFTGenerator(nn.Module):
+    """HiFTNet generator (NSF + iSTFTNet) as configured for S3Gen (24 kHz, 480x upsampling)."""
+
+    def __init__(self, cfg: HiFTConfig):
+        super().__init__()
+        self.cfg = cfg
+        n_stft = cfg.istft_n_fft + 2  # real and imaginary parts of n_fft // 2 + 1 bins
+        self.m_source = SourceModule(cfg.nb_harmonics)
+        self.conv_pre = Conv1d(cfg.in_channels, cfg.base_channels, 7, padding=3)
+        self.ups = [
+            ConvTranspose1d(cfg.base_channels // (2**i), cfg.stage_channels(i), k, u, padding=(k - u) // 2)
+            for i, (u, k) in enumerate(zip(cfg.upsample_rates, cfg.upsample_kernel_sizes))
+        ]
+        self.source_downs = [
+            Conv1d(n_stft, cfg.stage_channels(i), k, stride=s, padding=p) for i, (k, s, p) in enumerate(cfg.source_down_specs())
+        ]
+        self.source_resblocks = [
+            ResBlock(cfg.stage_channels(i), k, tuple(d))
+            for i, (k, d) in enumerate(zip(cfg.source_resblock_kernel_sizes, cfg.source_resblock_dilation_sizes))
+        ]
+        self.resblocks = [
+            ResBlock(cfg.stage_channels(i), k, tuple(d))
+            for i in range(len(cfg.upsample_rates))
+            for k, d in zip(cfg.resblock_kernel_sizes, cfg.resblock_dilation_sizes)
+        ]
+        self.conv_post = Conv1d(cfg.stage_channels(len(cfg.upsample_rates) - 1), n_stft, 7, padding=3)
+        self.f0_predictor = F0Predictor(cfg.in_channels, cfg.f0_cond_channels, cfg.f0_num_class)
+        self._window = dsp.hann_window(cfg.istft_n_fft)  # float32 numpy, not a parameter
+
+    def f0(self, mel: mx.array) -> mx.array:
+        """mel (B, 80, T) -> F0 in Hz (B, T)."""
+        return self.f0_predictor(mel.transpose(0, 2, 1))
+
+    def source(
+        self,
+        f0: mx.array,
+        *,
+        phase: mx.array | None = None,
+        noise: mx.array | None = None,
+        key: mx.array | None = None,
+    ) -> mx.array:
+        """F0 (B, T) Hz -> excitation source (B, 1, 480 T).
+
+        phase (B, H+1): initial phase per harmonic in radians (entry 0 is ignored: the
+        fundamental starts at 0); noise (B, H+1, 480 T): standard normal, as the
+        reference's randn_like. Whatever is not given is drawn from `key`.
+        """
+        cfg = self.cfg
+        batch, n_frames = f0.shape
+        n_harm = cfg.nb_harmonics + 1
+        n_samples = n_frames * cfg.upsample_total
+        if (phase is None or noise is None) and key is None:
+            raise ValueError("HiFT source needs a random key unless both phase and noise are given")
+        if key is not None:
+            phase_key, noise_key = mx.random.split(key)
+        if phase is None:
+            phase = mx.random.uniform(-math.pi, math.pi, (batch, n_harm), key=phase_key)
+        if noise is None:
+            noise_t = mx.random.normal((batch, n_samples, n_harm), key=noise_key)
+        else:
+            noise_t = noise.transpose(0, 2, 1)  # (B, S, H+1)
+        harmonics = sine_harmonics(
+            f0,
+            phase.reshape(batch, n_harm),
+            noise_t,
+            upsample=cfg.upsample_total,
+            sampling_rate=cfg.sampling_rate,
+            sine_amp=cfg.nsf_alpha,
+            noise_std=cfg.nsf_sigma,
+            voiced_threshold=cfg.nsf_voiced_threshold,
+        )
+        return self.m_source(harmonics).transpose(0, 2, 1)
+
+    def decode_spectrum(self, mel: mx.array, source: mx.array) -> mx.array:
+        """mel (B, 80, T) and source (B, 1, 480 T) -> conv_post output (B, 120 T + 1, n_fft + 2):
+        per iSTFT frame, n_fft / 2 + 1 log-magnitudes then as many phase pre-activations."""
+        cfg = self.cfg
+        spec = dsp.stft(source[:, 0], cfg.istft_n_fft, cfg.istft_hop_len, self._window)  # (B, bins, F)
+        s_stft = mx.concatenate([mx.real(spec), mx.imag(spec)], axis=1).transpose(0, 2, 1)  # (B, F, 18)
+
+        x = self.conv_pre(mel.transpose(0, 2, 1))  # (B, T, C)
+        n_stages = len(self.ups)
+        n_kernels = len(cfg.resblock_kernel_sizes)
+        for i in range(n_stages):
+            x = nn.leaky_relu(x, cfg.lrelu_slope)
+            x = self.ups[i](x)
+            if i == n_stages - 1:
+                # ReflectionPad1d((1, 0)): one mirrored sample in front -> 120 T + 1 steps,
+                # the source STFT's frame count.
+                x = mx.concatenate([x[:, 1:2], x], axis=1)
+            x = x + self.source_resblocks[i](self.source_downs[i](s_stft))
+            xs = self.resblocks[i * n_kernels](x)
+            for j in range(1, n_kernels):
+                xs = xs + self.resblocks[i * n_kernels + j](x)
+            x = xs / n_kernels
+
+        x = nn.leaky_relu(x, FINAL_LRELU_SLOPE)
+        return self.conv_post(x)
+
+    def spectrum_to_wav(self, x: mx.array) -> mx.array:
+        """conv_post output (B, F, n_fft + 2) -> unclipped waveform (B, hop (F - 1)) by iSTFT."""
+        cfg = self.cfg
+        n_bins = cfg.istft_n_fft // 2 + 1
+        magnitude = mx.minimum(mx.exp(x[..., :n_bins]), MAGNITUDE_MAX)
+        phase = mx.sin(x[..., n_bins:])  # the reference's sin (its comment calls it redundant)
+        spec = (magnitude * mx.cos(phase) + 1j * (magnitude * mx.sin(phase))).transpose(0, 2, 1)
+        return dsp.istft(spec, cfg.istft_n_fft, cfg.istft_hop_len, self._window)
+
+    def decode(self, mel: mx.array, source: mx.array) -> mx.array:
+        """mel (B, 80, T) and source (B, 1, 480 T) -> waveform (B, 480 T) in [-0.99, 0.99]."""
+        wav = self.spectrum_to_wav(self.decode_spectrum(mel, source))
+        return mx.clip(wav, -self.cfg.audio_limit, self.cfg.audio_limit)
+
+    def inference(
+        self,
+        mel: mx.array,
+        cache_source: mx.array | None = None,
+        *,
+        key: mx.array | None = None,
+        phase: mx.array | None = None,
+        noise: mx.array | None = None,
+    ) -> tuple[mx.array, mx.array]:
+        """mel (B, 80, T) -> (wav (B, 480 T), source (B, 1, 480 T)).
+
+        cache_source (B, 1, S) replaces the first S samples of the new source (the
+        reference's hook for seamless re-synthesis); pass the returned source's tail to the
+        next call. Randomness: see `source`.
+        """
+        s = self.source(self.f0(mel), phase=phase, noise=noise, key=key)
+        if cache_source is not None and cache_source.shape[-1] > 0:
+            n = cache_source.shape[-1]
+            if n > s.shape[-1]:
+                raise ValueError(f"cache_source has {n} samples, more than the {s.shape[-1]} generated")
+            s = mx.concatenate([cache_source.astype(s.dtype), s[..., n:]], axis=-1)
+        return self.decode(mel, s), s
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoint layout
+
+
+def _weight_norm_shapes(name: str, g_dim: int, v_shape: tuple[int, ...], bias: int) -> dict[str, tuple[int, ...]]:
+    return {
+        f"{name}.parametrizations.weight.original0": (g_dim, 1, 1),
+        f"{name}.parametrizations.weight.original1": v_shape,
+        f"{name}.bias": (bias,),
+    }
+
+
+def _resblock_shapes(name: str, channels: int, kernel_size: int, dilations: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    for j in range(len(dilations)):
+        for convs in ("convs1", "convs2"):
+            shapes.update(_weight_norm_shapes(f"{name}.{convs}.{j}", channels, (channels, channels, kernel_size), channels))
+        shapes[f"{name}.activations1.{j}.alpha"] = (channels,)
+        shapes[f"{name}.activations2.{j}.alpha"] = (channels,)
+    return shapes
+
+
+def upstream_shapes(cfg: HiFTConfig) -> dict[str, tuple[int, ...]]:
+    """Every key under `mel2wav.` (relative), with its PyTorch shape."""
+    n_stft = cfg.istft_n_fft + 2
+    shapes: dict[str, tuple[int, ...]] = {
+        "m_source.l_linear.weight": (1, cfg.nb_harmonics + 1),
+        "m_source.l_linear.bias": (1,),
+    }
+    shapes.update(_weight_norm_shapes("conv_pre", cfg.base_channels, (cfg.base_channels, cfg.in_channels, 7), cfg.base_channels))
+    for i, k in enumerate(cfg.upsample_kernel_sizes):
+        c_in, c_out = cfg.base_channels // (2**i), cfg.stage_channels(i)
+        # ConvTranspose1d keeps (in, out, k) and weight norm's dim 0 is in_channels.
+        shapes.update(_weight_norm_shapes(f"ups.{i}", c_in, (c_in, c_out, k), c_out))
+    for i, (k, _, _) in enumerate(cfg.source_down_specs()):
+        ch = cfg.stage_channels(i)
+        shapes[f"source_downs.{i}.weight"] = (ch, n_stft, k)
+        shapes[f"source_downs.{i}.bias"] = (ch,)
+    for i, (k, d) in enumerate(zip(cfg.source_resblock_kernel_sizes, cfg.source_resblock_dilation_sizes)):
+        shapes.update(_resblock_shapes(f"source_resblocks.{i}", cfg.stage_channels(i), k, tuple(d)))
+    n_kernels = len(cfg.resblock_kernel_sizes)
+    for i in range(len(cfg.upsample_rates)):
+        for j, (k, d) in enumerate(zip(cfg.resblock_kernel_sizes, cfg.resblock_dilation_sizes)):
+            shapes.update(_resblock_shapes(f"resblocks.{i * n_kernels + j}", cfg.stage_channels(i), k, tuple(d)))
+    last = cfg.stage_channels(len(cfg.upsample_rates) - 1)
+    shapes.update(_weight_norm_shapes("conv_post", n_stft, (n_stft, last, 7), n_stft))
+    for i in range(5):
+        c_in = cfg.in_channels if i == 0 else cfg.f0_cond_channels
+        shapes.update(
+            _weight_norm_shapes(f"f0_predictor.condnet.{2 * i}", cfg.f0_cond_channels, (cfg.f0_cond_channels, c_in, 3), cfg.f0_cond_channels)
+        )
+    shapes["f0_predictor.classifier.weight"] = (cfg.f0_num_class, cfg.f0_cond_channels)
+    shapes["f0_predictor.classifier.bias"] = (cfg.f0_num_class,)
+    return shapes
+
+
+def convert_weights(weights: dict[str, np.ndarray], cfg: HiFTConfig) -> dict[str, mx.array]:
+    """Upstream `mel2wav.` tensors (relative keys, torch layout) -> HiFTGenerator parameters.
+
+    Weight norm is folded (w = g v / ||v||, norm over every axis but 0: out_channels for
+    Conv1d, in_channels for ConvTranspose1d), then conv weights go to MLX layout. Every
+    key of upstream_shapes(cfg) must be present with its shape, and nothing else.
+    """
+    spec = upstream_shapes(cfg)
+    missing = sorted(set(spec) - set(weights))
+    unexpected = sorted(set(weights) - set(spec))
+    if missing or unexpected:
+        raise ValueError(f"HiFT weights do not match the layout: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for key, shape in spec.items():
+        if tuple(weights[key].shape) != tuple(shape):
+            raise ValueError(f"HiFT weight {key}: shape {tuple(weights[key].shape)}, expected {tuple(shape)}")
+
+    out: dict[str, mx.array] = {}
+    for key, value in weights.items():
+        if key.endswith(WEIGHT_NORM_SUFFIXES[1]):
+            continue
+        if key.endswith(WEIGHT_NORM_SUFFIXES[0]):
+            name = key[: -len(WEIGHT_NORM_SUFFIXES[0])]
+            w = fold_weight_norm(np.asarray(value, dtype=np.float32), np.asarray(weights[name + WEIGHT_NORM_SUFFIXES[1]], dtype=np.float32))
+            w = conv_transpose1d_from_torch(w) if name.startswith("ups.") else conv1d_from_torch(w)
+            out[name + ".weight"] = mx.array(w)
+        elif value.ndim == 3:  # source_downs: plain Conv1d
+            out[key] = mx.array(conv1d_from_torch(np.asarray(value, dtype=np.float32)))
+        else:  # Linear weights, biases, Snake alphas (kept float32)
+            out[key] = mx.array(np.asarray(value, dtype=np.float32))
+    return out
+
+
+def load_hift(weights: dict[str, np.ndarray], cfg: HiFTConfig) -> HiFTGenerator:
+    """Build a HiFTGenerator and load upstream-layout weights strictly."""
+    model = HiFTGenerator(cfg)
+    model.load_weights(list(convert_weights(weights, cfg).items()), strict=True)
+    model.eval()
+    return model

@@ -1,0 +1,138 @@
+"""S3Gen (upstream `S3Token2Wav`): speech tokens -> 24 kHz waveform.
+
+The composition of the parts stored in s3gen.safetensors: `tokenizer.` (S3Tokenizer v2),
+`speaker_encoder.` (CAMPPlus), `flow.` (encoder + CFM estimator) and `mel2wav.` (HiFT).
+Only the flow and HiFT run per utterance; the tokenizer and CAMPPlus run when a new voice
+is computed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .. import campplus, dsp, s3tokenizer
+from . import flow as flow_mod
+from . import hifigan
+
+# (attribute / key prefix, component module)
+PARTS = (
+    ("tokenizer", s3tokenizer),
+    ("speaker_encoder", campplus),
+    ("flow", flow_mod),
+    ("mel2wav", hifigan),
+)
+CONFIG_NAMES = {"tokenizer": "tokenizer", "speaker_encoder": "campplus", "flow": "flow", "mel2wav": "hift"}
+
+
+@dataclass
+class S3GenConfig:
+    tokenizer: s3tokenizer.S3TokenizerConfig = field(default_factory=s3tokenizer.S3TokenizerConfig.full)
+    campplus: campplus.CAMPPlusConfig = field(default_factory=campplus.CAMPPlusConfig.full)
+    flow: flow_mod.FlowConfig = field(default_factory=flow_mod.FlowConfig.full)
+    hift: hifigan.HiFTConfig = field(default_factory=hifigan.HiFTConfig.full)
+
+    @classmethod
+    def full(cls) -> "S3GenConfig":
+        return cls()
+
+    @classmethod
+    def tiny(cls) -> "S3GenConfig":
+        return cls(
+            s3tokenizer.S3TokenizerConfig.tiny(),
+            campplus.CAMPPlusConfig.tiny(),
+            flow_mod.FlowConfig.tiny(),
+            hifigan.HiFTConfig.tiny(),
+        )
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "S3GenConfig":
+        d = d or {}
+        full = cls.full()
+        return cls(
+            s3tokenizer.S3TokenizerConfig.from_dict(d["tokenizer"]) if "tokenizer" in d else full.tokenizer,
+            campplus.CAMPPlusConfig.from_dict(d["campplus"]) if "campplus" in d else full.campplus,
+            flow_mod.FlowConfig.from_dict(d["flow"]) if "flow" in d else full.flow,
+            hifigan.HiFTConfig.from_dict(d["hift"]) if "hift" in d else full.hift,
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "tokenizer": self.tokenizer.to_dict(),
+            "campplus": self.campplus.to_dict(),
+            "flow": self.flow.to_dict(),
+            "hift": self.hift.to_dict(),
+        }
+
+    def part(self, prefix: str):
+        return getattr(self, CONFIG_NAMES[prefix])
+
+
+def upstream_shapes(cfg: S3GenConfig) -> dict[str, tuple[int, ...]]:
+    """Every key S3Gen().state_dict() saves to s3gen.safetensors, in torch layout."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for prefix, module in PARTS:
+        for key, shape in module.upstream_shapes(cfg.part(prefix)).items():
+            shapes[f"{prefix}.{key}"] = tuple(shape)
+    return shapes
+
+
+def optional_shapes(cfg: S3GenConfig) -> dict[str, tuple[int, ...]]:
+    """The two S3Tokenizer buffers the reference tolerates missing (recomputed when absent)."""
+    return {f"tokenizer.{k}": tuple(v) for k, v in s3tokenizer.optional_shapes(cfg.tokenizer).items()}
+
+
+class S3Gen(nn.Module):
+    """Tokens -> mel (flow) -> waveform (HiFT), plus the voice front-end networks."""
+
+    def __init__(self, cfg: S3GenConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = s3tokenizer.S3Tokenizer(cfg.tokenizer)
+        self.speaker_encoder = campplus.CAMPPlus(cfg.campplus)
+        self.flow = flow_mod.Flow(cfg.flow)
+        self.mel2wav = hifigan.HiFTGenerator(cfg.hift)
+
+    def load_upstream(self, weights: dict[str, np.ndarray]) -> None:
+        """Load s3gen.safetensors tensors (already checked against upstream_shapes)."""
+        for prefix, module in PARTS:
+            part = {k[len(prefix) + 1 :]: v for k, v in weights.items() if k.startswith(prefix + ".")}
+            converted = module.convert_weights(part, self.cfg.part(prefix))
+            getattr(self, prefix).load_weights(list(converted.items()), strict=True)
+
+    def mel(
+        self,
+        tokens: mx.array,
+        gen: dict,
+        *,
+        noise: mx.array | None = None,
+        key: mx.array | None = None,
+        n_timesteps: int | None = None,
+    ) -> mx.array:
+        """tokens (1, N) int32 -> mel (1, 80, 2N) in the voice of `gen` (Conditionals.gen)."""
+        return self.flow.inference(
+            tokens,
+            gen["prompt_token"],
+            gen["prompt_feat"],
+            gen["embedding"],
+            noise=noise,
+            key=key,
+            n_timesteps=n_timesteps,
+        )
+
+    def inference(
+        self,
+        tokens: mx.array,
+        gen: dict,
+        *,
+        key: mx.array,
+        n_timesteps: int | None = None,
+    ) -> mx.array:
+        """tokens (1, N) -> waveform (960 N,) float32 with the reference's trim fade applied."""
+        flow_key, hift_key = mx.random.split(key)
+        mel = self.mel(tokens, gen, key=flow_key, n_timesteps=n_timesteps)
+        wav, _ = self.mel2wav.inference(mel, key=hift_key)
+        return dsp.apply_trim_fade(wav[0])

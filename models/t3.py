@@ -1,0 +1,637 @@
+"""T3: Chatterbox's text-to-speech-token language model (a 0.5B Llama), on MLX.
+
+Port of chatterbox-tts 0.1.7 `models/t3` (t3.py, modules/cond_enc.py, modules/perceiver.py,
+inference/t3_hf_backend.py) and of the HF `LlamaModel` it wraps (transformers 5.2). What the
+reference does, and this module reproduces:
+
+- Conditioning (`prepare_conditioning`): [speaker (1) | perceiver(prompt speech) (32) |
+  emotion (1)] = 34 embeddings. The prompt speech tokens get `speech_emb` plus learned speech
+  positions 0..P-1 before the perceiver; the perceiver is one attention block applied twice
+  (cross, then self) with shared weights.
+- Prefill: `[cond 34 | SOT text EOT | BOS | BOS]`, both BOS at learned speech position 0;
+  the k-th generated token is fed back at learned speech position k+1. RoPE positions are
+  the absolute index over the whole sequence, independent of the learned tables.
+- CFG: batch 2; row 1 (unconditional) zeroes only the text *token* embeddings (the text
+  position embeddings and the conditioning prefix stay). logits = c + w (c - u).
+- Sampler order: CFG, repetition penalty (over BOS and every generated id, each distinct id
+  once), temperature, min_p, top_p, multinomial.
+
+The KV cache is an explicit `T3Cache` object; decode is one token per step and is bound by
+per-step host overhead on a GPU, so the step function builds as small a graph as it can.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+from dataclasses import asdict, dataclass, field, fields
+from typing import Iterator
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .conds import T3Cond
+from .tokenizer import wrap_text_tokens
+
+logger = logging.getLogger(__name__)
+
+PERCEIVER_LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm default, used by the perceiver block
+CACHE_STEP = 256  # the KV cache grows in blocks of this many positions
+
+
+def _default_rope_scaling() -> dict:
+    return {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+
+
+@dataclass
+class T3Config:
+    """T3 dimensions. Field names follow upstream's LlamaConfig dict and T3Config."""
+
+    # Llama backbone (LLAMA_520M_CONFIG_DICT)
+    num_hidden_layers: int = 30
+    hidden_size: int = 1024
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 16
+    head_dim: int = 64
+    intermediate_size: int = 4096
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    rope_scaling: dict = field(default_factory=_default_rope_scaling)
+    vocab_size: int = 8  # the backbone's dummy embed_tokens (in the checkpoint, never used)
+    # T3 (modules/t3_config.py)
+    text_tokens_dict_size: int = 704
+    speech_tokens_dict_size: int = 8194
+    max_text_tokens: int = 2048
+    max_speech_tokens: int = 4096
+    start_text_token: int = 255
+    stop_text_token: int = 0
+    start_speech_token: int = 6561
+    stop_speech_token: int = 6562
+    speaker_embed_size: int = 256
+    speech_cond_prompt_len: int = 150
+    # Perceiver resampler (modules/perceiver.py defaults)
+    perceiver_query_tokens: int = 32
+    perceiver_heads: int = 4
+
+    @classmethod
+    def full(cls) -> "T3Config":
+        return cls()
+
+    @classmethod
+    def tiny(cls) -> "T3Config":
+        """A few-MB model for tests. Token ids, vocabularies and position tables keep their
+        real sizes (the special ids 6561/6562 and long generations must still work); head_dim
+        stays 64 so the llama3 RoPE frequencies are the real ones."""
+        return cls(num_hidden_layers=2, hidden_size=256, num_attention_heads=4, num_key_value_heads=4,
+                   head_dim=64, intermediate_size=512, perceiver_heads=4)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "T3Config":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown T3Config fields: {sorted(unknown)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def cond_len(self) -> int:
+        """Conditioning embeddings: speaker + perceiver queries + emotion."""
+        return 1 + self.perceiver_query_tokens + 1
+
+
+def upstream_shapes(cfg: T3Config) -> dict[str, tuple[int, ...]]:
+    """Every key of t3_cfg.safetensors (no prefix) with its PyTorch shape: 292 for any config."""
+    d, i = cfg.hidden_size, cfg.intermediate_size
+    q_out = cfg.num_attention_heads * cfg.head_dim
+    kv_out = cfg.num_key_value_heads * cfg.head_dim
+    shapes: dict[str, tuple[int, ...]] = {"tfmr.embed_tokens.weight": (cfg.vocab_size, d)}
+    for n in range(cfg.num_hidden_layers):
+        p = f"tfmr.layers.{n}."
+        shapes[p + "self_attn.q_proj.weight"] = (q_out, d)
+        shapes[p + "self_attn.k_proj.weight"] = (kv_out, d)
+        shapes[p + "self_attn.v_proj.weight"] = (kv_out, d)
+        shapes[p + "self_attn.o_proj.weight"] = (d, q_out)
+        shapes[p + "mlp.gate_proj.weight"] = (i, d)
+        shapes[p + "mlp.up_proj.weight"] = (i, d)
+        shapes[p + "mlp.down_proj.weight"] = (d, i)
+        shapes[p + "input_layernorm.weight"] = (d,)
+        shapes[p + "post_attention_layernorm.weight"] = (d,)
+    shapes["tfmr.norm.weight"] = (d,)
+    shapes["cond_enc.spkr_enc.weight"] = (d, cfg.speaker_embed_size)
+    shapes["cond_enc.spkr_enc.bias"] = (d,)
+    shapes["cond_enc.emotion_adv_fc.weight"] = (d, 1)
+    shapes["cond_enc.perceiver.pre_attention_query"] = (1, cfg.perceiver_query_tokens, d)
+    shapes["cond_enc.perceiver.attn.norm.weight"] = (d,)
+    shapes["cond_enc.perceiver.attn.norm.bias"] = (d,)
+    for name in ("to_q", "to_k", "to_v", "proj_out"):
+        shapes[f"cond_enc.perceiver.attn.{name}.weight"] = (d, d)
+        shapes[f"cond_enc.perceiver.attn.{name}.bias"] = (d,)
+    shapes["text_emb.weight"] = (cfg.text_tokens_dict_size, d)
+    shapes["speech_emb.weight"] = (cfg.speech_tokens_dict_size, d)
+    shapes["text_pos_emb.emb.weight"] = (cfg.max_text_tokens + 2, d)
+    shapes["speech_pos_emb.emb.weight"] = (cfg.max_speech_tokens + 2 + 2, d)
+    shapes["text_head.weight"] = (cfg.text_tokens_dict_size, d)
+    shapes["speech_head.weight"] = (cfg.speech_tokens_dict_size, d)
+    return shapes
+
+
+def convert_weights(weights: dict[str, np.ndarray], cfg: T3Config) -> dict[str, mx.array]:
+    """Upstream T3 tensors -> MLX parameters (float32). Every key maps to itself: all layers
+    are Linear/Embedding/norms, whose torch layout is MLX's. Strict: keys and shapes must
+    equal `upstream_shapes(cfg)`."""
+    expected = upstream_shapes(cfg)
+    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"T3 weights do not match the config: missing {missing[:5]} ({len(missing)}), "
+                         f"unexpected {unexpected[:5]} ({len(unexpected)})")
+    params = {}
+    for key, shape in expected.items():
+        value = np.asarray(weights[key])
+        if tuple(value.shape) != shape:
+            raise ValueError(f"{key}: shape {tuple(value.shape)}, expected {shape}")
+        params[key] = mx.array(value.astype(np.float32, copy=False))
+    return params
+
+
+def build_t3(weights: dict[str, np.ndarray], cfg: T3Config, dtype: mx.Dtype = mx.float32) -> "T3":
+    """A T3 loaded strictly from upstream tensors, cast to `dtype` (float32 is the reference's)."""
+    model = T3(cfg)
+    model.load_weights(list(convert_weights(weights, cfg).items()), strict=True)
+    if dtype != mx.float32:
+        model.set_dtype(dtype)
+    mx.eval(model.parameters())
+    return model
+
+
+def llama3_rope_periods(cfg: T3Config) -> np.ndarray:
+    """Per-pair RoPE periods (1 / inverse frequency) with HF's llama3 scaling, (head_dim/2,).
+
+    The scaling changes the low-frequency pairs even for short sequences, so plain RoPE with
+    theta 5e5 would be wrong. Same arithmetic as transformers' `_compute_llama3_parameters`
+    (float32, as HF computes it).
+    """
+    dim = cfg.head_dim
+    inv_freq = (1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))).astype(np.float32)
+    rs = cfg.rope_scaling
+    if rs is None or rs.get("rope_type", "default") == "default":
+        return (1.0 / inv_freq).astype(np.float32)
+    if rs["rope_type"] != "llama3":
+        raise ValueError(f"unsupported rope_type {rs['rope_type']!r}")
+    factor, low, high = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+    old_len = rs["original_max_position_embeddings"]
+    low_freq_wavelen, high_freq_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    inv_freq = np.where(medium, smoothed, scaled).astype(np.float32)
+    return (1.0 / inv_freq).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------
+# KV cache
+
+
+class T3Cache:
+    """Keys and values of every layer, (B, kv_heads, capacity, head_dim) each, filled up to
+    `offset` positions; `offset` is also the RoPE position of the next input.
+
+    Passed explicitly into `T3.forward`/`prefill`/`step` and returned by them. Those calls
+    update it in place (the buffers grow by CACHE_STEP positions at a time, so a step writes
+    one slice instead of copying the whole history); keep no other reference to an old one.
+    """
+
+    def __init__(self, num_layers: int, batch: int) -> None:
+        self.keys: list[mx.array | None] = [None] * num_layers
+        self.values: list[mx.array | None] = [None] * num_layers
+        self.offset = 0
+        self.batch = batch
+
+    def update(self, layer: int, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """Store (B, H, L, hd) keys/values at positions offset..offset+L-1 of `layer`; return
+        everything cached so far for it, (B, H, offset+L, hd). `offset` advances in
+        `advance`, once all layers have been updated."""
+        start, length = self.offset, keys.shape[2]
+        end = start + length
+        k_buf, v_buf = self.keys[layer], self.values[layer]
+        if k_buf is None or end > k_buf.shape[2]:
+            b, h, _, hd = keys.shape
+            grow = ((length + CACHE_STEP - 1) // CACHE_STEP) * CACHE_STEP
+            new_k = mx.zeros((b, h, grow, hd), dtype=keys.dtype)
+            new_v = mx.zeros((b, h, grow, values.shape[3]), dtype=values.dtype)
+            if k_buf is None:
+                k_buf, v_buf = new_k, new_v
+            else:
+                k_buf = mx.concatenate([k_buf[:, :, :start], new_k], axis=2)
+                v_buf = mx.concatenate([v_buf[:, :, :start], new_v], axis=2)
+        k_buf[:, :, start:end, :] = keys
+        v_buf[:, :, start:end, :] = values
+        self.keys[layer], self.values[layer] = k_buf, v_buf
+        return k_buf[:, :, :end, :], v_buf[:, :, :end, :]
+
+    def advance(self, length: int) -> None:
+        self.offset += length
+
+    def state(self) -> list[mx.array]:
+        """The arrays to evaluate so the cache holds no pending graph."""
+        return [a for a in self.keys + self.values if a is not None]
+
+
+# ---------------------------------------------------------------------------------------
+# Llama backbone (names follow transformers' LlamaModel so the checkpoint keys map 1:1)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: T3Config) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.scale = cfg.head_dim**-0.5
+        d = cfg.hidden_size
+        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+        # Leading underscore: a constant, not a parameter (MLX skips such attributes).
+        self._rope_periods = mx.array(llama3_rope_periods(cfg))
+
+    def __call__(self, x: mx.array, cache: T3Cache, layer: int) -> mx.array:
+        """x (B, L, D) -> (B, L, D); attends to the cache plus x, causally."""
+        b, length, _ = x.shape
+        q = self.q_proj(x).reshape(b, length, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
+        k = self.k_proj(x).reshape(b, length, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(b, length, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        # HF "rotate half" RoPE at absolute positions offset..offset+L-1.
+        q = mx.fast.rope(q, self.head_dim, traditional=False, base=None, scale=1.0, offset=cache.offset,
+                         freqs=self._rope_periods)
+        k = mx.fast.rope(k, self.head_dim, traditional=False, base=None, scale=1.0, offset=cache.offset,
+                         freqs=self._rope_periods)
+        k, v = cache.update(layer, k, v)
+        # "causal" aligns the last query with the last key, which is what a chunk appended
+        # to a cache needs; a single query sees everything.
+        mask = "causal" if length > 1 else None
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, length, -1))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: T3Config) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: T3Config) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(cfg)
+        self.mlp = LlamaMLP(cfg)
+        # mx.fast.rms_norm accumulates in float32 whatever the input dtype, as HF's does.
+        self.input_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+
+    def __call__(self, x: mx.array, cache: T3Cache, layer: int) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), cache, layer)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: T3Config) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)  # unused, as upstream
+        self.layers = [LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers)]
+        self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+
+    def __call__(self, embeds: mx.array, cache: T3Cache) -> mx.array:
+        """embeds (B, L, D) -> hidden state after the final RMSNorm (B, L, D)."""
+        h = embeds
+        for n, layer in enumerate(self.layers):
+            h = layer(h, cache, n)
+        cache.advance(embeds.shape[1])
+        return self.norm(h)
+
+
+# ---------------------------------------------------------------------------------------
+# Conditioning encoder
+
+
+class AttentionBlock2(nn.Module):
+    """Upstream's perceiver block: shared LayerNorm on both inputs, q/k/v/out projections
+    with bias, softmax attention with scale 1/sqrt(head_dim), residual on the query side."""
+
+    def __init__(self, channels: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm = nn.LayerNorm(channels, eps=PERCEIVER_LAYER_NORM_EPS)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.proj_out = nn.Linear(channels, channels)
+
+    def __call__(self, x1: mx.array, x2: mx.array) -> mx.array:
+        """x1 (B, Lq, C) attends to x2 (B, Lk, C) -> (B, Lq, C)."""
+        b, lq, c = x1.shape
+        lk = x2.shape[1]
+        hd = c // self.num_heads
+        n1, n2 = self.norm(x1), self.norm(x2)
+        q = self.to_q(n1).reshape(b, lq, self.num_heads, hd).transpose(0, 2, 1, 3)
+        k = self.to_k(n2).reshape(b, lk, self.num_heads, hd).transpose(0, 2, 1, 3)
+        v = self.to_v(n2).reshape(b, lk, self.num_heads, hd).transpose(0, 2, 1, 3)
+        h = mx.fast.scaled_dot_product_attention(q, k, v, scale=hd**-0.5)
+        h = h.transpose(0, 2, 1, 3).reshape(b, lq, c)
+        return x1 + self.proj_out(h)
+
+
+class Perceiver(nn.Module):
+    def __init__(self, query_tokens: int, channels: int, num_heads: int) -> None:
+        super().__init__()
+        self.pre_attention_query = mx.zeros((1, query_tokens, channels))
+        self.attn = AttentionBlock2(channels, num_heads)
+
+    def __call__(self, h: mx.array) -> mx.array:
+        """h (B, P, C) -> (B, query_tokens, C): cross-attention, then self-attention, with the
+        same block both times."""
+        query = mx.broadcast_to(self.pre_attention_query, (h.shape[0],) + self.pre_attention_query.shape[1:])
+        pre_att = self.attn(query, h)
+        return self.attn(pre_att, pre_att)
+
+
+class T3CondEnc(nn.Module):
+    def __init__(self, cfg: T3Config) -> None:
+        super().__init__()
+        self.spkr_enc = nn.Linear(cfg.speaker_embed_size, cfg.hidden_size)
+        self.emotion_adv_fc = nn.Linear(1, cfg.hidden_size, bias=False)
+        self.perceiver = Perceiver(cfg.perceiver_query_tokens, cfg.hidden_size, cfg.perceiver_heads)
+
+
+class LearnedPositionEmbeddings(nn.Module):
+    def __init__(self, seq_len: int, dim: int) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(seq_len, dim)
+
+
+# ---------------------------------------------------------------------------------------
+# T3
+
+
+class T3(nn.Module):
+    """The whole T3. Attribute names equal the checkpoint's key segments.
+
+    Text token sequences given to `prefill_embeds`/`prefill`/`teacher_forced_logits` are the
+    exact sequence upstream feeds, i.e. already wrapped as [SOT] ids [EOT]
+    (`tokenizer.wrap_text_tokens`). `generate_tokens` takes unwrapped ids and wraps them.
+
+    The parameters are float32 (as the reference runs); `set_dtype(mx.bfloat16)` (or
+    float16) casts them, and activations and the KV cache then follow; logits handed to the
+    sampler are always float32.
+    """
+
+    def __init__(self, cfg: T3Config) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.hidden_size
+        self.tfmr = LlamaModel(cfg)
+        self.cond_enc = T3CondEnc(cfg)
+        self.text_emb = nn.Embedding(cfg.text_tokens_dict_size, d)
+        self.speech_emb = nn.Embedding(cfg.speech_tokens_dict_size, d)
+        self.text_pos_emb = LearnedPositionEmbeddings(cfg.max_text_tokens + 2, d)
+        self.speech_pos_emb = LearnedPositionEmbeddings(cfg.max_speech_tokens + 2 + 2, d)
+        self.text_head = nn.Linear(d, cfg.text_tokens_dict_size, bias=False)  # unused at inference
+        self.speech_head = nn.Linear(d, cfg.speech_tokens_dict_size, bias=False)
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        return self.speech_emb.weight.dtype
+
+    def make_cache(self, batch: int) -> T3Cache:
+        return T3Cache(self.cfg.num_hidden_layers, batch)
+
+    # -- conditioning and embeddings --------------------------------------------------
+
+    def prompt_speech_embeds(self, tokens: mx.array) -> mx.array:
+        """Prompt speech tokens (1, P) -> speech_emb + learned speech positions 0..P-1, (1, P, D)
+        (what upstream caches as `cond_prompt_speech_emb`)."""
+        return self.speech_emb(tokens) + self.speech_pos_emb.emb(mx.arange(tokens.shape[1]))
+
+    def prepare_conditioning(self, cond: T3Cond) -> mx.array:
+        """T3Cond -> conditioning embeddings (1, 34, D): speaker, perceiver(prompt), emotion.
+
+        Uses `cond.cond_prompt_speech_emb` when given (as upstream does), else embeds
+        `cond.cond_prompt_speech_tokens`; without either, the perceiver part is empty.
+        """
+        enc = self.cond_enc
+        dtype = self.dtype
+        speaker = cond.speaker_emb.reshape(-1, self.cfg.speaker_embed_size).astype(dtype)
+        parts = [enc.spkr_enc(speaker)[:, None]]  # (B, 1, D)
+        prompt = cond.cond_prompt_speech_emb
+        if prompt is None and cond.cond_prompt_speech_tokens is not None:
+            prompt = self.prompt_speech_embeds(cond.cond_prompt_speech_tokens.astype(mx.int32))
+        if prompt is not None:
+            parts.append(enc.perceiver(prompt.astype(dtype)))  # (B, 32, D)
+        parts.append(enc.emotion_adv_fc(cond.emotion_adv.reshape(-1, 1, 1).astype(dtype)))  # (B, 1, D)
+        return mx.concatenate(parts, axis=1)
+
+    def prefill_embeds(self, cond_emb: mx.array, text_tokens: mx.array, cfg: bool = True) -> mx.array:
+        """[cond | text | BOS | BOS] input embeddings, (B, C + T + 2, D), B = 2 with CFG.
+
+        cond_emb (1, C, D) from `prepare_conditioning`; text_tokens (T,) int, SOT/EOT included.
+        Row 1 (CFG's unconditional row) has zero text *token* embeddings but keeps the text
+        position embeddings. Both BOS carry learned speech position 0.
+        """
+        t = text_tokens.shape[0]
+        text = self.text_emb(text_tokens.astype(mx.int32))[None]  # (1, T, D)
+        if cfg:
+            text = mx.concatenate([text, mx.zeros_like(text)], axis=0)  # (2, T, D)
+        text = text + self.text_pos_emb.emb(mx.arange(t))
+        b = text.shape[0]
+        bos = self.speech_emb(mx.array([self.cfg.start_speech_token])) + self.speech_pos_emb.emb(mx.array([0]))  # (1, D)
+        bos = mx.broadcast_to(bos, (b, 2, bos.shape[-1]))
+        cond = mx.broadcast_to(cond_emb, (b,) + cond_emb.shape[1:])
+        return mx.concatenate([cond, text, bos], axis=1)
+
+    def speech_embeds(self, tokens: mx.array, first_position: int) -> mx.array:
+        """Generated speech tokens (N,) -> (1, N, D) with learned speech positions
+        first_position.. (the k-th generated token sits at position k + 1)."""
+        n = tokens.shape[0]
+        positions = mx.arange(first_position, first_position + n)
+        return (self.speech_emb(tokens.astype(mx.int32)) + self.speech_pos_emb.emb(positions))[None]
+
+    # -- forward passes -----------------------------------------------------------------
+
+    def forward(self, embeds: mx.array, cache: T3Cache | None = None) -> tuple[mx.array, T3Cache]:
+        """embeds (B, L, D) -> (float32 speech logits (B, L, V), cache). A fresh cache when
+        None; the input is appended after the cached positions."""
+        if cache is None:
+            cache = self.make_cache(embeds.shape[0])
+        hidden = self.tfmr(embeds, cache)
+        return self.speech_head(hidden).astype(mx.float32), cache
+
+    def prefill(self, cond_emb: mx.array, text_tokens: mx.array, cfg: bool = True) -> tuple[mx.array, T3Cache]:
+        """Run the prefill; returns the last position's float32 logits (B, V) and the cache."""
+        embeds = self.prefill_embeds(cond_emb, text_tokens, cfg)
+        cache = self.make_cache(embeds.shape[0])
+        hidden = self.tfmr(embeds, cache)
+        return self.speech_head(hidden[:, -1, :]).astype(mx.float32), cache
+
+    def step(self, token: mx.array | int, position: int, cache: T3Cache) -> tuple[mx.array, T3Cache]:
+        """Feed one generated token (id as int or (1,) array) at learned speech position
+        `position` (k + 1 for the k-th generated token) to every row; returns float32 logits
+        (B, V) and the cache."""
+        if isinstance(token, int):
+            token = mx.array([token], dtype=mx.int32)
+        # Module calls rather than weight indexing, so a quantized embedding works too.
+        emb = self.speech_emb(token.reshape(1)) + self.speech_pos_emb.emb(mx.array([position]))  # (1, D)
+        emb = mx.broadcast_to(emb[None], (cache.batch, 1, emb.shape[-1]))
+        hidden = self.tfmr(emb, cache)
+        return self.speech_head(hidden[:, 0, :]).astype(mx.float32), cache
+
+    def teacher_forced_logits(self, cond_emb: mx.array, text_tokens: mx.array, speech_tokens: mx.array,
+                              cfg: bool = True) -> mx.array:
+        """One forward pass over [cond | text | BOS | BOS | speech_tokens] (speech token k at
+        learned position k+1) -> float32 logits (B, C + T + 2 + N, V). Position C+T+1+k
+        predicts generated token k, exactly as the cached decode does."""
+        embeds = self.prefill_embeds(cond_emb, text_tokens, cfg)
+        if speech_tokens.shape[0]:
+            speech = mx.broadcast_to(self.speech_embeds(speech_tokens, 1), (embeds.shape[0],) + (speech_tokens.shape[0], embeds.shape[-1]))
+            embeds = mx.concatenate([embeds, speech], axis=1)
+        logits, _ = self.forward(embeds)
+        return logits
+
+
+# ---------------------------------------------------------------------------------------
+# Sampler (upstream order: CFG, repetition penalty, temperature, min_p, top_p, multinomial)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    cfg_weight: float = 0.5
+    temperature: float = 0.8  # 0 means greedy: CFG, repetition penalty, argmax
+    repetition_penalty: float = 1.2
+    min_p: float = 0.05
+    top_p: float = 1.0
+
+
+def cfg_combine(logits: mx.array, cfg_weight: float) -> mx.array:
+    """(B, V) -> (1, V): cond + w (cond - uncond) with batch 2; batch 1 passes through."""
+    cond = logits[0:1]
+    if logits.shape[0] == 1:
+        return cond
+    return cond + cfg_weight * (cond - logits[1:2])
+
+
+def process_logits(logits: mx.array, seen: mx.array | None, params: SamplingParams) -> mx.array:
+    """Model logits (B, V) float32 -> the logits multinomial samples from, (1, V).
+
+    seen: (V,) bool, True for BOS and every id generated so far (None: no penalty).
+    Each step of HF's processors, in the reference's order.
+    """
+    x = cfg_combine(logits, params.cfg_weight)
+    if seen is not None and params.repetition_penalty != 1.0:
+        # RepetitionPenaltyLogitsProcessor: each distinct id once, sign-dependent.
+        rp = params.repetition_penalty
+        x = mx.where(seen, mx.where(x < 0, x * rp, x / rp), x)
+    if params.temperature > 0 and params.temperature != 1.0:
+        x = x / params.temperature
+    if params.min_p > 0:
+        # MinPLogitsWarper: drop p < min_p * p_max, always keep the top token.
+        probs = mx.softmax(x, axis=-1)
+        top = mx.argmax(probs, axis=-1, keepdims=True)
+        remove = probs < params.min_p * mx.max(probs, axis=-1, keepdims=True)
+        remove = remove & (mx.arange(x.shape[-1])[None] != top)
+        x = mx.where(remove, -mx.inf, x)
+    if params.top_p < 1.0:
+        # TopPLogitsWarper: sort ascending, drop the prefix whose cumulative probability is
+        # <= 1 - top_p, keep the top token. (top_p = 1.0, upstream's default, is a no-op.)
+        order = mx.argsort(x, axis=-1)
+        sorted_x = mx.take_along_axis(x, order, axis=-1)
+        cum = mx.cumsum(mx.softmax(sorted_x, axis=-1), axis=-1)
+        drop_sorted = cum <= (1.0 - params.top_p)
+        drop_sorted[..., -1] = False
+        drop = mx.put_along_axis(mx.zeros(x.shape, dtype=mx.bool_), order, drop_sorted, axis=-1)
+        x = mx.where(drop, -mx.inf, x)
+    return x
+
+
+def sample_token(logits: mx.array, seen: mx.array | None, params: SamplingParams, key: mx.array | None) -> mx.array:
+    """Model logits (B, V) -> next token id, (1,) int32 (lazy). Greedy when temperature is 0."""
+    x = process_logits(logits, seen, params)
+    if params.temperature == 0:
+        return mx.argmax(x, axis=-1).astype(mx.int32)
+    return mx.random.categorical(x, axis=-1, key=key).astype(mx.int32)
+
+
+def generate_tokens(
+    t3: T3,
+    cond: T3Cond,
+    text_tokens: list[int],
+    *,
+    cfg_weight: float = 0.5,
+    temperature: float = 0.8,
+    repetition_penalty: float = 1.2,
+    min_p: float = 0.05,
+    top_p: float = 1.0,
+    max_new_tokens: int = 1000,
+    seed: int | None = None,
+) -> Iterator[int]:
+    """Yield speech tokens one by one as T3 samples them (upstream `T3.inference`).
+
+    text_tokens: the tokenizer's ids of the normalised text, *without* SOT/EOT (they are
+    added here, as upstream's `generate` does). Every sampled token is yielded, including ids
+    >= 6561 (they are fed back like any other; filter them before S3Gen); EOS (6562) is not
+    yielded and ends the generator. At most `max_new_tokens` tokens are sampled (EOS counts).
+    With cfg_weight 0 the unconditional row is skipped (batch 1): the logits equal what
+    upstream's c + 0 (c - u) gives, where upstream itself crashes. `seed` fixes the mx.random
+    key (None: a random seed).
+    """
+    cfg = t3.cfg
+    if max_new_tokens < 0 or max_new_tokens > cfg.max_speech_tokens + 3:
+        raise ValueError(f"max_new_tokens must be in 0..{cfg.max_speech_tokens + 3} (learned speech positions)")
+    if len(text_tokens) + 2 > cfg.max_text_tokens + 2:
+        raise ValueError(f"text is {len(text_tokens)} tokens; T3 takes at most {cfg.max_text_tokens}")
+    if max_new_tokens == 0:
+        return
+    params = SamplingParams(cfg_weight, temperature, repetition_penalty, min_p, top_p)
+    seed = secrets.randbits(63) if seed is None else seed
+    # One key per step, from a split whose size does not depend on max_new_tokens, so the
+    # same seed gives the same first tokens whatever the limit.
+    keys = mx.random.split(mx.random.key(seed), cfg.max_speech_tokens + 4)  # (S, 2)
+    vocab_ids = mx.arange(cfg.speech_tokens_dict_size)
+    use_penalty = repetition_penalty != 1.0
+    seen = (vocab_ids == cfg.start_speech_token) if use_penalty else None
+
+    cond_emb = t3.prepare_conditioning(cond)
+    text = mx.array(wrap_text_tokens([int(t) for t in text_tokens]), dtype=mx.int32)
+    logits, cache = t3.prefill(cond_emb, text, cfg=cfg_weight > 0)
+    token = sample_token(logits, seen, params, keys[0])
+    mx.async_eval(token)
+    # Pipelined: the graph for step i+1 is built and queued (it only needs the lazy token of
+    # step i) before waiting for token i, so host-side graph building overlaps device work.
+    for i in range(max_new_tokens):
+        if i + 1 < max_new_tokens:
+            if use_penalty:
+                seen = seen | (vocab_ids == token)
+            logits, cache = t3.step(token, i + 1, cache)
+            next_token = sample_token(logits, seen, params, keys[i + 1])
+            mx.async_eval(next_token)
+        value = token.item()
+        if value == cfg.stop_speech_token:
+            logger.debug("T3 EOS after %d tokens", i)
+            return
+        yield value
+        if i + 1 < max_new_tokens:
+            token = next_token

@@ -1,0 +1,646 @@
+"""Read and write `torch.save` zip archives without torch (the built-in voice, conds.pt).
+
+A torch.save file (torch >= 1.6) is a zip archive `<root>/data.pkl` + `<root>/data/<key>`:
+the pickle describes the object tree and refers to each tensor's raw bytes through a
+persistent id `('storage', torch.<Type>Storage, key, location, numel)`, and rebuilds the
+tensor with `torch._utils._rebuild_tensor_v2(storage, offset, size, stride, ...)`.
+
+`load` unpickles with an allow-list in the spirit of `torch.load(weights_only=True)`: tensors
+(returned as numpy arrays), numbers, strings, None and containers. Any other global is
+refused *before* it is resolved, so a malicious file cannot run code: the refusal is an
+`UnsafePickleError` that names the global. `save` writes the same format by emitting the
+pickle opcodes by hand, so the reference reads our files with `torch.load(weights_only=True)`.
+
+`load_conds` / `save_conds` map the upstream conds.pt structure,
+`{"t3": T3Cond.__dict__, "gen": ref_dict}`, to and from `models.conds.Conditionals`.
+"""
+
+from __future__ import annotations
+
+import _compat_pickle
+import collections
+import io
+import logging
+import os
+import pickle
+import re
+import struct
+import tarfile
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:  # mlx is imported lazily so that tools/ can use load/save from the torch venv
+    from .conds import Conditionals
+
+logger = logging.getLogger(__name__)
+
+# torch.<Name>Storage -> little-endian dtype of its elements. bfloat16 has no numpy dtype:
+# it is read as uint16 and widened to float32 (exact) when the tensor is rebuilt.
+STORAGE_DTYPES: dict[str, np.dtype] = {
+    "FloatStorage": np.dtype("<f4"),
+    "DoubleStorage": np.dtype("<f8"),
+    "HalfStorage": np.dtype("<f2"),
+    "BFloat16Storage": np.dtype("<u2"),
+    "LongStorage": np.dtype("<i8"),
+    "IntStorage": np.dtype("<i4"),
+    "ShortStorage": np.dtype("<i2"),
+    "CharStorage": np.dtype("i1"),
+    "ByteStorage": np.dtype("u1"),
+    "BoolStorage": np.dtype("?"),
+}
+# numpy dtype -> storage name for the writer (bfloat16 is never written: numpy has none).
+WRITE_STORAGES: dict[np.dtype, str] = {
+    dt: name for name, dt in STORAGE_DTYPES.items() if name != "BFloat16Storage"
+}
+
+# torch 2.x writes these beside data.pkl; the reader only needs `version` (or .data/version).
+ARCHIVE_VERSION = "3"
+FORMAT_VERSION = "1"
+STORAGE_ALIGNMENT = 64  # bytes; torch aligns each storage so that it can mmap them
+ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # fixed timestamps: the same tree gives the same bytes
+
+# The first bytes of a pre-1.6 torch.save file: pickled LONG1 magic number 0x1950a86a20f9469cfc6c.
+LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+
+T3_KEYS = ("speaker_emb", "clap_emb", "cond_prompt_speech_tokens", "cond_prompt_speech_emb", "emotion_adv")
+GEN_KEYS = ("prompt_token", "prompt_token_len", "prompt_feat", "prompt_feat_len", "embedding")
+DEFAULT_EMOTION_ADV = 0.5  # upstream T3Cond's default when the field is absent
+INT32_MAX = 2**31 - 1
+
+
+class TorchPickleError(ValueError):
+    """The file is not a readable torch.save archive, or holds an unexpected structure."""
+
+
+class UnsafePickleError(TorchPickleError):
+    """The pickle references a global outside the allow-list; nothing of it was executed."""
+
+
+# ---------------------------------------------------------------------------------------
+# Reading
+
+
+@dataclass(frozen=True)
+class _StorageType:
+    """Stand-in for the class `torch.<name>`: only usable inside a storage persistent id.
+
+    It is deliberately not callable, so a pickle that tries to REDUCE it fails."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class _Storage:
+    """A storage's elements as a flat read-only numpy array (dtype of the storage type)."""
+
+    type_name: str
+    elements: np.ndarray
+
+
+def _is_empty_hooks(hooks: Any) -> bool:
+    return hooks is None or (isinstance(hooks, dict) and len(hooks) == 0)
+
+
+def _rebuild_tensor(
+    storage: Any,
+    storage_offset: Any,
+    size: Any,
+    stride: Any,
+    requires_grad: Any = False,
+    backward_hooks: Any = None,
+    metadata: Any = None,
+) -> np.ndarray:
+    """Our `torch._utils._rebuild_tensor_v2`: a strided view of a storage, copied out.
+
+    Shapes: size/stride are tuples of the same length (strides in elements). Every element
+    the view would touch is bounds-checked first: as_strided reads raw memory."""
+    if not isinstance(storage, _Storage):
+        raise TorchPickleError(f"tensor rebuilt from {type(storage).__name__}, expected a storage")
+    if not _is_empty_hooks(backward_hooks):
+        raise TorchPickleError("tensor carries backward hooks (code); refusing")
+    if not (metadata is None or (isinstance(metadata, dict) and len(metadata) == 0)):
+        raise TorchPickleError("tensor carries metadata; only plain tensors are supported")
+    if not _is_int(storage_offset) or storage_offset < 0:
+        raise TorchPickleError(f"invalid storage offset {storage_offset!r}")
+    if not isinstance(size, tuple) or not isinstance(stride, tuple) or len(size) != len(stride):
+        raise TorchPickleError(f"invalid tensor size/stride {size!r}/{stride!r}")
+    if not all(_is_int(n) and n >= 0 for n in size) or not all(_is_int(s) and s >= 0 for s in stride):
+        raise TorchPickleError(f"invalid tensor size/stride {size!r}/{stride!r}")
+
+    elements = storage.elements
+    if 0 in size:
+        out = np.empty(size, dtype=elements.dtype)
+    else:
+        last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride))
+        if last >= elements.size:
+            raise TorchPickleError(
+                f"tensor of size {size} stride {stride} offset {storage_offset} overruns its "
+                f"storage of {elements.size} elements"
+            )
+        itemsize = elements.dtype.itemsize
+        view = np.lib.stride_tricks.as_strided(
+            elements[storage_offset:],
+            shape=size,
+            strides=tuple(s * itemsize for s in stride),
+            writeable=False,
+        )
+        out = np.array(view, order="C")  # own the memory: the zip bytes go away after load
+    if storage.type_name == "BFloat16Storage":
+        # bfloat16 is the top half of a float32: widen exactly.
+        out = (out.astype(np.uint32) << 16).view(np.float32)
+    return out.astype(out.dtype.newbyteorder("="), copy=False)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Resolves only allow-listed globals; storages come from the open zip archive."""
+
+    def __init__(self, data: bytes, archive: zipfile.ZipFile, root: str, label: str, byteorder: str):
+        super().__init__(io.BytesIO(data))
+        self._archive = archive
+        self._root = root
+        self._label = label
+        self._byteorder = byteorder
+        self._storages: dict[str, _Storage] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        # Called for GLOBAL, STACK_GLOBAL, INST and EXT*: the only ways a pickle reaches code.
+        if module == "torch._utils" and name == "_rebuild_tensor_v2":
+            return _rebuild_tensor
+        if module == "torch" and name in STORAGE_DTYPES:
+            return _StorageType(name)
+        if module == "collections" and name == "OrderedDict":
+            return collections.OrderedDict
+        # Python-2 style names (protocol <= 2 writes subprocess as "commands") are shown as
+        # Python 3 names; nothing is resolved either way.
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        raise UnsafePickleError(
+            f"refusing to load {self._label}: it references {module}.{name} "
+            "(only tensors, numbers, strings, None and containers are allowed)"
+        )
+
+    def persistent_load(self, pid: Any) -> _Storage:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise TorchPickleError(f"{self._label}: unsupported persistent id {pid!r}")
+        _, storage_type, key, _location, numel = pid  # location (cpu/cuda:N) is irrelevant here
+        if not isinstance(storage_type, _StorageType):
+            raise TorchPickleError(f"{self._label}: persistent id names {storage_type!r}, not a storage type")
+        if not isinstance(key, str) or not _is_int(numel) or numel < 0:
+            raise TorchPickleError(f"{self._label}: malformed storage id {pid!r}")
+        cached = self._storages.get(key)
+        if cached is not None:  # several tensors may view one storage
+            return cached
+        record = f"{self._root}/data/{key}"
+        try:
+            raw = self._archive.read(record)
+        except KeyError:
+            raise TorchPickleError(f"{self._label}: storage record {record} is missing") from None
+        dtype = STORAGE_DTYPES[storage_type.name]
+        if self._byteorder == "big":
+            dtype = dtype.newbyteorder(">")
+        if len(raw) < numel * dtype.itemsize:
+            raise TorchPickleError(
+                f"{self._label}: storage {key} holds {len(raw)} bytes, expected {numel * dtype.itemsize}"
+            )
+        storage = _Storage(storage_type.name, np.frombuffer(raw, dtype=dtype, count=numel))
+        self._storages[key] = storage
+        return storage
+
+
+def _check_tree(obj: Any, label: str, where: str = "") -> None:
+    """Only the allowed value types may come out of a load (no stray storages or markers)."""
+    if obj is None or isinstance(obj, (bool, int, float, str, bytes, np.ndarray)):
+        return
+    if isinstance(obj, (list, tuple)):
+        for i, item in enumerate(obj):
+            _check_tree(item, label, f"{where}[{i}]")
+        return
+    if isinstance(obj, dict):  # includes OrderedDict
+        for k, v in obj.items():
+            _check_tree(k, label, f"{where}.key")
+            _check_tree(v, label, f"{where}[{k!r}]")
+        return
+    raise TorchPickleError(f"{label}: unsupported value of type {type(obj).__name__} at {where or 'top level'}")
+
+
+def _archive_root(names: list[str], label: str) -> str:
+    roots = [n[: -len("/data.pkl")] for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
+    if len(roots) != 1:
+        raise TorchPickleError(
+            f"{label} is a zip file but not a torch.save archive "
+            f"(expected exactly one <root>/data.pkl, found {len(roots)})"
+        )
+    return roots[0]
+
+
+def _not_zip_message(path: Path, label: str) -> str:
+    with open(path, "rb") as f:
+        head = f.read(len(LEGACY_MAGIC))
+    if head == LEGACY_MAGIC or tarfile.is_tarfile(path):
+        return (
+            f"{label} uses the legacy torch.save format (torch < 1.6), which is not supported: "
+            "re-save it once with a recent torch, e.g. torch.save(torch.load(f), f)"
+        )
+    return f"{label} is not a torch.save zip archive"
+
+
+def load(path: str | os.PathLike) -> Any:
+    """Read a torch.save zip archive; tensors come back as numpy arrays.
+
+    Tensors keep their shape and values (strides and storage offsets are resolved, the
+    result is C-contiguous and owns its memory); bfloat16 becomes float32. Containers keep
+    their type (dict, OrderedDict, list, tuple).
+
+    Raises UnsafePickleError when the pickle references anything outside the allow-list
+    (nothing is executed), TorchPickleError for other malformed or unsupported files.
+    """
+    path = Path(path)
+    label = path.name
+    if not zipfile.is_zipfile(path):
+        raise TorchPickleError(_not_zip_message(path, label))
+    with zipfile.ZipFile(path) as archive:
+        root = _archive_root(archive.namelist(), label)
+        byteorder = "little"
+        if f"{root}/byteorder" in archive.namelist():
+            byteorder = archive.read(f"{root}/byteorder").decode("ascii", "replace").strip()
+            if byteorder not in ("little", "big"):
+                raise TorchPickleError(f"{label}: unknown byte order {byteorder!r}")
+        unpickler = _RestrictedUnpickler(archive.read(f"{root}/data.pkl"), archive, root, label, byteorder)
+        try:
+            obj = unpickler.load()
+        except TorchPickleError:
+            raise
+        except Exception as e:  # malformed opcodes, calling a non-callable marker, ...
+            raise TorchPickleError(f"{label}: malformed pickle ({type(e).__name__}: {e})") from e
+    _check_tree(obj, label)
+    return obj
+
+
+# ---------------------------------------------------------------------------------------
+# Writing
+
+
+class _PickleWriter:
+    """Emits protocol-2 opcodes for the subset torch's weights-only unpickler accepts.
+
+    Tensors are collected in `storages` (one storage per array, keys "0", "1", ...)."""
+
+    MAX_DEPTH = 100
+    BATCH = 1000  # items per MARK ... APPENDS/SETITEMS, as pickle does
+
+    def __init__(self) -> None:
+        self.out = bytearray(b"\x80\x02")  # PROTO 2
+        self.storages: list[np.ndarray] = []
+        self._active: set[int] = set()
+
+    def finish(self) -> bytes:
+        self.out += b"."  # STOP
+        return bytes(self.out)
+
+    def _global(self, module: str, name: str) -> None:
+        self.out += b"c" + module.encode("ascii") + b"\n" + name.encode("ascii") + b"\n"
+
+    def _int(self, v: int) -> None:
+        if 0 <= v < 256:
+            self.out += b"K" + bytes([v])
+        elif 0 <= v < 65536:
+            self.out += b"M" + struct.pack("<H", v)
+        elif -(2**31) <= v < 2**31:
+            self.out += b"J" + struct.pack("<i", v)
+        else:
+            n = (v.bit_length() + 8) // 8  # room for the sign bit (two's complement)
+            if n > 255:
+                raise TypeError(f"integer too large to save: {v}")
+            self.out += b"\x8a" + bytes([n]) + v.to_bytes(n, "little", signed=True)
+
+    def _str(self, s: str) -> None:
+        data = s.encode("utf-8", "surrogatepass")
+        self.out += b"X" + struct.pack("<I", len(data)) + data
+
+    def _tuple(self, items: tuple | list, depth: int) -> None:
+        if len(items) == 0:
+            self.out += b")"
+            return
+        if len(items) > 3:
+            self.out += b"("
+        for item in items:
+            self.dump(item, depth + 1)
+        self.out += {1: b"\x85", 2: b"\x86", 3: b"\x87"}.get(len(items), b"t")
+
+    def _items(self, pairs: list[tuple[Any, Any]], depth: int) -> None:
+        for start in range(0, len(pairs), self.BATCH):
+            self.out += b"("
+            for k, v in pairs[start : start + self.BATCH]:
+                self.dump(k, depth + 1)
+                self.dump(v, depth + 1)
+            self.out += b"u"  # SETITEMS
+
+    def _tensor(self, array: np.ndarray) -> None:
+        dtype = array.dtype.newbyteorder("<") if array.dtype.itemsize > 1 else array.dtype
+        if dtype not in WRITE_STORAGES:
+            raise TypeError(f"cannot save arrays of dtype {array.dtype} (no torch storage type for it)")
+        array = np.asarray(array, dtype=dtype, order="C")  # (ascontiguousarray would make 0-d arrays 1-d)
+        key = str(len(self.storages))
+        self.storages.append(array)
+        # C-contiguous strides, in elements
+        strides = tuple(int(np.prod(array.shape[i + 1 :], dtype=np.int64)) for i in range(array.ndim))
+        self._global("torch._utils", "_rebuild_tensor_v2")
+        self.out += b"("  # args of _rebuild_tensor_v2
+        self.out += b"("  # persistent id
+        self._str("storage")
+        self._global("torch", WRITE_STORAGES[dtype])
+        self._str(key)
+        self._str("cpu")
+        self._int(int(array.size))
+        self.out += b"t"
+        self.out += b"Q"  # BINPERSID
+        self._int(0)  # storage offset
+        self._tuple(tuple(int(n) for n in array.shape), 0)
+        self._tuple(strides, 0)
+        self.out += b"\x89"  # requires_grad=False
+        self._global("collections", "OrderedDict")  # backward_hooks = OrderedDict()
+        self.out += b")R"
+        self.out += b"t"
+        self.out += b"R"
+
+    def dump(self, obj: Any, depth: int = 0) -> None:
+        if depth > self.MAX_DEPTH:
+            raise ValueError("object tree too deep to save")
+        if type(obj).__module__ == "mlx.core" and type(obj).__name__ == "array":
+            obj = np.asarray(obj)  # mlx arrays convert without importing mlx here
+        if obj is None:
+            self.out += b"N"
+        elif obj is True or isinstance(obj, np.bool_) and obj:
+            self.out += b"\x88"
+        elif obj is False or isinstance(obj, np.bool_):
+            self.out += b"\x89"
+        elif isinstance(obj, (int, np.integer)):
+            self._int(int(obj))
+        elif isinstance(obj, (float, np.floating)):
+            self.out += b"G" + struct.pack(">d", float(obj))
+        elif isinstance(obj, str):
+            self._str(obj)
+        elif isinstance(obj, np.ndarray):
+            self._tensor(obj)
+        elif isinstance(obj, (list, tuple, dict)):
+            if id(obj) in self._active:
+                raise ValueError("cannot save a self-referencing structure")
+            self._active.add(id(obj))
+            if isinstance(obj, tuple):
+                self._tuple(obj, depth)
+            elif isinstance(obj, list):
+                self.out += b"]"
+                for start in range(0, len(obj), self.BATCH):
+                    self.out += b"("
+                    for item in obj[start : start + self.BATCH]:
+                        self.dump(item, depth + 1)
+                    self.out += b"e"  # APPENDS
+            else:
+                if type(obj) is collections.OrderedDict:
+                    self._global("collections", "OrderedDict")
+                    self.out += b")R"
+                else:
+                    self.out += b"}"
+                if obj:
+                    self._items(list(obj.items()), depth)
+            self._active.discard(id(obj))
+        else:
+            raise TypeError(f"cannot save a value of type {type(obj).__name__}")
+
+
+def _archive_name(path: Path) -> str:
+    # torch names the root folder after the file (conds.pt -> conds/); keep it zip-safe.
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", path.stem)
+    return name or "archive"
+
+
+def _write_record(archive: zipfile.ZipFile, name: str, data: bytes, align: bool) -> None:
+    info = zipfile.ZipInfo(name, date_time=ZIP_EPOCH)
+    info.compress_type = zipfile.ZIP_STORED  # torch reads storages in place; no compression
+    info.external_attr = 0o644 << 16
+    if align:
+        # Pad the local header's extra field so the data starts on a STORAGE_ALIGNMENT
+        # boundary, as torch does (extra-field id "FB").
+        zip64 = len(data) * 1.05 > zipfile.ZIP64_LIMIT  # zipfile then appends a 20-byte zip64 field
+        start = archive.fp.tell() + 30 + len(name.encode("utf-8")) + 4 + (20 if zip64 else 0)
+        pad = (-start) % STORAGE_ALIGNMENT
+        info.extra = struct.pack("<HH", 0x4246, pad) + b"Z" * pad
+    archive.writestr(info, data)
+
+
+def save(path: str | os.PathLike, obj: Any) -> None:
+    """Write `obj` as a torch.save zip archive that `torch.load(weights_only=True)` reads.
+
+    Supported: dict / OrderedDict / list / tuple, None, bool, int, float, str and numpy
+    arrays (float16/32/64, int8/16/32/64, uint8, bool; mlx arrays are converted). Arrays
+    are stored C-contiguous, little-endian, one storage each. The file is written to a
+    temporary name beside `path` and renamed, so readers never see a partial file.
+    """
+    path = Path(path)
+    writer = _PickleWriter()
+    writer.dump(obj)
+    pkl = writer.finish()
+    root = _archive_name(path)
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            with zipfile.ZipFile(f, "w", allowZip64=True) as archive:
+                _write_record(archive, f"{root}/data.pkl", pkl, align=False)
+                _write_record(archive, f"{root}/.format_version", FORMAT_VERSION.encode(), align=False)
+                _write_record(archive, f"{root}/.storage_alignment", str(STORAGE_ALIGNMENT).encode(), align=False)
+                _write_record(archive, f"{root}/byteorder", b"little", align=False)
+                for key, array in enumerate(writer.storages):
+                    _write_record(archive, f"{root}/data/{key}", array.tobytes(), align=True)
+                _write_record(archive, f"{root}/version", ARCHIVE_VERSION.encode(), align=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    logger.debug("wrote %s (%d tensors)", path, len(writer.storages))
+
+
+# ---------------------------------------------------------------------------------------
+# conds.pt <-> Conditionals
+
+
+def _field_array(value: Any, field: str, label: str, kind: str, ndim: int) -> np.ndarray:
+    """A tensor field checked for kind ('float' or 'int'), rank and batch size 1."""
+    if not isinstance(value, np.ndarray):
+        raise TorchPickleError(f"{label}: {field} must be a tensor, got {type(value).__name__}")
+    if kind == "float" and value.dtype.kind != "f":
+        raise TorchPickleError(f"{label}: {field} must be a float tensor, got {value.dtype}")
+    if kind == "int" and value.dtype.kind not in "iu":
+        raise TorchPickleError(f"{label}: {field} must be an integer tensor, got {value.dtype}")
+    if value.ndim != ndim or value.shape[0] != 1:
+        raise TorchPickleError(
+            f"{label}: {field} has shape {value.shape}, expected {ndim} dimensions with batch 1"
+        )
+    if kind == "int":
+        if value.size and (value.min() < 0 or value.max() > INT32_MAX):
+            raise TorchPickleError(f"{label}: {field} holds values outside [0, 2**31)")
+        return value.astype(np.int32)
+    return value.astype(np.float32)
+
+
+def _emotion(value: Any, label: str) -> np.ndarray:
+    # Upstream stores a (1, 1, 1) tensor; T3Cond's default is the plain float 0.5.
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return np.full((1, 1, 1), float(value), dtype=np.float32)
+    if isinstance(value, np.ndarray) and value.dtype.kind == "f" and value.size == 1:
+        return value.astype(np.float32).reshape(1, 1, 1)
+    raise TorchPickleError(f"{label}: t3.emotion_adv must be a number or a 1-element float tensor, got {value!r}")
+
+
+def _check_keys(d: Any, keys: tuple[str, ...], required: tuple[str, ...], what: str, label: str) -> None:
+    if not isinstance(d, dict):
+        raise TorchPickleError(f"{label}: {what} must be a dict, got {type(d).__name__}")
+    unknown = [k for k in d if k not in keys]
+    if unknown:
+        raise TorchPickleError(f"{label}: unexpected key(s) in {what}: {', '.join(map(repr, unknown))}")
+    missing = [k for k in required if k not in d]
+    if missing:
+        raise TorchPickleError(f"{label}: {what} is missing {', '.join(missing)}")
+
+
+CondsFields = dict[str, "np.ndarray | None"]
+
+
+def conds_arrays(tree: Any, label: str = "conds.pt") -> tuple[CondsFields, CondsFields]:
+    """Validate an upstream conds tree and return (t3, gen) numpy fields, in memory dtypes.
+
+    t3: speaker_emb (1, S) f32, cond_prompt_speech_tokens (1, P) i32, emotion_adv (1, 1, 1)
+    f32, cond_prompt_speech_emb (1, P, D) f32 or None. gen: prompt_token (1, P') i32,
+    prompt_token_len (1,) i32, prompt_feat (1, T, M) f32, prompt_feat_len (1,) i32 or None,
+    embedding (1, E) f32. Errors name the offending field.
+    """
+    _check_keys(tree, ("t3", "gen"), ("t3", "gen"), "the top level", label)
+    t3_in, gen_in = tree["t3"], tree["gen"]
+    _check_keys(t3_in, T3_KEYS, ("speaker_emb", "cond_prompt_speech_tokens"), "t3", label)
+    _check_keys(gen_in, GEN_KEYS, GEN_KEYS, "gen", label)
+
+    if t3_in.get("clap_emb") is not None:  # upstream T3 asserts it is None
+        raise TorchPickleError(f"{label}: t3.clap_emb must be None")
+    t3: CondsFields = {
+        "speaker_emb": _field_array(t3_in["speaker_emb"], "t3.speaker_emb", label, "float", 2),
+        "cond_prompt_speech_tokens": _field_array(
+            t3_in["cond_prompt_speech_tokens"], "t3.cond_prompt_speech_tokens", label, "int", 2
+        ),
+        "emotion_adv": _emotion(t3_in.get("emotion_adv", DEFAULT_EMOTION_ADV), label),
+        "cond_prompt_speech_emb": None,
+    }
+    if t3_in.get("cond_prompt_speech_emb") is not None:
+        emb = _field_array(t3_in["cond_prompt_speech_emb"], "t3.cond_prompt_speech_emb", label, "float", 3)
+        if emb.shape[1] != t3["cond_prompt_speech_tokens"].shape[1]:
+            raise TorchPickleError(
+                f"{label}: t3.cond_prompt_speech_emb covers {emb.shape[1]} positions but "
+                f"t3.cond_prompt_speech_tokens has {t3['cond_prompt_speech_tokens'].shape[1]}"
+            )
+        t3["cond_prompt_speech_emb"] = emb
+
+    gen: CondsFields = {
+        "prompt_token": _field_array(gen_in["prompt_token"], "gen.prompt_token", label, "int", 2),
+        "prompt_token_len": _field_array(gen_in["prompt_token_len"], "gen.prompt_token_len", label, "int", 1),
+        "prompt_feat": _field_array(gen_in["prompt_feat"], "gen.prompt_feat", label, "float", 3),
+        "prompt_feat_len": None,
+        "embedding": _field_array(gen_in["embedding"], "gen.embedding", label, "float", 2),
+    }
+    n_tokens = gen["prompt_token"].shape[1]
+    if gen["prompt_token_len"].shape != (1,) or gen["prompt_token_len"][0] > n_tokens:
+        raise TorchPickleError(
+            f"{label}: gen.prompt_token_len must be (1,) with a value <= {n_tokens} "
+            f"(gen.prompt_token length), got {gen['prompt_token_len'].tolist()}"
+        )
+    if gen_in["prompt_feat_len"] is not None:
+        feat_len = _field_array(gen_in["prompt_feat_len"], "gen.prompt_feat_len", label, "int", 1)
+        n_frames = gen["prompt_feat"].shape[1]
+        if feat_len.shape != (1,) or feat_len[0] > n_frames:
+            raise TorchPickleError(
+                f"{label}: gen.prompt_feat_len must be None or (1,) with a value <= {n_frames} "
+                f"(gen.prompt_feat frames), got {feat_len.tolist()}"
+            )
+        gen["prompt_feat_len"] = feat_len
+    return t3, gen
+
+
+def conds_tree(t3: dict[str, Any], gen: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The upstream conds.pt tree from numpy fields: ids as int64, floats as float32, keys in
+    upstream order (T3Cond's fields, then embed_ref's dict)."""
+
+    def as_file(value: Any, kind: str) -> np.ndarray | None:
+        if value is None:
+            return None
+        return np.asarray(value).astype(np.int64 if kind == "int" else np.float32)
+
+    return {
+        "t3": {
+            "speaker_emb": as_file(t3["speaker_emb"], "float"),
+            "clap_emb": None,
+            "cond_prompt_speech_tokens": as_file(t3["cond_prompt_speech_tokens"], "int"),
+            "cond_prompt_speech_emb": as_file(t3.get("cond_prompt_speech_emb"), "float"),
+            "emotion_adv": as_file(t3["emotion_adv"], "float"),
+        },
+        "gen": {
+            "prompt_token": as_file(gen["prompt_token"], "int"),
+            "prompt_token_len": as_file(gen["prompt_token_len"], "int"),
+            "prompt_feat": as_file(gen["prompt_feat"], "float"),
+            "prompt_feat_len": as_file(gen.get("prompt_feat_len"), "int"),
+            "embedding": as_file(gen["embedding"], "float"),
+        },
+    }
+
+
+def load_conds(path: str | os.PathLike) -> "Conditionals":
+    """Read an upstream conds.pt (the built-in voice) into Conditionals (mx arrays).
+
+    Integer ids become int32 and floats float32 (see `conds_arrays` for the shapes)."""
+    import mlx.core as mx
+
+    from .conds import Conditionals, T3Cond
+
+    path = Path(path)
+    t3, gen = conds_arrays(load(path), path.name)
+    to_mx = lambda a: None if a is None else mx.array(a)  # noqa: E731
+    return Conditionals(
+        t3=T3Cond(
+            speaker_emb=to_mx(t3["speaker_emb"]),
+            cond_prompt_speech_tokens=to_mx(t3["cond_prompt_speech_tokens"]),
+            emotion_adv=to_mx(t3["emotion_adv"]),
+            cond_prompt_speech_emb=to_mx(t3["cond_prompt_speech_emb"]),
+        ),
+        gen={k: to_mx(gen[k]) for k in GEN_KEYS},
+    )
+
+
+def save_conds(path: str | os.PathLike, conds: "Conditionals") -> None:
+    """Write Conditionals as an upstream conds.pt (what `Conditionals.save` in the reference
+    writes: int64 ids, float32 tensors, clap_emb None). The structure is validated first."""
+    path = Path(path)
+    to_np = lambda a: None if a is None else np.asarray(a)  # noqa: E731
+    t3 = {
+        "speaker_emb": to_np(conds.t3.speaker_emb),
+        "clap_emb": None,
+        "cond_prompt_speech_tokens": to_np(conds.t3.cond_prompt_speech_tokens),
+        "cond_prompt_speech_emb": to_np(conds.t3.cond_prompt_speech_emb),
+        "emotion_adv": to_np(conds.t3.emotion_adv),
+    }
+    missing = [k for k in GEN_KEYS if k not in conds.gen]
+    if missing:
+        raise TorchPickleError(f"{path.name}: gen is missing {', '.join(missing)}")
+    gen = {k: to_np(conds.gen[k]) for k in GEN_KEYS}
+    checked_t3, checked_gen = conds_arrays({"t3": t3, "gen": gen}, path.name)
+    save(path, conds_tree(checked_t3, checked_gen))

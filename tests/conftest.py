@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny random checkpoints in the upstream layout, and a loaded tiny model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+TINY_SEED = 0
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A tiny random checkpoint (the five upstream files + dims.json), seed 0."""
+    from nightingale.models.checkpoint import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("tiny-ckpt"), "tiny", seed=TINY_SEED)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_checkpoint):
+    """The tiny checkpoint loaded in float32 (shared: tests must not mutate it)."""
+    from nightingale.models import load_model
+
+    return load_model(tiny_checkpoint)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_user_dirs(tmp_path, monkeypatch):
+    """Voices and sockets go to a per-test directory, never the real user's."""
+    monkeypatch.setenv("NIGHTINGALE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.delenv("NIGHTINGALE_MODEL", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    yield
