@@ -63,10 +63,10 @@ class SpeechQueue:
         p = new.priority
         everything = [*speaking, *self._items]
         if p in ("notification", "progress"):
-            blockers = ("important", "message", "text", "progress") if p == "notification" else ("important", "message", "text")
-            blocker = next((u for u in everything if u.priority in blockers and not (p == "notification" and u is new)), None)
             if paused:
                 return Admission(accepted=False, reason="playback is paused")
+            blockers = ("important", "message", "text") + (("progress",) if p == "notification" else ())
+            blocker = next((u for u in everything if u.priority in blockers), None)
             if blocker is not None:
                 return Admission(accepted=False, reason=f"{blocker.priority} {getattr(blocker, 'id', '')} is pending".strip())
         victims_speaking = [u for u in speaking if self._cancels(p, u.priority, speaking=True)]

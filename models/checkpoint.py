@@ -128,7 +128,7 @@ def _save_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
     from safetensors.numpy import save_file
 
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    save_file({k: np.asarray(v, order="C") if v.ndim else v for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, path)
 
 

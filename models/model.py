@@ -76,7 +76,9 @@ class ChatterboxModel:
         self.conds = conds
         self.checkpoint = checkpoint
         self.quantize = quantize
+        self.group_size = 64
         self.dtype = dtype
+        self.dims: dict = {}
 
     # -- voices ------------------------------------------------------------------------
 
@@ -209,32 +211,74 @@ def load_model(
     *,
     dtype: str | None = None,
     group_size: int = 64,
+    cache: bool = True,
 ) -> ChatterboxModel:
-    """Load a checkpoint: a directory in the upstream layout, a Hugging Face repo id, or
-    None for `NIGHTINGALE_MODEL` or the default repo (ResembleAI/chatterbox)."""
-    from . import hub, torchpickle
+    """Load a model.
 
-    source = str(path) if path is not None else (os.environ.get("NIGHTINGALE_MODEL") or hub.DEFAULT_REPO)
-    directory = hub.resolve_checkpoint(source)
-    dims = loading.Dims.read(directory)
+    path: a checkpoint directory in the upstream layout, a Hugging Face repo id, a
+    directory written by `nightingale models convert`, or None for `NIGHTINGALE_MODEL` or
+    the default repo (ResembleAI/chatterbox). quantize: 8, 4 or None (float). dtype: the
+    precision of the non-quantized parts ("float32", "float16", "bfloat16").
+
+    With `cache`, an upstream checkpoint is converted once into an MLX-native directory
+    in the user's cache (see models/cache.py) and later loads read that instead.
+    """
+    from . import cache as cache_mod, hub
+
     dtype = dtype or "float32"
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}")
+    if quantize is not None and quantize not in (4, 8):
+        raise ValueError(f"quantize must be 8, 4 or None, not {quantize!r}")
+    if path is not None and cache_mod.is_converted(Path(path)):
+        return load_converted(Path(path))
+    directory = hub.resolve_checkpoint(None if path is None else str(path))
+    if not cache:
+        return load_upstream(directory, quantize=quantize, dtype=dtype, group_size=group_size)
+    target, fingerprints = cache_mod.cached_dir(directory, quantize, group_size, dtype)
+    if cache_mod.is_converted(target):
+        logger.info("loading converted model %s", target)
+        return load_converted(target)
+    logger.info("converting %s (first load; cached in %s)", directory, target)
+    model = load_upstream(directory, quantize=quantize, dtype=dtype, group_size=group_size)
+    try:
+        cache_mod.save_converted(model, target, fingerprints)
+        cache_mod.prune_stale(directory, target)
+    except OSError as err:  # a read-only cache is not fatal: the model is loaded
+        logger.warning("could not write the converted model to %s: %s", target, err)
+    return model
+
+
+def _configs(dims: dict) -> tuple[t3_mod.T3Config, voice_encoder.VoiceEncoderConfig, s3gen_mod.S3GenConfig]:
+    return (
+        t3_mod.T3Config.from_dict(dims["t3"]) if dims.get("t3") else t3_mod.T3Config.full(),
+        voice_encoder.VoiceEncoderConfig.from_dict(dims["ve"]) if dims.get("ve") else voice_encoder.VoiceEncoderConfig.full(),
+        s3gen_mod.S3GenConfig.from_dict(dims.get("s3gen")),
+    )
+
+
+def _all_dims(t3_cfg, ve_cfg, s3_cfg, size: str) -> dict:
+    return {"size": size, "t3": t3_cfg.to_dict(), "ve": ve_cfg.to_dict(), "s3gen": s3_cfg.to_dict()}
+
+
+def load_upstream(directory: Path, *, quantize: int | None = None, dtype: str = "float32", group_size: int = 64) -> ChatterboxModel:
+    """Read the five upstream files strictly, convert layouts, optionally quantize."""
+    from . import torchpickle
 
     t0 = time.perf_counter()
-    t3_cfg = t3_mod.T3Config.from_dict(dims.section("t3")) if dims.section("t3") else t3_mod.T3Config.full()
+    dims = loading.Dims.read(directory)
+    t3_cfg, ve_cfg, s3_cfg = _configs(dims.raw)
+
     t3_weights = loading.read_safetensors(directory / "t3_cfg.safetensors")
     loading.check_keys("t3_cfg.safetensors", t3_weights, t3_mod.upstream_shapes(t3_cfg))
     t3 = t3_mod.build_t3(t3_weights, t3_cfg, DTYPES[dtype])
     del t3_weights
 
-    ve_cfg = voice_encoder.VoiceEncoderConfig.from_dict(dims.section("ve")) if dims.section("ve") else voice_encoder.VoiceEncoderConfig.full()
     ve_weights = loading.read_safetensors(directory / "ve.safetensors")
     loading.check_keys("ve.safetensors", ve_weights, voice_encoder.upstream_shapes(ve_cfg))
     ve = voice_encoder.VoiceEncoder(ve_cfg)
     ve.load_weights(list(voice_encoder.convert_weights(ve_weights, ve_cfg).items()), strict=True)
 
-    s3_cfg = s3gen_mod.S3GenConfig.from_dict(dims.section("s3gen"))
     s3_weights = loading.read_safetensors(directory / "s3gen.safetensors")
     optional = s3gen_mod.optional_shapes(s3_cfg)
     loading.check_keys(
@@ -246,16 +290,52 @@ def load_model(
     s3gen = s3gen_mod.S3Gen(s3_cfg)
     s3gen.load_upstream(s3_weights)
     del s3_weights
+    if dtype != "float32":
+        s3gen.flow.set_dtype(DTYPES[dtype])
     mx.eval(s3gen.parameters(), ve.parameters())
 
     tokenizer = EnTokenizer(directory / "tokenizer.json")
     conds_path = directory / "conds.pt"
     conds = torchpickle.load_conds(conds_path) if conds_path.exists() else None
-    logger.info("loaded %s in %.2f s", directory, time.perf_counter() - t0)
-    checkpoint = Checkpoint(source=source, path=directory, size=dims.raw.get("size", "full"))
-    model = ChatterboxModel(t3, s3gen, ve, tokenizer, conds, checkpoint, quantize=None, dtype=dtype)
+    checkpoint = Checkpoint(source=str(directory), path=directory, size=dims.raw.get("size", "full"))
+    model = ChatterboxModel(t3, s3gen, ve, tokenizer, conds, checkpoint, dtype=dtype)
+    model.dims = _all_dims(t3_cfg, ve_cfg, s3_cfg, checkpoint.size)
     if quantize is not None:
         from .quantize import quantize_model
 
         quantize_model(model, bits=quantize, group_size=group_size)
+    logger.info("loaded %s in %.2f s", directory, time.perf_counter() - t0)
+    return model
+
+
+def load_converted(directory: Path) -> ChatterboxModel:
+    """Load an MLX-native directory (models/cache.py): no remapping, no quantizing."""
+    from . import cache as cache_mod, torchpickle
+    from .quantize import flow_predicate, t3_predicate
+
+    import mlx.nn as nn
+
+    t0 = time.perf_counter()
+    config = cache_mod.read_config(directory)
+    t3_cfg, ve_cfg, s3_cfg = _configs(config["dims"])
+    dtype, bits, group_size = config["dtype"], config["quantize"], config["group_size"]
+    t3 = t3_mod.T3(t3_cfg)
+    s3gen = s3gen_mod.S3Gen(s3_cfg)
+    ve = voice_encoder.VoiceEncoder(ve_cfg)
+    if bits is not None:
+        nn.quantize(t3, group_size=group_size, bits=bits, class_predicate=t3_predicate(group_size))
+        nn.quantize(s3gen.flow, group_size=group_size, bits=bits, class_predicate=flow_predicate(group_size))
+    for name, module in (("t3", t3), ("s3gen", s3gen), ("ve", ve)):
+        weights = mx.load(str(directory / cache_mod.COMPONENT_FILES[name]))
+        module.load_weights(list(weights.items()), strict=True)
+    mx.eval(t3.parameters(), s3gen.parameters(), ve.parameters())
+    tokenizer = EnTokenizer(directory / "tokenizer.json")
+    conds_path = directory / "conds.pt"
+    conds = torchpickle.load_conds(conds_path) if conds_path.exists() else None
+    size = config["dims"].get("size", "full")
+    checkpoint = Checkpoint(source=config.get("source", str(directory)), path=directory, size=size)
+    model = ChatterboxModel(t3, s3gen, ve, tokenizer, conds, checkpoint, quantize=bits, dtype=dtype)
+    model.group_size = group_size
+    model.dims = config["dims"]
+    logger.info("loaded converted model %s in %.2f s", directory, time.perf_counter() - t0)
     return model

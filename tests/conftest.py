@@ -33,3 +33,10 @@ def _isolated_user_dirs(tmp_path, monkeypatch):
     monkeypatch.delenv("NIGHTINGALE_MODEL", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     yield
+
+
+def pytest_configure(config):
+    # Converted-model cache for the whole run (subprocess daemons inherit it).
+    import tempfile
+
+    os.environ.setdefault("NIGHTINGALE_CACHE_DIR", tempfile.mkdtemp(prefix="nightingale-cache-"))

@@ -183,3 +183,11 @@ def test_fixed_noise_is_position_indexed() -> None:
     np.testing.assert_array_equal(np.array(fixed_noise(10, seed=3)), whole[:, :, :10])
     assert not np.array_equal(np.array(fixed_noise(10, seed=4)), whole[:, :, :10])
     assert abs(whole.std() - 1.0) < 0.02 and abs(whole.mean()) < 0.02
+
+
+def test_activations_match_their_definitions() -> None:
+    x = mx.concatenate([mx.linspace(-30.0, 30.0, 2001), 3.0 * mx.random.normal((4000,), key=mx.random.key(5))])
+    reference_mish = x * mx.tanh(mx.logaddexp(x, 0.0))
+    reference_gelu = 0.5 * x * (1.0 + mx.erf(x / np.sqrt(2.0)))
+    np.testing.assert_allclose(np.array(estimator_module.mish(x)), np.array(reference_mish), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.array(estimator_module.gelu(x)), np.array(reference_gelu), rtol=1e-5, atol=1e-6)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -28,6 +29,41 @@ TIME_EMBEDDING_SCALE = 1000.0  # SinusoidalPosEmb.forward(scale=1000)
 # mx.conv1d for the k3 shapes here (e.g. (2, 700, 256) -> 256: 166 ms vs 298 ms);
 # on a GPU the native convolution is kept.
 CONV_AS_MATMUL: bool | None = None
+
+
+@partial(mx.compile, shapeless=True)
+def mish(x: mx.array) -> mx.array:
+    """x * tanh(softplus(x)) with one exp: tanh(log(1 + e)) = n / (n + 2), n = e (e + 2).
+
+    Equal to the three-transcendental form within float32 rounding (max |diff| 1e-6 on
+    N(0, 3) inputs) and 4.8x faster on the Linux CPU backend, where exp/log/tanh dominate
+    (T=150 resnet activations: 0.94 ms vs 4.5 ms). Clamped at 20, where mish(x) = x.
+    """
+    e = mx.exp(mx.minimum(x, 20.0))
+    n = e * (e + 2.0)
+    return x * n / (n + 2.0)
+
+
+# Abramowitz & Stegun 7.1.26 coefficients for erf on [0, inf), |error| < 1.5e-7
+_ERF_P = 0.3275911
+_ERF_A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
+
+
+@partial(mx.compile, shapeless=True)
+def gelu(x: mx.array) -> mx.array:
+    """Exact (erf) GELU, 0.5 x (1 + erf(x / sqrt 2)), with erf from A&S 7.1.26.
+
+    Not the tanh approximation: the erf error is below 1.5e-7 absolute (GELU within
+    5e-7 of mx.erf's on N(0, 3) inputs, i.e. float32 rounding). On the Linux CPU backend
+    mx.erf costs about 30 ns per element and made GELU a third of each transformer block;
+    this form (one exp) is 2.6x faster there and no slower on a GPU.
+    """
+    z = mx.abs(x) * 0.7071067811865476
+    t = 1.0 / (1.0 + _ERF_P * z)
+    a1, a2, a3, a4, a5 = _ERF_A
+    poly = t * (a1 + t * (a2 + t * (a3 + t * (a4 + t * a5))))
+    erf_abs = 1.0 - poly * mx.exp(-z * z)
+    return 0.5 * x * (1.0 + mx.sign(x) * erf_abs)
 
 
 def _conv_as_matmul() -> bool:
@@ -117,7 +153,7 @@ class CausalBlock1D(nn.Module):
     def __call__(self, x: mx.array, mask: mx.array | None) -> mx.array:
         """x (B, T, dim), mask (B, T, 1) float or None (all valid) -> (B, T, dim_out)."""
         h = self.block[0](_masked(x, mask))
-        h = nn.mish(self.block[2](h))
+        h = mish(self.block[2](h))
         return _masked(h, mask)
 
 
@@ -134,7 +170,7 @@ class CausalResnetBlock1D(nn.Module):
     def __call__(self, x: mx.array, mask: mx.array | None, time_emb: mx.array) -> mx.array:
         """x (B, T, dim), mask (B, T, 1) or None, time_emb (B, E) -> (B, T, dim_out)."""
         h = self.block1(x, mask)
-        h = h + self.mlp[1](nn.mish(time_emb))[:, None, :]
+        h = h + self.mlp[1](mish(time_emb))[:, None, :]
         h = self.block2(h, mask)
         return h + self.res_conv(_masked(x, mask))
 
@@ -164,14 +200,14 @@ class Attention(nn.Module):
 
 
 class GELUProjection(nn.Module):
-    """diffusers GELU: Linear then exact (erf) GELU."""
+    """diffusers GELU: Linear then exact (erf) GELU (see `gelu`)."""
 
     def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
         self.proj = nn.Linear(dim_in, dim_out)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return nn.gelu(self.proj(x))
+        return gelu(self.proj(x))
 
 
 class FeedForward(nn.Module):

@@ -1,0 +1,294 @@
+"""The engine thread: the only thread that touches the model (and so MLX).
+
+It loads and warms the model, then runs one utterance at a time: text segments from the
+utterance's feed go through model.stream(), and each AudioChunk goes to the player
+(local playback) and/or back to the event loop as PCM (streaming clients). Everything the
+loop must learn crosses through `post(fn, *args)`, which schedules fn on the loop thread
+(loop.call_soon_threadsafe); the loop never calls the model. Cancellation is checked
+before each chunk is delivered, so a cancelled utterance stops within one chunk; closing
+the generator stops T3/S3Gen at their next token.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import numpy as np
+
+from nightingale.client.protocol import MAX_AUDIO_FRAME_SAMPLES
+
+from .utterance import Utterance
+
+log = logging.getLogger(__name__)
+
+Post = Callable[..., None]
+
+
+class Listener(Protocol):
+    """Loop-side callbacks; the engine only ever reaches them through `post`."""
+
+    def on_loaded(self, info: dict) -> None: ...
+    def on_load_failed(self, error: BaseException) -> None: ...
+    def on_started(self, utt: Utterance) -> None: ...
+    def on_audio(self, utt: Utterance, seq: int, pcm: bytes, start_s: float) -> None: ...
+    def on_chunk(self, utt: Utterance, info: dict) -> None: ...
+    def on_generated(self, utt: Utterance, outcome: str, stats: dict, error: tuple[str, str] | None) -> None: ...
+
+
+class UnknownVoice(Exception):
+    pass
+
+
+def encode_pcm(samples: np.ndarray, audio_format: str) -> bytes:
+    """float32 samples (n,) in [-1, 1] as little-endian PCM bytes."""
+    if audio_format == "s16le":
+        return (np.clip(samples, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()
+    return np.asarray(samples, dtype="<f4").tobytes()
+
+
+@dataclass
+class EngineInfo:
+    """What the engine learned at load time (read by the loop after on_loaded)."""
+
+    sample_rate: int = 24000
+    describe: dict = field(default_factory=dict)
+    load_s: float = 0.0
+    warmup_s: float = 0.0
+    stream_kwargs: frozenset = frozenset()  # keyword arguments model.stream() accepts (None = any)
+
+
+def memory_stats() -> dict:
+    """MLX allocator figures in MB (engine thread only: they are MLX calls)."""
+    try:
+        import mlx.core as mx
+
+        mb = 1.0 / (1 << 20)
+        return {
+            "mlx_active_mb": round(mx.get_active_memory() * mb, 1),
+            "mlx_peak_mb": round(mx.get_peak_memory() * mb, 1),
+            "mlx_cache_mb": round(mx.get_cache_memory() * mb, 1),
+        }
+    except Exception:
+        return {}
+
+
+class Engine:
+    """Owns the model on its own thread.
+
+    model_factory() runs on the engine thread and returns a loaded model (see
+    nightingale.models.load_model). player is a playback.Player or None.
+    """
+
+    def __init__(self, model_factory: Callable[[], Any], listener: Listener, post: Post, player: Any = None, warmup: bool = True):
+        self._factory = model_factory
+        self._listener = listener
+        self._post = post
+        self.player = player
+        self._warmup = warmup
+        self._inbox: queue.Queue = queue.Queue()
+        self._calls: collections.deque = collections.deque()
+        self._thread = threading.Thread(target=self._main, name="nightingale-engine", daemon=True)
+        self._voices: dict[str, Any] = {}
+        self.model: Any = None
+        self.info = EngineInfo()
+        self.memory: dict = {}
+
+    # ------------------------------------------------------------------ loop side (thread-safe)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, utt: Utterance) -> None:
+        self._inbox.put(("utt", utt))
+
+    def call(self, fn: Callable[[Any], Any], on_result: Callable[[Any, BaseException | None], None]) -> None:
+        """Run fn(model) on the engine thread, between chunks if an utterance is running;
+        on_result(value, error) is then posted to the loop."""
+        self._calls.append((fn, on_result))
+        self._inbox.put(("wake",))
+
+    def stop(self, timeout: float = 5.0) -> bool:
+        """Ask the thread to end after the current utterance; True if it ended in time."""
+        self._inbox.put(("stop",))
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    # ------------------------------------------------------------------ engine thread
+
+    def _main(self) -> None:
+        try:
+            self._load()
+        except BaseException as err:  # report any failure, then end the thread
+            log.exception("model load failed")
+            self._post(self._listener.on_load_failed, err)
+            return
+        self._post(self._listener.on_loaded, self.info)
+        while True:
+            item = self._inbox.get()
+            if item[0] == "stop":
+                self._run_calls()
+                return
+            if item[0] == "utt":
+                self._run_utterance(item[1])
+            self._run_calls()
+
+    def _load(self) -> None:
+        import inspect
+
+        t0 = time.monotonic()
+        self.model = self._factory()
+        self.info.load_s = time.monotonic() - t0
+        self.info.sample_rate = int(getattr(self.model, "sample_rate", 24000))
+        try:
+            params = inspect.signature(self.model.stream).parameters
+            if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+                self.info.stream_kwargs = frozenset(params)
+        except (TypeError, ValueError):
+            pass
+        if self._warmup:
+            t1 = time.monotonic()
+            self.model.warmup()
+            self.info.warmup_s = time.monotonic() - t1
+        try:
+            self.info.describe = dict(self.model.describe())
+        except Exception as err:
+            log.warning("model.describe() failed: %s", err)
+            self.info.describe = {}
+        self.memory = memory_stats()
+
+    def _run_calls(self) -> None:
+        while self._calls:
+            fn, on_result = self._calls.popleft()
+            try:
+                value, error = fn(self.model), None
+            except Exception as err:
+                value, error = None, err
+            self._post(on_result, value, error)
+
+    def _voice(self, name: str | None) -> Any:
+        """Conditionals for a voice name or conds.pt path, cached (None = model default)."""
+        if name is None:
+            return None
+        if name not in self._voices:
+            try:
+                self._voices[name] = self.model.load_voice(name)
+            except (KeyError, ValueError, FileNotFoundError) as err:
+                msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+                raise UnknownVoice(str(msg)) from None
+        return self._voices[name]
+
+    def _stream_kwargs(self, utt: Utterance, segment: int) -> dict:
+        kwargs = dict(utt.options)
+        if "seed" in kwargs and segment:
+            # Each text segment gets its own, still reproducible, seed.
+            kwargs["seed"] = int(kwargs["seed"]) + segment
+        allowed = self.info.stream_kwargs
+        if allowed:
+            unknown = sorted(set(kwargs) - allowed)
+            if unknown:
+                raise TypeError(f"this model does not take option(s) {', '.join(unknown)}")
+        return kwargs
+
+    def _run_utterance(self, utt: Utterance) -> None:
+        if utt.cancelled.is_set():
+            self._post(self._listener.on_generated, utt, "cancelled", {}, None)
+            return
+        self._post(self._listener.on_started, utt)
+        t_start = time.monotonic()
+        stats = {
+            "ttfa_ms": None, "model_ttfa_ms": None, "tokens": 0, "audio_s": 0.0, "chunks": 0,
+            "t3_ms": 0.0, "s3gen_ms": 0.0, "blocked_s": 0.0, "synth_s": 0.0,
+        }  # fmt: skip
+        outcome, error = "completed", None
+        seq = 0
+        sr = self.info.sample_rate
+        played_any = False
+        try:
+            conds = self._voice(utt.voice)
+            for segment, text in enumerate(utt.feed.segments(utt.cancelled)):
+                gen = self.model.stream(text, voice=conds, **self._stream_kwargs(utt, segment))
+                try:
+                    for chunk in gen:
+                        if utt.cancelled.is_set():
+                            break
+                        samples = np.asarray(chunk.samples, dtype=np.float32).reshape(-1)
+                        now = time.monotonic()
+                        if stats["ttfa_ms"] is None:
+                            stats["ttfa_ms"] = (now - t_start) * 1000.0
+                            stats["model_ttfa_ms"] = chunk.timings.get("ttfa_ms")
+                        start_s = stats["audio_s"]
+                        stats["chunks"] += 1
+                        stats["tokens"] += max(0, int(chunk.token_end) - int(chunk.token_start))
+                        stats["audio_s"] += len(samples) / sr
+                        stats["t3_ms"] += float(chunk.timings.get("t3_ms", 0.0))
+                        stats["s3gen_ms"] += float(chunk.timings.get("s3gen_ms", 0.0))
+                        if utt.streams:
+                            fmt = utt.audio_format
+                            for off in range(0, len(samples), MAX_AUDIO_FRAME_SAMPLES):
+                                part = samples[off : off + MAX_AUDIO_FRAME_SAMPLES]
+                                self._post(self._listener.on_audio, utt, seq, encode_pcm(part, fmt), start_s + off / sr)
+                                seq += 1
+                        info = {
+                            "chunk": stats["chunks"] - 1,
+                            "segment": segment,
+                            "tokens": stats["tokens"],
+                            "audio_s": stats["audio_s"],
+                            "t3_ms": chunk.timings.get("t3_ms"),
+                            "s3gen_ms": chunk.timings.get("s3gen_ms"),
+                            "t3_tokens_per_s": chunk.timings.get("t3_tokens_per_s"),
+                            "first": stats["chunks"] == 1,
+                        }
+                        self._post(self._listener.on_chunk, utt, info)
+                        if utt.plays and self.player is not None:
+                            # Blocks only when the buffer is full (paused, or far ahead).
+                            stats["blocked_s"] += self.player.write(utt.id, samples, utt.cancelled)
+                            played_any = True
+                        self._run_calls()
+                        if utt.cancelled.is_set():
+                            break
+                finally:
+                    gen.close()
+                if utt.cancelled.is_set():
+                    break
+            if utt.cancelled.is_set():
+                outcome = "cancelled"
+        except UnknownVoice as err:
+            outcome, error = "failed", ("unknown_voice", f"unknown voice {utt.voice!r}: {err}")
+        except TypeError as err:
+            outcome, error = "failed", ("bad_field", str(err))
+        except Exception as err:
+            log.exception("synthesis of %s failed", utt.id)
+            outcome, error = "failed", ("synthesis_failed", f"{type(err).__name__}: {err}")
+        finally:
+            if utt.plays and self.player is not None and played_any:
+                if outcome == "completed":
+                    self.player.end(utt.id)
+                else:
+                    self.player.flush(utt.id)
+            stats["synth_s"] = time.monotonic() - t_start - stats["blocked_s"]
+            stats["played"] = played_any
+            self._release_memory()
+            self.memory = memory_stats()
+            self._post(self._listener.on_generated, utt, outcome, stats, error)
+
+    @staticmethod
+    def _release_memory() -> None:
+        # A long-lived process must give MLX's buffer cache back between utterances, or it
+        # grows with the longest utterance seen.
+        try:
+            import mlx.core as mx
+
+            mx.clear_cache()
+        except Exception:
+            pass
