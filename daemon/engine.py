@@ -45,6 +45,10 @@ class UnknownVoice(Exception):
     pass
 
 
+class BadOption(Exception):
+    """A sampling option the loaded model's stream() does not take."""
+
+
 def encode_pcm(samples: np.ndarray, audio_format: str) -> bytes:
     """float32 samples (n,) in [-1, 1] as little-endian PCM bytes."""
     if audio_format == "s16le":
@@ -197,7 +201,7 @@ class Engine:
         if allowed:
             unknown = sorted(set(kwargs) - allowed)
             if unknown:
-                raise TypeError(f"this model does not take option(s) {', '.join(unknown)}")
+                raise BadOption(f"this model does not take option(s) {', '.join(unknown)}")
         return kwargs
 
     def _run_utterance(self, utt: Utterance) -> None:
@@ -252,7 +256,7 @@ class Engine:
                         self._post(self._listener.on_chunk, utt, info)
                         if utt.plays and self.player is not None:
                             # Blocks only when the buffer is full (paused, or far ahead).
-                            stats["blocked_s"] += self.player.write(utt.id, samples, utt.cancelled)
+                            stats["blocked_s"] += self.player.write(utt, samples, utt.cancelled)
                             played_any = True
                         self._run_calls()
                         if utt.cancelled.is_set():
@@ -265,7 +269,7 @@ class Engine:
                 outcome = "cancelled"
         except UnknownVoice as err:
             outcome, error = "failed", ("unknown_voice", f"unknown voice {utt.voice!r}: {err}")
-        except TypeError as err:
+        except BadOption as err:
             outcome, error = "failed", ("bad_field", str(err))
         except Exception as err:
             log.exception("synthesis of %s failed", utt.id)
@@ -273,9 +277,9 @@ class Engine:
         finally:
             if utt.plays and self.player is not None and played_any:
                 if outcome == "completed":
-                    self.player.end(utt.id)
+                    self.player.end(utt)
                 else:
-                    self.player.flush(utt.id)
+                    self.player.flush(utt)
             stats["synth_s"] = time.monotonic() - t_start - stats["blocked_s"]
             stats["played"] = played_any
             self._release_memory()

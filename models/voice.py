@@ -209,14 +209,25 @@ def compute_conditionals(
 
 
 def prepare_voice(
-    path: str | os.PathLike,
-    ve: VoiceEncoder,
-    tokenizer: S3Tokenizer,
-    campplus: CAMPPlus,
+    model,
+    path_or_samples: str | os.PathLike | np.ndarray,
+    sample_rate: int | None = None,
     exaggeration: float = DEFAULT_EXAGGERATION,
 ) -> Conditionals:
-    """load_audio + compute_conditionals: a voice from a reference file (VoiceError if unusable)."""
-    wav, sample_rate = load_audio(path)
-    check_reference(wav, sample_rate, source=str(path))  # names the file in the message
-    return compute_conditionals(ve, tokenizer, campplus, wav, sample_rate, exaggeration)
+    """A voice from a reference file, or from samples with their rate (VoiceError if unusable).
 
+    `model` is anything with `.ve` (VoiceEncoder) and `.s3gen.tokenizer` / `.s3gen.speaker_encoder`
+    (S3Tokenizer, CAMPPlus), such as ChatterboxModel.
+    """
+    if isinstance(path_or_samples, (str, os.PathLike)):
+        wav, sample_rate = load_audio(path_or_samples)
+        source = str(path_or_samples)
+    else:
+        if sample_rate is None:
+            raise ValueError("samples need their sample_rate")
+        wav = np.asarray(path_or_samples, dtype=np.float32)
+        if wav.ndim == 2:  # (frames, channels), as soundfile returns them
+            wav = np.mean(wav.T, axis=0)
+        source = "reference audio"
+    check_reference(wav, sample_rate, source=source)  # names the file in the message
+    return compute_conditionals(model.ve, model.s3gen.tokenizer, model.s3gen.speaker_encoder, wav, sample_rate, exaggeration)

@@ -18,7 +18,6 @@ loads itself.
 
 from __future__ import annotations
 
-import builtins
 import hashlib
 import json
 import logging
@@ -38,6 +37,15 @@ from .conds import Conditionals, T3Cond
 from .voice import VoiceError
 
 logger = logging.getLogger(__name__)
+
+
+class VoiceStoreError(VoiceError):
+    """A store operation that cannot be done (invalid, reserved or taken name; damaged record)."""
+
+
+class VoiceNotFoundError(VoiceStoreError):
+    """No stored voice has that name."""
+
 
 DATA_DIR_ENV = "NIGHTINGALE_DATA_DIR"
 APP_NAME = "nightingale"
@@ -80,34 +88,34 @@ def voices_dir(root: Path | None = None) -> Path:
 
 
 def normalize_name(name: str) -> str:
-    """The stored form of a voice name (lower case), or VoiceError if it is not acceptable.
+    """The stored form of a voice name (lower case); VoiceStoreError if it is not acceptable.
 
     Names are 1-64 characters of a-z, 0-9, '-' and '_', starting with a letter or digit;
     case is folded so that names stay distinct on case-insensitive file systems (macOS).
     """
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name.lower()):
-        raise VoiceError(
+        raise VoiceStoreError(
             f"invalid voice name {name!r}: use 1-64 letters, digits, '-' or '_', starting with a letter or digit"
         )
     folded = name.lower()
     if folded == DEFAULT_VOICE:
-        raise VoiceError(f"'{DEFAULT_VOICE}' is reserved for the built-in voice")
+        raise VoiceStoreError(f"'{DEFAULT_VOICE}' is reserved for the built-in voice")
     return folded
 
 
-def check_name(name: str, force: bool = False, root: Path | None = None) -> str:
-    """Validate a name for `add` before doing any work: returns its stored form; VoiceError if
-    it is invalid, reserved, or taken (unless force)."""
+def check_new_name(name: str, force: bool = False, root: Path | None = None) -> str:
+    """Validate a name for `add` before doing any work: returns its stored form;
+    VoiceStoreError if it is invalid, reserved, or taken (unless force)."""
     folded = normalize_name(name)
     if not force and _record_path(voices_dir(root), folded).exists():
-        raise VoiceError(f"a voice named '{folded}' already exists (use --force to replace it)")
+        raise VoiceStoreError(f"a voice named '{folded}' already exists (use --force to replace it)")
     return folded
 
 
 def add(name: str, conds: Conditionals, source_path: str | os.PathLike, force: bool = False, root: Path | None = None) -> VoiceInfo:
-    """Store `conds` under `name`. VoiceError if the name is invalid, reserved, or taken and
-    force is False; on any error the store is left as it was."""
-    folded = check_name(name, force, root)
+    """Store `conds` under `name`. VoiceStoreError if the name is invalid, reserved, or taken
+    and force is False; on any error the store is left as it was."""
+    folded = check_new_name(name, force, root)
     source_path = Path(source_path)
     source_sha256, duration_s = _describe_source(source_path)
     tensors = _conds_to_numpy(conds)
@@ -140,11 +148,11 @@ def add(name: str, conds: Conditionals, source_path: str | os.PathLike, force: b
     except FileExistsError:
         try:  # keep the tensor file if the winner's record uses it (identical content)
             winner = _read_record(record).weights
-        except VoiceError:
+        except VoiceStoreError:
             winner = None
         if winner != weights_name:
             _unlink_quietly(directory / weights_name)
-        raise VoiceError(f"a voice named '{folded}' already exists (use --force to replace it)") from None
+        raise VoiceStoreError(f"a voice named '{folded}' already exists (use --force to replace it)") from None
     finally:
         _unlink_quietly(tmp_record)
     _fsync_dir(directory)
@@ -154,7 +162,7 @@ def add(name: str, conds: Conditionals, source_path: str | os.PathLike, force: b
     return info
 
 
-def list_voices(root: Path | None = None) -> builtins.list[VoiceInfo]:
+def list_voices(root: Path | None = None) -> list[VoiceInfo]:
     """Every stored voice, sorted by name (the built-in `default` is not listed here)."""
     directory = voices_dir(root)
     if not directory.is_dir():
@@ -163,28 +171,42 @@ def list_voices(root: Path | None = None) -> builtins.list[VoiceInfo]:
     for record in sorted(directory.glob("*.json")):
         try:
             infos.append(_read_record(record))
-        except VoiceError as exc:
+        except VoiceStoreError as exc:
             logger.warning("skipping unreadable voice record %s: %s", record, exc)
     return infos
 
 
+def names(root: Path | None = None) -> list[str]:
+    """The names of the stored voices, sorted."""
+    return [voice.name for voice in list_voices(root)]
+
+
+def describe(voice: VoiceInfo) -> str:
+    """One line for `nightingale voices list`: name, then what it was made from."""
+    created = voice.created.replace("T", " ").replace("+00:00", " UTC")
+    return (
+        f"{voice.name}\t{voice.duration_s:.1f} s from {voice.source_name}, added {created}, "
+        f"exaggeration {voice.exaggeration:g}"
+    )
+
+
 def info(name: str, root: Path | None = None) -> VoiceInfo:
-    """The record of one stored voice (VoiceError if there is none)."""
+    """The record of one stored voice (VoiceNotFoundError if there is none)."""
     folded = _lookup_name(name)
     record = _record_path(voices_dir(root), folded)
     if not record.exists():
-        raise VoiceError(f"no voice named '{folded}'")
+        raise VoiceNotFoundError(f"no voice named '{folded}'")
     return _read_record(record)
 
 
 def remove(name: str, root: Path | None = None) -> None:
-    """Delete a stored voice (VoiceError if there is none). The record goes first, so an
+    """Delete a stored voice (VoiceNotFoundError if there is none). The record goes first, so an
     interrupted remove leaves no half voice."""
     folded = _lookup_name(name)
     directory = voices_dir(root)
     record = _record_path(directory, folded)
     if not record.exists():
-        raise VoiceError(f"no voice named '{folded}'")
+        raise VoiceNotFoundError(f"no voice named '{folded}'")
     weights = _read_record(record).weights
     record.unlink()
     _fsync_dir(directory)
@@ -193,19 +215,15 @@ def remove(name: str, root: Path | None = None) -> None:
 
 
 def load(name: str, root: Path | None = None) -> Conditionals:
-    """The Conditionals of a stored voice (VoiceError if there is none or it is damaged)."""
+    """The Conditionals of a stored voice (VoiceNotFoundError if there is none,
+    VoiceStoreError if it is damaged)."""
     voice = info(name, root)
     path = voices_dir(root) / voice.weights
     try:
         arrays = mx.load(str(path))
     except (OSError, RuntimeError, ValueError) as exc:
-        raise VoiceError(f"voice '{voice.name}' is damaged: cannot read {path.name} ({exc})") from exc
+        raise VoiceStoreError(f"voice '{voice.name}' is damaged: cannot read {path.name} ({exc})") from exc
     return _conds_from_arrays(arrays, voice.name)
-
-
-# The short names the brief and the CLI use; `list` shadows the builtin only as an attribute
-# of this module (the functions above use builtins.list).
-list = list_voices  # noqa: A001
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,7 +232,7 @@ list = list_voices  # noqa: A001
 
 def _lookup_name(name: str) -> str:
     if isinstance(name, str) and name.lower() == DEFAULT_VOICE:
-        raise VoiceError(f"'{DEFAULT_VOICE}' is the built-in voice; the model loads it from conds.pt")
+        raise VoiceNotFoundError(f"'{DEFAULT_VOICE}' is the built-in voice; the model loads it from conds.pt")
     return normalize_name(name)
 
 
@@ -227,9 +245,9 @@ def _read_record(record: Path) -> VoiceInfo:
         data = json.loads(record.read_text())
         voice = VoiceInfo(**data)
     except (OSError, ValueError, TypeError) as exc:
-        raise VoiceError(f"voice record {record.name} is damaged ({exc})") from exc
+        raise VoiceStoreError(f"voice record {record.name} is damaged ({exc})") from exc
     if voice.format != STORE_FORMAT or Path(voice.weights).name != voice.weights:
-        raise VoiceError(f"voice record {record.name} has an unsupported format")
+        raise VoiceStoreError(f"voice record {record.name} has an unsupported format")
     return voice
 
 
@@ -241,7 +259,7 @@ def _describe_source(path: Path) -> tuple[str, float]:
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
         duration_s = float(soundfile.info(str(path)).duration)
     except (OSError, RuntimeError) as exc:
-        raise VoiceError(f"cannot read the reference file {path} ({exc})") from exc
+        raise VoiceStoreError(f"cannot read the reference file {path} ({exc})") from exc
     return digest, duration_s
 
 
@@ -254,7 +272,7 @@ def _conds_to_numpy(conds: Conditionals) -> dict[str, np.ndarray]:
     }
     for key in GEN_TENSOR_KEYS:
         if conds.gen.get(key) is None:
-            raise VoiceError(f"conditionals lack gen['{key}']")
+            raise VoiceStoreError(f"conditionals lack gen['{key}']")
         dtype = np.float32 if key in ("prompt_feat", "embedding") else np.int32
         tensors[f"gen.{key}"] = np.asarray(conds.gen[key], dtype=dtype)
     if conds.gen.get("prompt_feat_len") is not None:
@@ -266,7 +284,7 @@ def _conds_from_arrays(arrays: dict[str, mx.array], name: str) -> Conditionals:
     required = [f"t3.{k}" for k in T3_KEYS] + [f"gen.{k}" for k in GEN_TENSOR_KEYS]
     missing = [k for k in required if k not in arrays]
     if missing:
-        raise VoiceError(f"voice '{name}' is damaged: missing {missing}")
+        raise VoiceStoreError(f"voice '{name}' is damaged: missing {missing}")
     t3 = T3Cond(
         speaker_emb=arrays["t3.speaker_emb"],
         cond_prompt_speech_tokens=arrays["t3.cond_prompt_speech_tokens"],
@@ -328,9 +346,9 @@ def _sweep_debris(directory: Path) -> None:
     for record in directory.glob("*.json"):
         try:
             referenced.add(_read_record(record).weights)
-        except VoiceError:
+        except VoiceStoreError:
             continue
-    for path in builtins.list(directory.glob(".tmp-*")) + builtins.list(directory.glob("*.safetensors")):
+    for path in list(directory.glob(".tmp-*")) + list(directory.glob("*.safetensors")):
         if path.name in referenced:
             continue
         try:

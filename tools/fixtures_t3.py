@@ -107,10 +107,12 @@ def write_checkpoint(out: Path, size: str, seed: int) -> None:
 
     cfg = T3Config.tiny() if size == "tiny" else T3Config.full()
     out.mkdir(parents=True, exist_ok=True)
-    weights = random_weights(upstream_shapes(cfg), np.random.default_rng(seed))
+    # The generator make_checkpoint uses for t3_cfg.safetensors (file index 0), so a
+    # make_checkpoint(dir, size, seed) directory gives the same fixtures.
+    weights = random_weights(upstream_shapes(cfg), np.random.default_rng([seed, 0]))
     save_file(weights, str(out / "t3_cfg.safetensors"))
     write_stand_in_tokenizer_json(out / "tokenizer.json")
-    recipe = f"random_weights(upstream_shapes(T3Config.{size}()), np.random.default_rng({seed}))"
+    recipe = f"random_weights(upstream_shapes(T3Config.{size}()), np.random.default_rng([{seed}, 0]))"
     (out / "dims.json").write_text(json.dumps({"t3": cfg.to_dict(), "t3_weights_recipe": recipe}, indent=2))
     print(f"wrote {out}")
 

@@ -1,0 +1,131 @@
+"""Strict loading of the upstream layout, the generated checkpoints, and the converted cache."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from nightingale.models import cache, checkpoint, loading, t3, voice_encoder
+from nightingale.models.model import load_model
+from nightingale.models.s3gen import s3gen
+
+
+def test_full_spec_matches_the_upstream_key_counts():
+    """chatterbox.md 2.6, 3.11, 4, 5: 292 T3 tensors, 16 VE tensors, 2488 S3Gen tensors
+    saved by state_dict (2490 with the two tokenizer buffers the reference may omit)."""
+    cfgs = checkpoint.component_configs("full")
+    t3_shapes = t3.upstream_shapes(cfgs["t3"])
+    assert len(t3_shapes) == 292
+    assert sum(int(np.prod(s)) for s in t3_shapes.values()) == 532_405_248
+    assert len(voice_encoder.upstream_shapes(cfgs["ve"])) == 16
+    s3_shapes = s3gen.upstream_shapes(cfgs["s3gen"])
+    assert len(s3_shapes) + len(s3gen.optional_shapes(cfgs["s3gen"])) == 2490
+    assert s3_shapes["flow.decoder.estimator.down_blocks.0.1.0.attn1.to_q.weight"] == (512, 256)
+    assert s3_shapes["mel2wav.ups.0.parametrizations.weight.original1"] == (512, 256, 16)
+    assert s3_shapes["speaker_encoder.xvector.dense.linear.weight"] == (192, 1024, 1)
+
+
+def test_make_checkpoint_is_deterministic(tmp_path):
+    a = checkpoint.make_checkpoint(tmp_path / "a", "tiny", seed=3)
+    b = checkpoint.make_checkpoint(tmp_path / "b", "tiny", seed=3)
+    for name in ("t3_cfg.safetensors", "ve.safetensors", "s3gen.safetensors", "tokenizer.json", "conds.pt", "dims.json"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    c = checkpoint.make_checkpoint(tmp_path / "c", "tiny", seed=4)
+    assert (a / "t3_cfg.safetensors").read_bytes() != (c / "t3_cfg.safetensors").read_bytes()
+
+
+def _corrupt(src, dst, file_name, edit):
+    shutil.copytree(src, dst)
+    tensors = load_file(str(dst / file_name))
+    edit(tensors)
+    save_file(tensors, str(dst / file_name))
+    return dst
+
+
+@pytest.mark.parametrize(
+    "file_name, edit, message",
+    [
+        ("t3_cfg.safetensors", lambda t: t.pop("speech_head.weight"), "t3_cfg.safetensors: missing key 'speech_head.weight'"),
+        (
+            "t3_cfg.safetensors",
+            lambda t: t.__setitem__("tfmr.norm.weight", np.ones(7, np.float32)),
+            "t3_cfg.safetensors: key 'tfmr.norm.weight' has shape (7,), expected",
+        ),
+        (
+            "s3gen.safetensors",
+            lambda t: t.__setitem__("flow.encoder.after_norm.gain", t.pop("flow.encoder.after_norm.weight")),
+            "s3gen.safetensors: missing key 'flow.encoder.after_norm.weight'",
+        ),
+        (
+            "s3gen.safetensors",
+            lambda t: t.__setitem__("mel2wav.extra.weight", np.zeros(3, np.float32)),
+            "s3gen.safetensors: unexpected key 'mel2wav.extra.weight'",
+        ),
+        ("ve.safetensors", lambda t: t.pop("lstm.weight_hh_l2"), "ve.safetensors: missing key 'lstm.weight_hh_l2'"),
+    ],
+)
+def test_corrupted_key_is_named(tiny_checkpoint, tmp_path, file_name, edit, message):
+    bad = _corrupt(tiny_checkpoint, tmp_path / "bad", file_name, edit)
+    with pytest.raises(loading.CheckpointError) as err:
+        load_model(bad, cache=False)
+    assert message in str(err.value)
+
+
+def test_optional_tokenizer_buffers_are_tolerated_either_way(tiny_checkpoint, tmp_path):
+    """The reference saves s3gen without tokenizer._mel_filters/window; with them it loads too."""
+    from nightingale.models import s3tokenizer
+
+    cfg = checkpoint.component_configs("tiny")["s3gen"].tokenizer
+    buffers = {
+        "tokenizer._mel_filters": s3tokenizer.mel_filters(16000, s3tokenizer.N_FFT, cfg.n_mels, 0.0, 8000.0),
+        "tokenizer.window": s3tokenizer.hann_window(s3tokenizer.N_FFT),
+    }
+    with_buffers = _corrupt(tiny_checkpoint, tmp_path / "buf", "s3gen.safetensors", lambda t: t.update(buffers))
+    assert "tokenizer.window" in load_file(str(with_buffers / "s3gen.safetensors"))
+    load_model(with_buffers, cache=False)
+    wrong = _corrupt(
+        tiny_checkpoint, tmp_path / "wrong", "s3gen.safetensors",
+        lambda t: t.update({"tokenizer.window": np.ones(7, np.float32)}),
+    )
+    with pytest.raises(loading.CheckpointError, match="tokenizer.window"):
+        load_model(wrong, cache=False)
+
+
+def test_converted_cache_is_reused_and_redone_when_the_source_changes(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("NIGHTINGALE_CACHE_DIR", str(tmp_path / "cache"))
+    src = tmp_path / "src"
+    shutil.copytree(tiny_checkpoint, src)
+    model = load_model(src, quantize=8)
+    entries = [p for p in (tmp_path / "cache").iterdir() if cache.is_converted(p)]
+    assert len(entries) == 1
+    config = json.loads((entries[0] / "config.json").read_text())
+    assert config["quantize"] == 8 and config["group_size"] == 64
+    stamp = (entries[0] / "config.json").stat().st_mtime_ns
+
+    again = load_model(src, quantize=8)  # valid cache: no conversion, same directory
+    assert again.checkpoint.path == entries[0]
+    assert (entries[0] / "config.json").stat().st_mtime_ns == stamp
+    tokens = list(model.generate_tokens("Hi there.", seed=1, max_new_tokens=8, temperature=0))
+    assert list(again.generate_tokens("Hi there.", seed=1, max_new_tokens=8, temperature=0)) == tokens
+
+    # a changed source converts again, and the stale entry goes
+    _corrupt(src, tmp_path / "unused", "t3_cfg.safetensors", lambda t: None)
+    tensors = load_file(str(src / "t3_cfg.safetensors"))
+    tensors["speech_head.weight"] = tensors["speech_head.weight"] * 2
+    save_file(tensors, str(src / "t3_cfg.safetensors"))
+    changed = load_model(src, quantize=8)
+    entries_after = [p for p in (tmp_path / "cache").iterdir() if cache.is_converted(p)]
+    assert len(entries_after) == 1 and entries_after[0] != entries[0]
+    assert changed.quantize == 8
+
+
+def test_explicit_convert_directory_loads(tiny_checkpoint, tmp_path):
+    out = cache.convert(str(tiny_checkpoint), str(tmp_path / "conv"), quantize=8)
+    model = load_model(out)
+    assert model.quantize == 8
+    audio = model.synthesize("Hello.", seed=0, max_new_tokens=6)
+    assert audio.dtype == np.float32 and np.isfinite(audio).all()
