@@ -55,23 +55,30 @@ def decode_rate(times: list[float]) -> float:
 # Workers (each prints one JSON line)
 
 
-def worker_ours(ckpt: Path, dtype_name: str, inputs: dict, tokens: int) -> dict:
+def worker_ours(ckpt: Path | None, dtype_name: str, inputs: dict, tokens: int, bits: int | None) -> dict:
     import mlx.core as mx
+    import mlx.nn as nn
     import numpy as np
 
     from nightingale.models.conds import T3Cond
     from nightingale.models.t3 import T3, T3Config, generate_tokens, upstream_shapes
 
-    dims_file = ckpt / "dims.json"
-    cfg = T3Config.from_dict(json.loads(dims_file.read_text())["t3"]) if dims_file.exists() else T3Config.full()
+    dims_file = ckpt / "dims.json" if ckpt else None
+    cfg = T3Config.from_dict(json.loads(dims_file.read_text())["t3"]) if dims_file and dims_file.exists() else T3Config.full()
     t_load = time.perf_counter()
-    weights = mx.load(str(ckpt / "t3_cfg.safetensors"))  # straight into MLX: no numpy copy
-    shapes = upstream_shapes(cfg)
-    assert set(weights) == set(shapes) and all(tuple(weights[k].shape) == shapes[k] for k in shapes)
     model = T3(cfg)
-    model.load_weights(list(weights.items()), strict=True)
-    del weights
+    if ckpt is not None:
+        weights = mx.load(str(ckpt / "t3_cfg.safetensors"))  # straight into MLX: no numpy copy
+        shapes = upstream_shapes(cfg)
+        assert set(weights) == set(shapes) and all(tuple(weights[k].shape) == shapes[k] for k in shapes)
+        model.load_weights(list(weights.items()), strict=True)
+        del weights
+    # else (--random-init): the layers' own random initialisation; values do not matter for speed.
     model.set_dtype(getattr(mx, dtype_name))
+    if bits:
+        from nightingale.models.quantize import t3_predicate
+
+        nn.quantize(model, group_size=64, bits=bits, class_predicate=t3_predicate(64))
     mx.eval(model.parameters())
     load_s = time.perf_counter() - t_load
 
@@ -92,7 +99,7 @@ def worker_ours(ckpt: Path, dtype_name: str, inputs: dict, tokens: int) -> dict:
     mx.reset_peak_memory()
     times = run(tokens + 1)
     return {
-        "impl": f"MLX {dtype_name}",
+        "impl": f"MLX {dtype_name}" + (f" int{bits} (group 64)" if bits else ""),
         "load_s": load_s,
         "prefill_ms": (times[1] - times[0]) * 1e3,
         "decode_tok_s": decode_rate(times[1:]),
@@ -202,6 +209,9 @@ def main() -> None:
     parser.add_argument("--dtypes", default="float32,float16,bfloat16")
     parser.add_argument("--no-openblas", action="store_true")
     parser.add_argument("--no-reference", action="store_true")
+    parser.add_argument("--random-init", action="store_true",
+                        help="no checkpoint: full-size T3 with MLX's own random init (MLX only; for GPU machines)")
+    parser.add_argument("--bits", default="", help="also run these quantized widths, e.g. 8 or 8,4 (float32 activations)")
     parser.add_argument("--reference-python", default=REFERENCE_PYTHON)
     parser.add_argument("--worker", choices=("ours", "reference"), help=argparse.SUPPRESS)
     parser.add_argument("--dtype", help=argparse.SUPPRESS)
@@ -211,7 +221,8 @@ def main() -> None:
     if args.worker:
         inputs = json.loads(Path(args.inputs).read_text())
         if args.worker == "ours":
-            result = worker_ours(args.checkpoint, args.dtype, inputs, args.tokens)
+            ckpt = None if args.random_init else args.checkpoint
+            result = worker_ours(ckpt, args.dtype, inputs, args.tokens, int(args.bits) if args.bits else None)
         else:
             result = worker_reference(args.checkpoint, inputs, args.tokens)
         print(json.dumps(result))
@@ -219,7 +230,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = args.checkpoint
-        if ckpt is None:
+        if args.random_init:
+            args.no_reference = True
+            ckpt = Path(tmp)
+        elif ckpt is None:
             ckpt = Path(tmp)
             print("writing full-size random T3 weights (2.1 GB) ...", file=sys.stderr)
             write_random_checkpoint(ckpt)
@@ -227,6 +241,8 @@ def main() -> None:
         inputs = bench_inputs(ckpt)
         inputs_file.write_text(json.dumps(inputs))
         common = [str(ckpt), "--tokens", str(args.tokens), "--inputs", str(inputs_file)]
+        if args.random_init:
+            common.append("--random-init")
 
         mlx_env = dict(os.environ)
         if not args.no_openblas and "LD_PRELOAD" not in mlx_env and Path(OPENBLAS).exists():
@@ -241,6 +257,9 @@ def main() -> None:
         for dtype in args.dtypes.split(","):
             print(f"MLX {dtype} ...", file=sys.stderr)
             rows.append(run_worker(sys.executable, ["--worker", "ours", "--dtype", dtype, *common], mlx_env))
+        for bits in filter(None, args.bits.split(",")):
+            print(f"MLX int{bits} ...", file=sys.stderr)
+            rows.append(run_worker(sys.executable, ["--worker", "ours", "--dtype", "float32", "--bits", bits, *common], mlx_env))
 
     ref = rows[0] if not args.no_reference else None
     print(f"T3 on {platform.machine()} {platform.system()}, MLX device {rows[-1]['device']}, "

@@ -63,6 +63,8 @@ SPEAK_OPTIONS: dict[str, type] = {
     "min_p": float,
     "repetition_penalty": float,
     "max_new_tokens": int,
+    "n_timesteps": int,  # CFM steps of S3Gen's flow (fewer: faster, rougher)
+    "chunk_schedule": str,  # "first,growth,max" speech tokens per audio chunk
 }
 
 # Error codes (the `code` of an `error` event).
@@ -208,6 +210,8 @@ class Speak(Request):
                 raise _bad(self, f"option {key!r} must be {want.__name__}, got {type(value).__name__}")
             if want is float:
                 self.options[key] = float(value)
+            if want is int and key != "seed" and value < 1:
+                raise _bad(self, f"option {key!r} must be at least 1")
 
 
 @dataclass(kw_only=True)

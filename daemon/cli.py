@@ -73,6 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", default=None, help="audio output device (name or index)")
     serve.add_argument("--no-playback", action="store_true", help="never open an audio device")
     serve.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None, help="precision of non-quantized parts")
+    serve.add_argument("--max-queue", type=int, default=64, metavar="N", help="waiting utterances before `busy` (default 64)")
+    serve.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="on SIGTERM/SIGINT, let the current utterance finish this long before cancelling it (default 5)",
+    )
     serve.set_defaults(handler="nightingale.daemon.server:serve_main")
 
     synth = sub.add_parser("synth", help="synthesize text to a file in-process (no daemon)")
@@ -159,4 +167,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main, so CliError raised by subcommand modules (which
+    # import nightingale.daemon.cli) is the class caught there, not __main__'s twin.
+    from nightingale.daemon.cli import main as _main
+
+    sys.exit(_main())

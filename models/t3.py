@@ -446,7 +446,7 @@ class T3(nn.Module):
         parts.append(enc.emotion_adv_fc(cond.emotion_adv.reshape(-1, 1, 1).astype(dtype)))  # (B, 1, D)
         return mx.concatenate(parts, axis=1)
 
-    def prefill_embeds(self, cond_emb: mx.array, text_tokens: mx.array, cfg: bool = True) -> mx.array:
+    def prefill_embeds(self, cond_emb: mx.array, text_tokens: mx.array, use_cfg: bool = True) -> mx.array:
         """[cond | text | BOS | BOS] input embeddings, (B, C + T + 2, D), B = 2 with CFG.
 
         cond_emb (1, C, D) from `prepare_conditioning`; text_tokens (T,) int, SOT/EOT included.
@@ -455,7 +455,7 @@ class T3(nn.Module):
         """
         t = text_tokens.shape[0]
         text = self.text_emb(text_tokens.astype(mx.int32))[None]  # (1, T, D)
-        if cfg:
+        if use_cfg:
             text = mx.concatenate([text, mx.zeros_like(text)], axis=0)  # (2, T, D)
         text = text + self.text_pos_emb.emb(mx.arange(t))
         b = text.shape[0]
@@ -481,9 +481,10 @@ class T3(nn.Module):
         hidden = self.tfmr(embeds, cache)
         return self.speech_head(hidden).astype(mx.float32), cache
 
-    def prefill(self, cond_emb: mx.array, text_tokens: mx.array, cfg: bool = True) -> tuple[mx.array, T3Cache]:
-        """Run the prefill; returns the last position's float32 logits (B, V) and the cache."""
-        embeds = self.prefill_embeds(cond_emb, text_tokens, cfg)
+    def prefill(self, cond_emb: mx.array, text_tokens: mx.array, use_cfg: bool = True) -> tuple[mx.array, T3Cache]:
+        """Run the prefill (batch 2 with CFG, else 1); returns the last position's float32
+        logits (B, V) and the cache."""
+        embeds = self.prefill_embeds(cond_emb, text_tokens, use_cfg)
         cache = self.make_cache(embeds.shape[0])
         hidden = self.tfmr(embeds, cache)
         return self.speech_head(hidden[:, -1, :]).astype(mx.float32), cache
@@ -501,11 +502,11 @@ class T3(nn.Module):
         return self.speech_head(hidden[:, 0, :]).astype(mx.float32), cache
 
     def teacher_forced_logits(self, cond_emb: mx.array, text_tokens: mx.array, speech_tokens: mx.array,
-                              cfg: bool = True) -> mx.array:
+                              use_cfg: bool = True) -> mx.array:
         """One forward pass over [cond | text | BOS | BOS | speech_tokens] (speech token k at
         learned position k+1) -> float32 logits (B, C + T + 2 + N, V). Position C+T+1+k
         predicts generated token k, exactly as the cached decode does."""
-        embeds = self.prefill_embeds(cond_emb, text_tokens, cfg)
+        embeds = self.prefill_embeds(cond_emb, text_tokens, use_cfg)
         if speech_tokens.shape[0]:
             speech = mx.broadcast_to(self.speech_embeds(speech_tokens, 1), (embeds.shape[0],) + (speech_tokens.shape[0], embeds.shape[-1]))
             embeds = mx.concatenate([embeds, speech], axis=1)
@@ -616,7 +617,7 @@ def generate_tokens(
 
     cond_emb = t3.prepare_conditioning(cond)
     text = mx.array(wrap_text_tokens([int(t) for t in text_tokens]), dtype=mx.int32)
-    logits, cache = t3.prefill(cond_emb, text, cfg=cfg_weight > 0)
+    logits, cache = t3.prefill(cond_emb, text, use_cfg=cfg_weight > 0)
     token = sample_token(logits, seen, params, keys[0])
     mx.async_eval(token)
     # Pipelined: the graph for step i+1 is built and queued (it only needs the lazy token of

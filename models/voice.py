@@ -34,6 +34,7 @@ from .s3tokenizer import S3_SR, S3Tokenizer, tokenize_wav
 from .voice_encoder import VoiceEncoder, embed_utterance
 
 logger = logging.getLogger(__name__)
+
 ENC_COND_LEN = 6 * S3_SR  # T3 prompt tokens come from the first 6 s of the 16 kHz clip
 DEC_COND_LEN = 10 * S3GEN_SR  # S3Gen's prompt comes from the first 10 s of the 24 kHz clip
 T3_PROMPT_TOKENS = 150  # T3Config.speech_cond_prompt_len
@@ -166,17 +167,19 @@ def compute_conditionals(
     wav: np.ndarray,
     sample_rate: int,
     exaggeration: float = DEFAULT_EXAGGERATION,
+    *,
+    source: str = "reference clip",
 ) -> Conditionals:
     """Voice conditioning from a mono waveform at any rate (prepare_conditionals + embed_ref).
 
-    wav: (N,) float in [-1, 1]. Returns Conditionals with
+    wav: (N,) float in [-1, 1]. Returns Conditionals, evaluated, with
       t3.speaker_emb (1, 256), t3.cond_prompt_speech_tokens (1, <=150) int32, t3.emotion_adv (1, 1, 1);
-      gen prompt_token (1, P) int32, prompt_token_len (1,) int32, prompt_feat (1, 2P, 80),
-      prompt_feat_len None, embedding (1, 192).
-    Raises VoiceError for clips that are too short or silent.
+      gen prompt_token (1, P) int32, prompt_token_len (1,) int32, prompt_feat (1, P', 80) with
+      P = P' // 2 (P' = 2P when the clip is whole 40 ms tokens), prompt_feat_len None, embedding (1, 192).
+    Raises VoiceError (naming `source`) for clips that are too short or silent.
     """
     wav = np.asarray(wav, dtype=np.float32)
-    check_reference(wav, sample_rate)
+    check_reference(wav, sample_rate, source)
     wav24, wav16 = reference_waveforms(wav, sample_rate)
 
     # S3Gen's reference dict (embed_ref) from the first 10 s at 24 kHz.
@@ -205,6 +208,7 @@ def compute_conditionals(
         cond_prompt_speech_tokens=t3_tokens,
         emotion_adv=mx.full((1, 1, 1), exaggeration, dtype=mx.float32),
     )
+    mx.eval(t3_tokens, prompt_token, prompt_feat, embedding)  # do the work here, not in the caller
     return Conditionals(t3=t3, gen=gen)
 
 
@@ -229,5 +233,5 @@ def prepare_voice(
         if wav.ndim == 2:  # (frames, channels), as soundfile returns them
             wav = np.mean(wav.T, axis=0)
         source = "reference audio"
-    check_reference(wav, sample_rate, source=source)  # names the file in the message
-    return compute_conditionals(model.ve, model.s3gen.tokenizer, model.s3gen.speaker_encoder, wav, sample_rate, exaggeration)
+    s3gen = model.s3gen
+    return compute_conditionals(model.ve, s3gen.tokenizer, s3gen.speaker_encoder, wav, sample_rate, exaggeration, source=source)

@@ -183,8 +183,9 @@ def mel_spectrogram(wav: np.ndarray, num_mels: int = 40) -> np.ndarray:
 
 
 def frame_step(rate: float = PARTIAL_RATE) -> int:
-    """Frames between partial starts: round((16000 / rate) / 160) = 77 at rate 1.3 (the
-    reference divides by the partial length, which equals the hop count per second here)."""
+    """Frames between partial starts: round((16000 / rate) / 160) = 77 at rate 1.3. The
+    reference divides the samples per partial by ve_partial_frames where the hop is meant;
+    both are 160, so the result is the same."""
     return int(np.round((SAMPLE_RATE / rate) / PARTIAL_FRAMES))
 
 

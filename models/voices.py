@@ -93,7 +93,7 @@ def normalize_name(name: str) -> str:
     Names are 1-64 characters of a-z, 0-9, '-' and '_', starting with a letter or digit;
     case is folded so that names stay distinct on case-insensitive file systems (macOS).
     """
-    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name.lower()):
+    if not isinstance(name, str) or not name.isascii() or not NAME_PATTERN.fullmatch(name.lower()):
         raise VoiceStoreError(
             f"invalid voice name {name!r}: use 1-64 letters, digits, '-' or '_', starting with a letter or digit"
         )
@@ -136,7 +136,10 @@ def add(name: str, conds: Conditionals, source_path: str | os.PathLike, force: b
         exaggeration=float(np.asarray(tensors["t3.emotion_adv"]).reshape(-1)[0]),
     )
     record = _record_path(directory, folded)
-    previous = _read_record(record) if record.exists() else None
+    try:
+        previous = _read_record(record) if record.exists() else None
+    except VoiceStoreError:  # a damaged record (only reachable with force) is simply replaced
+        previous = None
 
     _write_atomic(directory / weights_name, payload)
     tmp_record = _write_temp(directory, json.dumps(asdict(info), indent=2).encode())
@@ -144,7 +147,7 @@ def add(name: str, conds: Conditionals, source_path: str | os.PathLike, force: b
         if force:
             os.replace(tmp_record, record)
         else:
-            os.link(tmp_record, record)  # fails if another add published this name meanwhile
+            _publish_new(tmp_record, record)
     except FileExistsError:
         try:  # keep the tensor file if the winner's record uses it (identical content)
             winner = _read_record(record).weights
@@ -307,6 +310,19 @@ def _write_temp(directory: Path, data: bytes) -> Path:
         _unlink_quietly(Path(tmp))
         raise
     return Path(tmp)
+
+
+def _publish_new(tmp: Path, record: Path) -> None:
+    """Move `tmp` to `record` unless `record` exists (FileExistsError). A hard link makes the
+    check and the publication one step, so a concurrent add of the same name cannot be lost."""
+    try:
+        os.link(tmp, record)
+    except FileExistsError:
+        raise
+    except OSError:  # a file system without hard links: check, then rename (racy, but rare)
+        if record.exists():
+            raise FileExistsError(record) from None
+        os.replace(tmp, record)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

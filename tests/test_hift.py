@@ -47,10 +47,12 @@ def voiced_model(weights):
     return load_hift(voiced, HiFTConfig.tiny())
 
 
-@pytest.fixture(params=["matmul", "native"])
+@pytest.fixture(params=[("matmul", "poly"), ("native", "sin")], ids=["cpu-kernels", "native-ops"])
 def conv_impl(request, monkeypatch):
-    """Run a test with the BLAS-matmul convolutions and with MLX's native conv ops."""
-    monkeypatch.setattr(hifigan, "CONV_IMPL", request.param)
+    """Run a test with the CPU paths (BLAS-matmul convolutions, polynomial Snake) and with
+    MLX's native conv ops and sin (the GPU paths)."""
+    monkeypatch.setattr(hifigan, "CONV_IMPL", request.param[0])
+    monkeypatch.setattr(hifigan, "SNAKE_IMPL", request.param[1])
     return request.param
 
 
@@ -140,6 +142,25 @@ def test_matmul_conv_transpose1d_equals_native(t, c_in, c_out, k, stride, monkey
     actual = hifigan.conv_transpose1d(x, w, b, stride, padding)
     assert actual.shape == expected.shape == (2, t * stride, c_out)
     np.testing.assert_allclose(np.array(actual), np.array(expected), atol=1e-4)
+
+
+def test_polynomial_sin_squared():
+    """The CPU Snake's sin^2 against mx.sin: error ~1e-7 |y| (float32 rounding of y itself)."""
+    y = mx.concatenate([mx.linspace(-7.0, 7.0, 100_001), mx.linspace(-300.0, 300.0, 100_001)])
+    expected = np.sin(np.array(y).astype(np.float64)) ** 2
+    err = np.abs(np.array(hifigan.sin_squared(y)) - expected)
+    assert err.max() <= 1e-6 + 2e-7 * np.abs(np.array(y)).max()
+    assert err[:100_001].max() < 1e-6
+
+
+def test_snake_paths_agree(monkeypatch):
+    snake = hifigan.Snake(8)
+    snake.alpha = mx.linspace(0.5, 1.5, 8)
+    x = 3.0 * mx.random.normal((2, 50, 8), key=mx.random.key(3))
+    monkeypatch.setattr(hifigan, "SNAKE_IMPL", "sin")
+    exact = np.array(snake(x))
+    monkeypatch.setattr(hifigan, "SNAKE_IMPL", "poly")
+    np.testing.assert_allclose(np.array(snake(x)), exact, atol=2e-6)
 
 
 # ---------------------------------------------------------------------------------------

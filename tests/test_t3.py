@@ -295,8 +295,8 @@ def test_generator_positions_eos_and_limit(model, fwd, monkeypatch):
 def test_cfg_weight_zero_uses_the_conditional_row(model, fwd):
     cond_emb = model.prepare_conditioning(fixture_cond(fwd))
     text = mx.array(fwd["text_tokens"])
-    both, _ = model.prefill(cond_emb, text, cfg=True)
-    single, cache = model.prefill(cond_emb, text, cfg=False)
+    both, _ = model.prefill(cond_emb, text, use_cfg=True)
+    single, cache = model.prefill(cond_emb, text, use_cfg=False)
     assert single.shape == (1, 8194) and cache.batch == 1
     assert_close(single, np.array(both[:1]), atol=1e-5, rtol=1e-5)
     out = list(generate_tokens(model, fixture_cond(fwd), fwd["text_tokens"][1:-1].tolist(), cfg_weight=0.0,

@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -201,9 +202,9 @@ def write_fixtures(ckpt: Path) -> None:
     from chatterbox.models.s3gen.s3gen import S3Token2Mel
     from chatterbox.models.s3gen.utils.mel import mel_spectrogram
     from chatterbox.models.voice_encoder.melspec import melspectrogram
+    from chatterbox.models.voice_encoder.voice_encoder import get_frame_step, get_num_wins
     from chatterbox.tts import ChatterboxTTS
     from safetensors.numpy import load_file
-    from types import SimpleNamespace
 
     torch.set_num_threads(1)
     dims = json.loads((ckpt / DIMS_FILE).read_text())
@@ -235,8 +236,6 @@ def write_fixtures(ckpt: Path) -> None:
     with torch.inference_mode():
         ve_embed = ve.embeds_from_wavs([wav16], sample_rate=S3_SR)  # (1, 256)
         mels = torch.from_numpy(ve_mel.astype(np.float32))[None]
-        from chatterbox.models.voice_encoder.voice_encoder import get_frame_step, get_num_wins
-
         step = get_frame_step(0.5, 1.3, ve.hp)
         n_partials, target = get_num_wins(ve_mel.shape[0], step, 0.8, ve.hp)
         if target > mels.shape[1]:

@@ -71,7 +71,7 @@ class LinearNoSubsampling(nn.Module):
     def __call__(self, x: mx.array) -> tuple[mx.array, mx.array]:
         """x (B, T, idim) -> (x (B, T, odim), pos_emb (1, 2T-1, odim))."""
         x = self.out[1](self.out[0](x)) * self.xscale
-        return x, rel_position_encoding(x.shape[1], x.shape[2])
+        return x, rel_position_encoding(x.shape[1], x.shape[2]).astype(x.dtype)
 
 
 class RelPositionMultiHeadedAttention(nn.Module):
@@ -179,12 +179,12 @@ class Upsample1D(nn.Module):
         return conv1d(x, self.conv.weight, self.conv.bias, pad_left=2 * self.stride)
 
 
-def _key_bias(lengths: mx.array | None, t: int) -> tuple[mx.array | None, mx.array | None]:
+def _key_bias(lengths: mx.array | None, t: int, dtype: mx.Dtype) -> tuple[mx.array | None, mx.array | None]:
     """Padding mask (B, 1, T) bool and its additive attention bias (B, 1, 1, T), or Nones."""
     if lengths is None:
         return None, None
     valid = mx.arange(t)[None, :] < lengths.astype(mx.int32)[:, None]  # (B, T)
-    bias = mx.where(valid, 0.0, -mx.inf).astype(mx.float32)
+    bias = mx.where(valid, 0.0, -mx.inf).astype(dtype)
     return valid[:, None, :], bias[:, None, None, :]
 
 
@@ -227,7 +227,7 @@ class UpsampleConformerEncoder(nn.Module):
         masked), so their features are not meaningful; the mask says which are.
         """
         t = xs.shape[1]
-        _, key_bias = _key_bias(xs_lens, t)
+        _, key_bias = _key_bias(xs_lens, t, xs.dtype)
         xs, pos_emb = self.embed(xs)
         xs = self.pre_lookahead_layer(xs)
         for layer in self.encoders:
@@ -235,7 +235,7 @@ class UpsampleConformerEncoder(nn.Module):
 
         xs = self.up_layer(xs)
         up_lens = None if xs_lens is None else xs_lens * self.upsample_stride
-        mask, key_bias = _key_bias(up_lens, xs.shape[1])
+        mask, key_bias = _key_bias(up_lens, xs.shape[1], xs.dtype)
         xs, pos_emb = self.up_embed(xs)
         for layer in self.up_encoders:
             xs = layer(xs, pos_emb, key_bias)

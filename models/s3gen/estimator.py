@@ -24,24 +24,27 @@ logger = logging.getLogger(__name__)
 ATTENTION_MASK_BIAS = -1.0e10  # decoder.py mask_to_bias: added to the scores of padded keys
 TIME_EMBEDDING_SCALE = 1000.0  # SinusoidalPosEmb.forward(scale=1000)
 
-# How convolutions run: True = one matmul per kernel tap, False = mx.conv1d, None = pick by
-# device. On the Linux CPU backend the tap matmuls measured about 1.8x faster than
-# mx.conv1d for the k3 shapes here (e.g. (2, 700, 256) -> 256: 166 ms vs 298 ms);
-# on a GPU the native convolution is kept.
-CONV_AS_MATMUL: bool | None = None
+# How convolutions run: "matmul" = one matmul per kernel tap, "native" = mx.conv1d,
+# "auto" = matmul on CPU, native on a GPU (the naming of hifigan.CONV_IMPL). Measured on
+# the Linux CPU backend, (2, 700, 256) -> 256, k3: with MLX's bundled BLAS the tap matmuls
+# took 166 ms vs 298 ms native; with OpenBLAS preloaded both are ~7 ms (native 0-10%
+# faster). A full estimator-shaped call, with OpenBLAS: 222 ms (matmul) vs 208 ms (native).
+CONV_IMPL = "auto"  # "auto" | "matmul" | "native"
 
 
 @partial(mx.compile, shapeless=True)
 def mish(x: mx.array) -> mx.array:
-    """x * tanh(softplus(x)) with one exp: tanh(log(1 + e)) = n / (n + 2), n = e (e + 2).
+    """x * tanh(softplus(x)) with a single exp.
 
-    Equal to the three-transcendental form within float32 rounding (max |diff| 1e-6 on
-    N(0, 3) inputs) and 4.8x faster on the Linux CPU backend, where exp/log/tanh dominate
-    (T=150 resnet activations: 0.94 ms vs 4.5 ms). Clamped at 20, where mish(x) = x.
+    With u = e^x, tanh(log(1 + u)) = (u^2 + 2u) / (u^2 + 2u + 2); written in e = e^-|x| <= 1
+    (dividing by u^2 where x >= 0) nothing overflows, also in float16. Equal to the
+    three-transcendental form within float32 rounding, and about 4x faster on the Linux
+    CPU backend, where exp/log/tanh dominate (T=150 resnet activations: ~1 ms vs 4.5 ms).
     """
-    e = mx.exp(mx.minimum(x, 20.0))
-    n = e * (e + 2.0)
-    return x * n / (n + 2.0)
+    e = mx.exp(-mx.abs(x))
+    e2 = e * e
+    ratio = mx.where(x >= 0, (1.0 + 2.0 * e) / (1.0 + 2.0 * e + 2.0 * e2), (e2 + 2.0 * e) / (e2 + 2.0 * e + 2.0))
+    return x * ratio
 
 
 # Abramowitz & Stegun 7.1.26 coefficients for erf on [0, inf), |error| < 1.5e-7
@@ -67,9 +70,11 @@ def gelu(x: mx.array) -> mx.array:
 
 
 def _conv_as_matmul() -> bool:
-    if CONV_AS_MATMUL is not None:
-        return CONV_AS_MATMUL
-    return mx.default_device() == mx.cpu
+    if CONV_IMPL == "auto":
+        return mx.default_device() == mx.cpu
+    if CONV_IMPL not in ("matmul", "native"):
+        raise ValueError(f"CONV_IMPL must be 'auto', 'matmul' or 'native', not {CONV_IMPL!r}")
+    return CONV_IMPL == "matmul"
 
 
 def conv1d(x: mx.array, weight: mx.array, bias: mx.array | None, pad_left: int = 0, pad_right: int = 0) -> mx.array:
@@ -287,9 +292,13 @@ class ConditionalDecoder(nn.Module):
         x, mu, cond: (B, 80, T); mask: (B, 1, T) (1 = valid) or None for all valid;
         t: (B,) float32; spks: (B, 80). Returns (B, 80, T), zero where the mask is 0.
         Channels are stacked as [x, mu, spks, cond] (the reference's einops pack order).
+        Inputs are cast to the weights' dtype, and so is the output (as the reference's
+        solve_euler casts to the estimator's dtype).
         """
         b, _, t_len = x.shape
-        time_emb = self.time_mlp(timestep_embedding(t, self.in_channels))  # (B, 4C)
+        dtype = self.final_proj.weight.dtype  # run in the weights' dtype (float32, bf16, f16)
+        x, mu, spks, cond = (a.astype(dtype) for a in (x, mu, spks, cond))
+        time_emb = self.time_mlp(timestep_embedding(t, self.in_channels).astype(dtype))  # (B, 4C)
         spk_frames = mx.broadcast_to(spks[:, :, None], (b, spks.shape[1], t_len))
         h = mx.concatenate([x, mu, spk_frames, cond], axis=1).transpose(0, 2, 1)  # (B, T, 320)
 
@@ -297,7 +306,8 @@ class ConditionalDecoder(nn.Module):
         if mask is not None:
             m = mask.astype(h.dtype).transpose(0, 2, 1)  # (B, T, 1)
             # only keys are masked (the mask is (B, 1, T)), padded queries still attend
-            bias = ((1.0 - mask.astype(h.dtype)) * ATTENTION_MASK_BIAS)[:, None, :, :]  # (B, 1, 1, T)
+            # formed in float32 (float16 would turn 0 * -1e10 into NaN), then cast
+            bias = mx.where(mask > 0, 0.0, ATTENTION_MASK_BIAS).astype(h.dtype)[:, None, :, :]  # (B, 1, 1, T)
 
         def run(blocks: list[BasicTransformerBlock], h: mx.array) -> mx.array:
             for block in blocks:

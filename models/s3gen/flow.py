@@ -280,7 +280,8 @@ class CausalConditionalCFM(nn.Module):
 
         z, mu, cond: (B, 80, T); mask (B, 1, T) or None (all valid); spks (B, 80).
         v = (1 + r) v(x | mu, spks, cond) - r v(x | 0, 0, 0) with r = inference_cfg_rate;
-        both rows go through the estimator as one batch of 2B. Returns (B, 80, T).
+        both rows go through the estimator as one batch of 2B. Returns (B, 80, T) float32:
+        the state x stays float32 whatever the estimator's dtype.
         """
         b = mu.shape[0]
         rate = self.inference_cfg_rate
@@ -290,11 +291,11 @@ class CausalConditionalCFM(nn.Module):
         cond_in = mx.concatenate([cond, mx.zeros_like(cond)], axis=0)
         mask_in = None if mask is None else mx.concatenate([mask, mask], axis=0)
         t_span = cosine_t_span(n_timesteps)
-        x = z
+        x = z.astype(mx.float32)
         for t, r in zip(t_span[:-1], t_span[1:]):
             t_in = mx.full((2 * b,), float(t), dtype=mx.float32)
             v = self.estimator(mx.concatenate([x, x], axis=0), mask_in, mu_in, t_in, spks_in, cond_in)
-            v = (1.0 + rate) * v[:b] - rate * v[b:]
+            v = ((1.0 + rate) * v[:b] - rate * v[b:]).astype(mx.float32)
             x = x + float(r - t) * v
             # start this step while Python builds the next one
             mx.async_eval(x)

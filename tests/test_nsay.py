@@ -1,0 +1,333 @@
+"""`nsay` as a subprocess against a real daemon on the tiny checkpoint.
+
+The daemon plays into a PulseAudio null sink (tests/pulse.py), whose monitor is recorded,
+so "speech started" is checked on real played audio. The tiny model rarely emits EOS, so
+every utterance is bounded with --max-new-tokens; a fixed --seed makes files repeatable.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+
+from nightingale.client import protocol as p
+
+from pulse import PulseNullSink  # tests/ is on sys.path (pytest rootdir import mode)
+
+SHORT = ["--max-new-tokens", "8", "--seed", "1"]
+_SCRIPTS = Path(sysconfig.get_path("scripts"))
+NSAY = [str(_SCRIPTS / "nsay")] if (_SCRIPTS / "nsay").is_file() else [
+    sys.executable, "-c", "import sys; from nightingale.client.nsay import main; sys.exit(main())"
+]  # fmt: skip
+NIGHTINGALE = [str(_SCRIPTS / "nightingale")] if (_SCRIPTS / "nightingale").is_file() else [
+    sys.executable, "-c", "import sys; from nightingale.daemon.cli import main; sys.exit(main())"
+]  # fmt: skip
+
+
+@dataclass
+class Daemon:
+    socket: Path
+    process: subprocess.Popen
+    log: Path
+
+    def status(self) -> p.Status:
+        with p.Connection(self.socket) as conn:
+            conn.send(p.GetStatus())
+            while True:
+                event = conn.recv(timeout=10)
+                if isinstance(event, p.Status):
+                    return event
+
+
+def _env(tmp: Path, **extra: str) -> dict[str, str]:
+    env = dict(os.environ, NIGHTINGALE_DATA_DIR=str(tmp / "data"), HF_HUB_OFFLINE="1", XDG_STATE_HOME=str(tmp / "state"))
+    env.pop("NIGHTINGALE_SOCKET", None)
+    env.update(extra)
+    return env
+
+
+def _wait_ready(socket: Path, process: subprocess.Popen, log: Path, timeout_s: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"daemon exited ({process.returncode}): {log.read_text()[-2000:]}")
+        try:
+            with p.Connection(socket, timeout=5) as conn:
+                if conn.hello.state == "ready":
+                    return
+                while not isinstance(conn.recv(timeout=deadline - time.monotonic()), p.Ready):
+                    pass
+                return
+        except p.DaemonUnavailable:
+            time.sleep(0.1)
+    pytest.fail(f"daemon not ready within {timeout_s} s: {log.read_text()[-2000:]}")
+
+
+@pytest.fixture(scope="module")
+def pulse():
+    sink = PulseNullSink().start()
+    yield sink
+    sink.stop()
+
+
+@pytest.fixture(scope="module")
+def daemon(tiny_checkpoint, pulse, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("nsayd")
+    sock = tmp / "ng.sock"
+    log = tmp / "daemon.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [*NIGHTINGALE, "serve", "--model", str(tiny_checkpoint), "--quantize", "none", "--socket", str(sock)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=_env(tmp),
+        )
+    try:
+        _wait_ready(sock, proc, log)
+        yield Daemon(sock, proc, log)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def nsay(daemon: Daemon | None, *args: str, input: bytes | None = None, timeout: float = 60, env=None):
+    sock = ["--socket", str(daemon.socket)] if daemon else []
+    return subprocess.run([*NSAY, *sock, *args], input=input, capture_output=True, timeout=timeout, env=env)
+
+
+def one_line(stderr: bytes) -> str:
+    text = stderr.decode()
+    assert text.count("\n") == 1 and text.startswith("nsay: "), text
+    return text
+
+
+def recorded_audio(path: Path, threshold: float = 1e-3) -> bool:
+    data = np.fromfile(path, dtype="<f4") if path.exists() else np.zeros(0, np.float32)
+    return bool(data.size and np.abs(data).max() > threshold)
+
+
+# ----------------------------------------------------------------------------- without a daemon
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--bogus", "hi"], "unrecognized arguments"),
+        (["-r", "20", "hi"], "words per minute"),
+        (["-o", "out.mp3", "hi"], "cannot tell the audio format"),
+        (["--data-format", "LEI16", "hi"], "need -o"),
+        (["--no-wait", "-o", "x.wav", "hi"], "--no-wait"),
+        (["-f", "notes.txt", "hi"], "not both"),
+        (["--priority", "urgent", "hi"], "invalid choice"),
+    ],
+)
+def test_bad_flags_exit_2(args, message, tmp_path):
+    result = nsay(None, "--socket", str(tmp_path / "none.sock"), *args)
+    assert result.returncode == 2
+    assert message in one_line(result.stderr)
+
+
+def test_missing_daemon_exit_1(tmp_path):
+    result = nsay(None, "--socket", str(tmp_path / "none.sock"), "hello")
+    assert result.returncode == 1
+    line = one_line(result.stderr)
+    assert "no Nightingale daemon" in line and "nightingale serve" in line and "--spawn" in line
+
+
+# ----------------------------------------------------------------------------- with the daemon
+
+
+def test_argument_text_is_spoken_without_numpy(daemon, pulse, tmp_path):
+    # -X importtime lists every module the plain path loads.
+    argv = [sys.executable, "-X", "importtime", "-c", "import sys; from nightingale.client.nsay import main; sys.exit(main())"]
+    with pulse.recorder(tmp_path / "rec.raw") as rec:
+        result = subprocess.run(
+            [*argv, "--socket", str(daemon.socket), "--progress", *SHORT, "Build finished."],
+            capture_output=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr.decode()[-2000:]
+        assert recorded_audio(rec.path)
+    lines = result.stderr.decode().splitlines()
+    modules = {line.split("|")[-1].strip() for line in lines if line.startswith("import time:")}
+    assert "nightingale.client.nsay" in modules
+    for heavy in ("numpy", "mlx", "mlx.core", "soundfile", "sounddevice", "nightingale.models"):
+        assert heavy not in modules, f"nsay's plain path imported {heavy}"
+    assert any(line.startswith("nsay: done:") for line in lines)
+
+
+def test_piped_text_starts_before_stdin_closes(daemon, pulse, tmp_path):
+    proc = subprocess.Popen(
+        [*NSAY, "--socket", str(daemon.socket), *SHORT], stdin=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        with pulse.recorder(tmp_path / "rec.raw") as rec:
+            proc.stdin.write(b"First line of the build log.\n")
+            proc.stdin.flush()
+            deadline = time.monotonic() + 30
+            while not recorded_audio(rec.path):
+                assert time.monotonic() < deadline, "no audio within 30 s of the first line"
+                assert proc.poll() is None, proc.stderr.read().decode()
+                time.sleep(0.05)
+            assert proc.poll() is None  # still waiting for more input: speech began first
+            proc.stdin.write(b"Second line.\n")
+            proc.stdin.close()
+            assert proc.wait(timeout=60) == 0, proc.stderr.read().decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_output_files_in_each_format(daemon, tmp_path):
+    text = "One two three."
+    wav = tmp_path / "note.wav"
+    assert nsay(daemon, "-o", str(wav), *SHORT, text).returncode == 0
+    info = soundfile.info(wav)
+    assert (info.format, info.subtype, info.samplerate, info.channels) == ("WAV", "PCM_16", 24000, 1)
+    reference, _ = soundfile.read(wav, dtype="float32")
+    assert reference.size > 2400 and np.isfinite(reference).all() and np.abs(reference).max() > 1e-3
+
+    aiff = tmp_path / "note.aiff"
+    result = nsay(daemon, "-o", str(aiff), "--data-format", "BEI24@16000", *SHORT, text)
+    assert result.returncode == 0, result.stderr
+    info = soundfile.info(aiff)
+    assert (info.format, info.subtype, info.samplerate) == ("AIFF", "PCM_24", 16000)
+    assert abs(info.frames - reference.size * 16000 / 24000) <= 2  # same speech, resampled
+
+    # -f FILE (a text stream) into FLAC, twice as fast: same seed, half the length.
+    notes = tmp_path / "notes.txt"
+    notes.write_text(text + "\n")
+    flac = tmp_path / "note.flac"
+    result = nsay(daemon, "-o", str(flac), "-f", str(notes), "-r", "350", *SHORT)
+    assert result.returncode == 0, result.stderr
+    fast, sr = soundfile.read(flac, dtype="float32")
+    assert soundfile.info(flac).format == "FLAC" and sr == 24000
+    assert abs(fast.size - reference.size / 2) <= 2
+
+    assert sorted(os.listdir(tmp_path)) == ["note.aiff", "note.flac", "note.wav", "notes.txt"]  # no temporaries
+
+
+def test_list_voices_and_unknown_voice(daemon):
+    result = nsay(daemon, "-v", "?")
+    assert result.returncode == 0
+    assert "default" in result.stdout.decode().split()
+
+    result = nsay(daemon, "-v", "no-such-voice", *SHORT, "Hello.")
+    assert result.returncode == 2
+    assert "no-such-voice" in one_line(result.stderr)
+
+
+def test_unknown_voice_with_output_leaves_no_file(daemon, tmp_path):
+    target = tmp_path / "x.wav"
+    result = nsay(daemon, "-o", str(target), "-v", "no-such-voice", *SHORT, "Hello.")
+    assert result.returncode == 2
+    assert os.listdir(tmp_path) == []  # no file, no temporary left behind
+
+
+def test_stop_interrupts_speech(daemon):
+    long_speech = subprocess.Popen(
+        [*NSAY, "--socket", str(daemon.socket), "--progress", "--max-new-tokens", "2000", "--seed", "2",
+         "This sentence goes on and on for a long while."],
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        seen = b""
+        while b"s of audio" not in seen:  # synthesis has produced its first chunk
+            line = long_speech.stderr.readline()
+            assert line, f"nsay ended early: {seen.decode()}"
+            seen += line
+        t0 = time.monotonic()
+        stop = nsay(daemon, "--stop")
+        assert stop.returncode == 0, stop.stderr
+        code = long_speech.wait(timeout=15)
+        assert time.monotonic() - t0 < 10
+        rest = long_speech.stderr.read().decode()
+        assert code == 1
+        assert "cancelled" in rest.splitlines()[-1]
+    finally:
+        if long_speech.poll() is None:
+            long_speech.kill()
+    assert daemon.status().current is None
+
+
+def test_no_wait_returns_once_queued(daemon):
+    before = daemon.status().counters
+    result = nsay(daemon, "--no-wait", *SHORT, "Queued for later.")
+    assert result.returncode == 0, result.stderr
+    # nsay is gone before the speech is (synthesis alone takes longer than its exit) ...
+    assert daemon.status().counters["completed"] == before["completed"]
+    deadline = time.monotonic() + 30
+    while (after := daemon.status().counters)["completed"] == before["completed"]:
+        assert time.monotonic() < deadline, "the queued speech never completed"
+        time.sleep(0.1)
+    # ... and the daemon finished it rather than cancelling it when nsay disconnected.
+    assert after["cancelled"] == before["cancelled"]
+
+
+def test_interrupt_cancels_own_speech(daemon):
+    proc = subprocess.Popen(
+        [*NSAY, "--socket", str(daemon.socket), "--progress", "--max-new-tokens", "2000", "Interrupted."],
+        stderr=subprocess.PIPE,
+    )
+    try:
+        while b"s of audio" not in (line := proc.stderr.readline()):
+            assert line, "nsay ended early"
+        before = daemon.status().counters["cancelled"]
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        assert proc.wait(timeout=15) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert daemon.status().counters["cancelled"] == before + 1
+
+
+def test_rate_and_device_play_locally(daemon, pulse, tmp_path):
+    with pulse.recorder(tmp_path / "rec.raw") as rec:
+        result = nsay(daemon, "-r", "260", "-a", "pulse", *SHORT, "Faster now.")
+        assert result.returncode == 0, result.stderr
+        assert recorded_audio(rec.path)
+    listing = nsay(None, "-a", "?")
+    assert listing.returncode == 0 and "pulse" in listing.stdout.decode()
+
+
+def test_spawn_starts_a_daemon(tiny_checkpoint, pulse, tmp_path):
+    sock = tmp_path / "spawned.sock"
+    env = _env(tmp_path, NIGHTINGALE_MODEL=str(tiny_checkpoint))
+    result = nsay(None, "--socket", str(sock), "--spawn", "--progress", *SHORT, "Started on demand.", env=env)
+    try:
+        stderr = result.stderr.decode()
+        assert result.returncode == 0, stderr
+        assert "started the daemon" in stderr
+        log = Path(stderr.split("log ", 1)[1].split(")", 1)[0])
+        assert log.is_file() and str(log).startswith(str(tmp_path))  # XDG_STATE_HOME honoured
+    finally:
+        try:
+            with p.Connection(sock, timeout=5) as conn:
+                conn.send(p.GetStatus())
+                status = conn.recv(timeout=10)
+                while not isinstance(status, p.Status):
+                    status = conn.recv(timeout=10)
+                conn.send(p.Shutdown())
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                try:
+                    os.kill(status.pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.1)
+        except p.DaemonUnavailable:
+            pass
