@@ -23,6 +23,7 @@ import statistics
 import struct
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -88,26 +89,32 @@ class StubDaemon:
         self.server.close()
 
 
-def time_one(stub: StubDaemon, argv: list[str], env: dict[str, str]) -> tuple[float, float]:
-    """(ms from spawn to first complete frame, ms from spawn to exit)."""
+def time_one(stub: StubDaemon, argv: list[str], env: dict[str, str]) -> tuple[float, float, float]:
+    """(ms from spawn to first complete frame, ms from spawn to exit, CPU ms of the process).
+
+    CPU time (user + system, from wait4) hardly moves with the machine's load, unlike wall
+    time, so it is the steadier measure of nsay's own work on a shared machine.
+    """
     stub.first_frame_at = None
     t0 = time.perf_counter()
-    proc = subprocess.run(argv, capture_output=True, text=True, env=env)
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    stderr = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
     t_exit = time.perf_counter()
+    proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
-        raise SystemExit(f"{argv} failed ({proc.returncode}): {proc.stderr.strip()}")
+        raise SystemExit(f"{argv} failed ({proc.returncode}): {stderr.decode().strip()}")
     if stub.first_frame_at is None:
         raise SystemExit(f"{argv}: the stub received no request")
-    return (stub.first_frame_at - t0) * 1000.0, (t_exit - t0) * 1000.0
+    return (stub.first_frame_at - t0) * 1000.0, (t_exit - t0) * 1000.0, (usage.ru_utime + usage.ru_stime) * 1000.0
 
 
-def summarize(name: str, samples: list[tuple[float, float]]) -> str:
-    sent = sorted(s for s, _ in samples)
-    total = sorted(t for _, t in samples)
+def summarize(name: str, samples: list[tuple[float, float, float]]) -> str:
+    sent = sorted(s[0] for s in samples)
     p90 = sent[min(len(sent) - 1, round(0.9 * (len(sent) - 1)))]
-    return (
-        f"| {name} | {statistics.median(sent):.1f} | {p90:.1f} | {sent[0]:.1f} | {statistics.median(total):.1f} |"
-    )
+    total = statistics.median(s[1] for s in samples)
+    cpu = statistics.median(s[2] for s in samples)
+    return f"| {name} | {statistics.median(sent):.1f} | {p90:.1f} | {sent[0]:.1f} | {cpu:.1f} | {total:.1f} |"
 
 
 def main() -> int:
@@ -116,9 +123,28 @@ def main() -> int:
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="nsay-bench-") as tmp:
-        sock = os.path.join(tmp, "s.sock")
+        # nsay finds the stub at the default socket path, as a user's nsay finds the daemon
+        # (platformdirs included): the per-user directories point into tmp.
+        user_dirs = {"XDG_RUNTIME_DIR": os.path.join(tmp, "run"), "HOME": os.path.join(tmp, "home")}
+        for d in user_dirs.values():
+            os.mkdir(d, mode=0o700)  # platformdirs accepts only a private XDG_RUNTIME_DIR
+        saved = {k: os.environ.get(k) for k in (*user_dirs, p.SOCKET_ENV)}
+        os.environ.update(user_dirs)
+        os.environ.pop(p.SOCKET_ENV, None)
+        try:
+            sock = str(p.socket_path())
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        os.makedirs(os.path.dirname(sock), mode=0o700, exist_ok=True)
         stub = StubDaemon(sock)
-        nsay = [sys.executable, "-c", "import sys; from nightingale.client.nsay import main; sys.exit(main())"]
+        script = os.path.join(sysconfig.get_path("scripts"), "nsay")  # the console script users run
+        nsay = [script] if os.path.isfile(script) else [
+            sys.executable, "-c", "import sys; from nightingale.client.nsay import main; sys.exit(main())"
+        ]  # fmt: skip
         floor = [
             sys.executable,
             "-S",  # no site: the least an interpreter can do; the real floor below it is exec + libc
@@ -128,14 +154,15 @@ def main() -> int:
         ]
         cases = [
             ("python -S connect+send (floor)", floor),
-            ("nsay TEXT (plays on the daemon)", [*nsay, "--socket", sock, "Build finished."]),
-            ("nsay -o out.wav TEXT", [*nsay, "--socket", sock, "-o", os.path.join(tmp, "out.wav"), "Build finished."]),
+            ("nsay TEXT (plays on the daemon)", [*nsay, "Build finished."]),
+            ("nsay -o out.wav TEXT", [*nsay, "-o", os.path.join(tmp, "out.wav"), "Build finished."]),
         ]
         # As installed (pip writes .pyc files): bytecode is cached, in a private prefix so the
         # checkout is not touched. Without a cache every start recompiles nsay and protocol.
-        cached = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-        cached["PYTHONPYCACHEPREFIX"] = os.path.join(tmp, "pycache")
-        uncached = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+        base = {k: v for k, v in os.environ.items() if k not in ("PYTHONDONTWRITEBYTECODE", p.SOCKET_ENV)}
+        base.update(user_dirs)
+        cached = dict(base, PYTHONPYCACHEPREFIX=os.path.join(tmp, "pycache"))
+        uncached = dict(base, PYTHONDONTWRITEBYTECODE="1")
         for _, argv in cases:  # fill the bytecode cache and the page cache
             time_one(stub, argv, cached)
         results = {}
@@ -148,14 +175,15 @@ def main() -> int:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"nsay start-up, {args.runs} runs each, {os.cpu_count()} CPUs, load average {load:.2f}, Python {sys.version.split()[0]}")
     print()
-    print("| case | start to request sent, median ms | p90 ms | min ms | start to exit, median ms |")
-    print("|---|---|---|---|---|")
+    print("| case | start to request sent, median ms | p90 ms | min ms | CPU ms to exit, median | start to exit, median ms |")
+    print("|---|---|---|---|---|---|")
     for name, samples in results.items():
         print(summarize(name, samples))
     print()
-    print("Bytecode cached as after `pip install`, except the last row (PYTHONDONTWRITEBYTECODE=1,")
-    print("every module compiled at each start). The -o case sends its request before importing")
-    print("numpy/soundfile; its exit time includes those imports and writing the file.")
+    print("Bytecode cached as after `pip install`, except the last row (PYTHONDONTWRITEBYTECODE=1 and")
+    print("no __pycache__ in the checkout: nsay.py and protocol.py are compiled at every start). The -o")
+    print("case sends its request before importing numpy/soundfile; its exit time includes those imports")
+    print("and writing the file. The floor is a bare interpreter (-S) connecting and sending one frame.")
     return 0
 
 

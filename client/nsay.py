@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("text", nargs="*", help="text to speak (default: read stdin)")
     parser.add_argument("-v", "--voice", metavar="VOICE", help="voice name or conds.pt path; '?' lists voices")
-    parser.add_argument("-r", "--rate", type=float, metavar="WPM", help=f"speaking rate in words per minute ({WPM_MIN}..{WPM_MAX})")
+    parser.add_argument("-r", "--rate", type=float, metavar="WPM", help=f"speaking rate in words per minute ({WPM_MIN}..{WPM_MAX}; nsay then plays the audio itself)")
     parser.add_argument("-o", "--output-file", metavar="FILE", help="write the audio to FILE (.wav, .aiff, .flac) instead of playing it")
     parser.add_argument("-f", "--input-file", metavar="FILE", help="read the text from FILE ('-' for stdin)")
     parser.add_argument("-a", "--audio-device", metavar="DEVICE", help="play on DEVICE (name or index) from nsay itself; '?' lists devices")
@@ -123,6 +123,13 @@ def check_args(args: argparse.Namespace) -> None:
         args.speed = 1.0
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise NsayError("--max-new-tokens must be at least 1", EXIT_USAGE)
+    args.file_text = None
+    if args.input_file not in (None, "-"):
+        try:
+            with open(args.input_file, "rb") as f:
+                args.file_text = f.read().decode("utf-8", errors="replace")
+        except OSError as err:
+            raise NsayError(f"cannot read {args.input_file}: {err.strerror or err}", EXIT_USAGE) from None
     args.output_spec = None
     if args.output_file:
         from nightingale.client.audiofile import resolve_output  # stdlib-only checks
@@ -279,16 +286,6 @@ def _last_log_line(path) -> str | None:
     return lines[-1][:150] if lines else None
 
 
-def daemon_command() -> list[str]:
-    """This installation's `nightingale` (beside our interpreter), or the same via python."""
-    import sysconfig
-
-    script = os.path.join(sysconfig.get_path("scripts"), "nightingale")
-    if os.path.isfile(script) and os.access(script, os.X_OK):
-        return [script]
-    return [sys.executable, "-c", "import sys; from nightingale.daemon.cli import main; sys.exit(main())"]
-
-
 def spawn_log_path() -> str:
     import platformdirs
 
@@ -302,8 +299,10 @@ def spawn_daemon(path, reporter: Reporter) -> tuple[p.Connection, p.Ready | None
     connect as soon as it binds and wait for `ready`."""
     import subprocess
 
+    from nightingale.client.service import nightingale_program
+
     log_path = spawn_log_path()
-    command = [*daemon_command(), "serve", "--socket", str(path)]
+    command = [*nightingale_program(), "serve", "--socket", str(path)]
     with open(log_path, "ab") as log:
         log.write(f"\n--- nsay --spawn {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(command)}\n".encode())
         log.flush()
@@ -520,14 +519,9 @@ class Session:
             if len(text.encode("utf-8")) <= p.MAX_TEXT_BYTES:
                 return text
             return iter(split_piece(text))
-        if args.input_file in (None, "-"):
-            return (piece for line in iter_lines(sys.stdin.buffer) for piece in split_piece(line))
-        try:
-            with open(args.input_file, "rb") as f:
-                text = f.read().decode("utf-8", errors="replace")
-        except OSError as err:
-            raise NsayError(f"cannot read {args.input_file}: {err.strerror or err}", EXIT_USAGE) from None
-        return iter(split_piece(text))
+        if args.file_text is not None:
+            return iter(split_piece(args.file_text))
+        return (piece for line in iter_lines(sys.stdin.buffer) for piece in split_piece(line))
 
     def _feed(self, pieces) -> None:
         """Stream-mode text sender (a thread): speak_text per piece, then speak_end."""
@@ -656,9 +650,9 @@ def run(args: argparse.Namespace) -> int:
         return session.speak()
     except KeyboardInterrupt:
         session.cancel()
-        reporter.close()
         return EXIT_INTERRUPTED
     finally:
+        reporter.close()  # end a progress line redrawn in place before any error line
         conn.close()
 
 

@@ -32,7 +32,12 @@ PLATFORMS = ("macos", "linux")
 
 # Variables the daemon may need that a login session has but launchd/systemd do not pass on:
 # where the Hugging Face cache lives and whether it may go online, and our own overrides.
-PASSTHROUGH_ENV = ("HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "NIGHTINGALE_SOCKET", "NIGHTINGALE_VOICES")
+# (Never HF_TOKEN: a plist or unit file is no place for a secret; huggingface_hub reads its
+# own token file.)
+PASSTHROUGH_ENV = (
+    "HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE",
+    "NIGHTINGALE_SOCKET", "NIGHTINGALE_DATA_DIR", "NIGHTINGALE_CACHE_DIR",
+)  # fmt: skip
 # launchd starts agents with PATH=/usr/bin:/bin:/usr/sbin:/sbin; Homebrew and our venv come first.
 MACOS_PATH = ("/opt/homebrew/bin", "/usr/local/bin", "/usr/bin", "/bin", "/usr/sbin", "/sbin")
 LINUX_PATH = ("/usr/local/bin", "/usr/bin", "/bin")
@@ -99,7 +104,9 @@ def nightingale_program() -> tuple[str, ...]:
     script = Path(sysconfig.get_path("scripts")) / "nightingale"
     if script.is_file() and os.access(script, os.X_OK):
         return (os.path.abspath(script),)
-    return (os.path.abspath(sys.executable), "-m", "nightingale.daemon.cli")
+    # What the console script does. (Not `-m nightingale.daemon.cli`: that runs cli.py as
+    # __main__, whose CliError is not the class the handlers raise.)
+    return (os.path.abspath(sys.executable), "-c", "import sys; from nightingale.daemon.cli import main; sys.exit(main())")
 
 
 def serve_arguments(
@@ -279,8 +286,53 @@ def parse_launchctl_print(text: str) -> dict[str, str]:
     return out
 
 
+def installed_socket(service_plan: ServicePlan) -> str | None:
+    """The --socket the installed service was given (None: the default), read back from
+    its file so that `status` asks the daemon the service actually runs."""
+    try:
+        text = service_plan.path.read_text(encoding="utf-8")
+    except OSError:
+        return None
+    if service_plan.platform == "macos":
+        try:
+            argv = plistlib.loads(text.encode("utf-8")).get("ProgramArguments", [])
+        except Exception:  # a hand-edited, broken file: fall back to the default socket
+            return None
+    else:
+        line = next((line for line in text.splitlines() if line.startswith("ExecStart=")), "")
+        try:
+            argv = shlex.split(line.partition("=")[2].replace("%%", "%").replace("$$", "$"))
+        except ValueError:
+            return None
+    if "--socket" in argv[:-1]:
+        return argv[argv.index("--socket") + 1]
+    return None
+
+
+def daemon_status_line(socket: str | None) -> tuple[bool, str]:
+    """(answering, one line) from the daemon's own `status`."""
+    from nightingale.client import protocol as p
+
+    try:
+        with p.Connection(socket, timeout=3.0) as conn:
+            conn.send(p.GetStatus())
+            while True:
+                event = conn.recv(timeout=3.0)
+                if event is None:
+                    return False, "daemon: closed the connection"
+                if isinstance(event, p.Status):
+                    model = event.model.get("source") or event.model.get("path") or "loading"
+                    return True, (
+                        f"daemon: {event.state}, pid {event.pid}, up {event.uptime_s:.0f} s, "
+                        f"model {model}, socket {event.socket}"
+                    )
+    except (p.DaemonUnavailable, p.ProtocolError, OSError, ValueError) as err:
+        return False, f"daemon: not answering ({err})"
+
+
 def execute(service_plan: ServicePlan, out=sys.stdout) -> int:
-    """Carry out a plan on this machine; returns the exit code (status: 0 running, 1 not)."""
+    """Carry out a plan on this machine; returns the exit code (status: 0 when the service
+    manager runs it and the daemon answers, 1 otherwise)."""
     p = service_plan
     if p.action == "install":
         assert p.content is not None
@@ -329,7 +381,9 @@ def execute(service_plan: ServicePlan, out=sys.stdout) -> int:
             f"unit file {props.get('UnitFileState', '?') or 'absent'}, pid {props.get('MainPID', '0')}",
             file=out,
         )
-    return 0 if running else 1
+    answering, line = daemon_status_line(installed_socket(p))
+    print(line, file=out)
+    return 0 if running and answering else 1
 
 
 def print_dry_run(service_plan: ServicePlan, out=sys.stdout, err=sys.stderr) -> None:

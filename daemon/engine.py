@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import logging
 import queue
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -132,20 +133,38 @@ class Engine:
 
     def _main(self) -> None:
         try:
-            self._load()
-        except BaseException as err:  # report any failure, then end the thread
-            log.exception("model load failed")
-            self._post(self._listener.on_load_failed, err)
-            return
-        self._post(self._listener.on_loaded, self.info)
-        while True:
-            item = self._inbox.get()
-            if item[0] == "stop":
-                self._run_calls()
+            try:
+                self._load()
+            except BaseException as err:  # report any failure, then end the thread
+                log.exception("model load failed")
+                self._post(self._listener.on_load_failed, err)
                 return
-            if item[0] == "utt":
-                self._run_utterance(item[1])
-            self._run_calls()
+            self._post(self._listener.on_loaded, self.info)
+            while True:
+                item = self._inbox.get()
+                if item[0] == "stop":
+                    self._run_calls()
+                    return
+                if item[0] == "utt":
+                    self._run_utterance(item[1])
+                self._run_calls()
+        finally:
+            self._close_thread()
+
+    def _close_thread(self) -> None:
+        """Free the model and this thread's MLX streams. MLX streams belong to the thread
+        that made them; left behind, their workers abort the process at exit."""
+        self.model = None
+        self._voices.clear()
+        if "mlx.core" not in sys.modules:
+            return
+        try:
+            import mlx.core as mx
+
+            mx.synchronize()
+            mx.clear_streams()
+        except Exception as err:
+            log.debug("releasing MLX streams failed: %s", err)
 
     def _load(self) -> None:
         import inspect

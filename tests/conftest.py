@@ -36,6 +36,16 @@ def _isolated_user_dirs(tmp_path, monkeypatch):
 
 
 def pytest_configure(config):
+    # MLX's Linux CPU wheel has a reference BLAS; re-run the test process once with Debian's
+    # OpenBLAS preloaded when it is installed (.ci/run installs it): see nightingale/blas.py.
+    # Output capture is suspended first so the new process writes to the real terminal.
+    from nightingale.blas import needs_reexec, reexec_with_openblas
+
+    if needs_reexec():
+        capture = config.pluginmanager.getplugin("capturemanager")
+        if capture is not None:
+            capture.suspend_global_capture(in_=True)
+        reexec_with_openblas()
     # Converted-model cache for the whole run (subprocess daemons inherit it).
     import tempfile
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -55,16 +56,22 @@ class PulseNullSink:
         if not _server_up():
             # As root PulseAudio warns that it is meant for --system, but a user-mode
             # server works and needs no dbus or XDG_RUNTIME_DIR.
-            try:
-                proc = _run(["pulseaudio", "-D", "--exit-idle-time=-1", "--system=false"], timeout=20.0)
-            except subprocess.TimeoutExpired:
-                raise PulseUnavailable("`pulseaudio -D` did not return within 20 s") from None
-            self.started_server = True
-            deadline = time.monotonic() + 10.0
-            while not _server_up():
-                if time.monotonic() > deadline:
-                    raise PulseUnavailable(f"PulseAudio did not come up within 10 s: {proc.stderr.strip()[-500:]}")
-                time.sleep(0.1)
+            # The daemonized server inherits stdout/stderr: a file, never a pipe we wait on.
+            with tempfile.TemporaryFile("w+") as log:
+                try:
+                    subprocess.run(
+                        ["pulseaudio", "-D", "--exit-idle-time=-1", "--system=false"],
+                        stdin=subprocess.DEVNULL, stdout=log, stderr=log, timeout=20.0,
+                    )  # fmt: skip
+                except subprocess.TimeoutExpired:
+                    raise PulseUnavailable("`pulseaudio -D` did not return within 20 s") from None
+                self.started_server = True
+                deadline = time.monotonic() + 10.0
+                while not _server_up():
+                    if time.monotonic() > deadline:
+                        log.seek(0)
+                        raise PulseUnavailable(f"PulseAudio did not come up within 10 s: {log.read()[-500:]}")
+                    time.sleep(0.1)
         info = _run(["pactl", "info"]).stdout
         for line in info.splitlines():
             if line.startswith("Default Sink:"):
@@ -148,17 +155,24 @@ class MonitorRecorder:
             self.stop()
 
 
-def best_alignment(recorded: np.ndarray, reference: np.ndarray) -> tuple[int, float]:
-    """(lag, normalized correlation) of `reference` inside `recorded`: the offset where the
-    reference best matches, and the correlation coefficient there (1.0 = identical shape)."""
-    n = len(recorded) + len(reference)
-    size = 1 << (n - 1).bit_length()
-    corr = np.fft.irfft(np.fft.rfft(recorded, size) * np.conj(np.fft.rfft(reference, size)), size)
-    corr = corr[: len(recorded) - len(reference) + 1] if len(recorded) >= len(reference) else corr[:1]
-    lag = int(np.argmax(np.abs(corr)))
-    seg = recorded[lag : lag + len(reference)]
-    denom = float(np.linalg.norm(seg) * np.linalg.norm(reference[: len(seg)])) or 1.0
-    return lag, float(np.dot(seg, reference[: len(seg)]) / denom)
+def best_alignment(recorded: np.ndarray, reference: np.ndarray) -> tuple[int, float, float]:
+    """Where `reference` best matches `recorded`: (lag, corr, overlap).
+
+    lag: index in `recorded` of the reference's first sample (negative when the recording
+    starts after the reference does); corr: normalized correlation over the overlapping part
+    (1.0 = same shape); overlap: the fraction of the reference that overlaps the recording.
+    """
+    na, nb = len(recorded), len(reference)
+    size = 1 << (na + nb - 1).bit_length()
+    xc = np.fft.irfft(np.fft.rfft(recorded, size) * np.conj(np.fft.rfft(reference, size)), size)
+    lags = np.concatenate([np.arange(0, na), np.arange(-(nb - 1), 0)])
+    values = np.concatenate([xc[:na], xc[size - (nb - 1) :]]) if nb > 1 else xc[:na]
+    lag = int(lags[int(np.argmax(np.abs(values)))])
+    a0, b0 = max(0, lag), max(0, -lag)
+    n = min(na - a0, nb - b0)
+    seg, ref = recorded[a0 : a0 + n], reference[b0 : b0 + n]
+    denom = float(np.linalg.norm(seg) * np.linalg.norm(ref)) or 1.0
+    return lag, float(np.dot(seg, ref) / denom), n / max(1, nb)
 
 
 def active_span(samples: np.ndarray, threshold: float = 1e-3, rate: int = RECORD_RATE) -> tuple[int, int]:
@@ -168,3 +182,33 @@ def active_span(samples: np.ndarray, threshold: float = 1e-3, rate: int = RECORD
     if len(idx) == 0:
         return 0, 0
     return int(idx[0]), int(idx[-1]) + 1
+
+
+def compare_playback(recorded: np.ndarray, reference: np.ndarray, tail_s: float = 0.1) -> dict:
+    """How well a recording of the sink's monitor reproduces `reference` (same rate).
+
+    Silence that PulseAudio inserts when a client is late (exact zeros in the recording) is
+    removed first, so a busy machine delays audio without failing the comparison; what
+    remains must match the reference in amount and shape. Returns sound_ratio (sounding
+    samples recorded / in the reference), corr and overlap (best_alignment of the whole),
+    tail_corr and tail_overlap (the reference's last `tail_s` found whole in the recording's
+    last part: the end was not cut), and gaps (inserted silences of 10 ms or more).
+    """
+    silent = np.abs(recorded) <= 1e-7
+    s, e = active_span(recorded, threshold=1e-7)
+    runs = np.diff(np.concatenate([[0], silent[s:e].astype(np.int8), [0]]))
+    gaps = int(np.count_nonzero(np.flatnonzero(runs == -1) - np.flatnonzero(runs == 1) >= RECORD_RATE // 100))
+    compact = recorded[s:e][~silent[s:e]]
+    ref_sounding = int(np.count_nonzero(np.abs(reference) > 1e-7))
+    lag, corr, overlap = best_alignment(compact, reference)
+    n_tail = int(tail_s * RECORD_RATE)
+    _, tail_corr, tail_overlap = best_alignment(compact[-4 * n_tail :], reference[-n_tail:])
+    return {
+        "sound_ratio": len(compact) / max(1, ref_sounding),
+        "corr": corr,
+        "overlap": overlap,
+        "lag": lag,
+        "tail_corr": tail_corr,
+        "tail_overlap": tail_overlap,
+        "gaps": gaps,
+    }

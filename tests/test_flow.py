@@ -109,7 +109,8 @@ def test_conv_paths_agree() -> None:
     finally:
         estimator_module.CONV_IMPL = old
     assert taps.shape == (2, 10, 4)
-    np.testing.assert_allclose(np.array(taps), np.array(native), rtol=1e-5, atol=1e-5)
+    # 1e-3 of the largest value: on CUDA both run as TF32 matmuls (measured 4e-4 there)
+    assert rel_err(taps, np.array(native)) < 1e-3
 
 
 def test_encoder_matches_reference(flow: Flow) -> None:

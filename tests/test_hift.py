@@ -7,6 +7,7 @@ phase and noise injected.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import mlx.core as mx
@@ -93,8 +94,6 @@ def test_full_config_parameter_count():
 
 def test_config_round_trips_through_a_dict():
     cfg = HiFTConfig.tiny()
-    import json
-
     assert HiFTConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
 
 

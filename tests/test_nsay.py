@@ -133,6 +133,7 @@ def recorded_audio(path: Path, threshold: float = 1e-3) -> bool:
         (["--no-wait", "-o", "x.wav", "hi"], "--no-wait"),
         (["-f", "notes.txt", "hi"], "not both"),
         (["--priority", "urgent", "hi"], "invalid choice"),
+        (["-f", "/nonexistent/notes.txt"], "cannot read"),
     ],
 )
 def test_bad_flags_exit_2(args, message, tmp_path):
@@ -266,7 +267,7 @@ def test_stop_interrupts_speech(daemon):
 
 def test_no_wait_returns_once_queued(daemon):
     before = daemon.status().counters
-    result = nsay(daemon, "--no-wait", *SHORT, "Queued for later.")
+    result = nsay(daemon, "--no-wait", "--max-new-tokens", "4", "Queued for later.")
     assert result.returncode == 0, result.stderr
     # nsay is gone before the speech is (synthesis alone takes longer than its exit) ...
     assert daemon.status().counters["completed"] == before["completed"]
@@ -302,6 +303,18 @@ def test_rate_and_device_play_locally(daemon, pulse, tmp_path):
         assert recorded_audio(rec.path)
     listing = nsay(None, "-a", "?")
     assert listing.returncode == 0 and "pulse" in listing.stdout.decode()
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="drives the Linux service path")
+def test_service_status_asks_the_installed_daemon(daemon, tmp_path):
+    from test_service import make_fake_systemctl, nightingale
+
+    env, _ = make_fake_systemctl(tmp_path)
+    env.pop("NIGHTINGALE_SOCKET", None)
+    assert nightingale("service", "install", "--socket", str(daemon.socket), env=env).returncode == 0
+    result = nightingale("service", "status", env=env)  # the socket is read back from the unit
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"daemon: ready, pid {daemon.process.pid}" in result.stdout
 
 
 def test_spawn_starts_a_daemon(tiny_checkpoint, pulse, tmp_path):

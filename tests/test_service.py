@@ -175,9 +175,9 @@ def test_launchctl_print_parsing():
     assert fields["state"] == "running" and fields["pid"] == "4242"
 
 
-@pytest.fixture
-def fake_systemctl(tmp_path):
-    """A `systemctl` that records its arguments and answers `show` like systemd does."""
+def make_fake_systemctl(tmp_path: Path) -> tuple[dict[str, str], Path]:
+    """A `systemctl` that records its arguments and answers `show` like systemd does, first
+    on PATH, with HOME and XDG_CONFIG_HOME inside tmp_path."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     log = tmp_path / "systemctl.log"
@@ -191,6 +191,11 @@ def fake_systemctl(tmp_path):
     env = dict(os.environ, HOME=str(tmp_path / "home"), XDG_CONFIG_HOME=str(tmp_path / "home" / ".config"))
     env["PATH"] = f"{bin_dir}:{env['PATH']}"
     return env, log
+
+
+@pytest.fixture
+def fake_systemctl(tmp_path):
+    return make_fake_systemctl(tmp_path)
 
 
 @pytest.mark.skipif(service.current_platform() != "linux", reason="executes the Linux install path")
@@ -209,9 +214,11 @@ def test_install_status_uninstall_linux(tmp_path, fake_systemctl):
         "--user restart nightingale.service",
     ]
 
-    result = nightingale("service", "status", env=env)
-    assert result.returncode == 0, result.stdout + result.stderr
+    result = nightingale("service", "status", env=dict(env, NIGHTINGALE_SOCKET=str(tmp_path / "none.sock")))
+    # systemd says running, but nothing answers on the socket: status fails (1) and says so.
+    assert result.returncode == 1, result.stdout + result.stderr
     assert "installed" in result.stdout and "active (running)" in result.stdout and "pid 99" in result.stdout
+    assert "daemon: not answering" in result.stdout
 
     result = nightingale("service", "uninstall", env=env)
     assert result.returncode == 0, result.stderr

@@ -36,8 +36,8 @@ def _tokens(n, seed=0):
     return [int(t) for t in np.random.default_rng(seed).integers(0, 6561, n)]
 
 
-@pytest.mark.parametrize("n_tokens", [1, 2, 5, 14, 15, 16, 61])
-@pytest.mark.parametrize("schedule", [ChunkSchedule(), ChunkSchedule(4, 1.0, 4), ChunkSchedule(3, 3.0, 30)])
+@pytest.mark.parametrize("n_tokens", [1, 2, 15, 16, 61])
+@pytest.mark.parametrize("schedule", [ChunkSchedule(), ChunkSchedule(5, 3.0, 30)])
 def test_stream_length_equals_one_shot_exactly(tiny_model, n_tokens, schedule):
     conds = tiny_model.resolve_voice(None)
     tokens = _tokens(n_tokens)
@@ -110,13 +110,14 @@ def test_hift_windows_reproduce_one_shot_vocoding(tiny_model):
 
 def test_per_chunk_cost_is_flat_along_a_long_input(tiny_model):
     """Every steady-state call works on the same window, however far into the stream."""
-    opts = StreamOptions(chunk_schedule=ChunkSchedule(12, 2.0, 24))
-    chunks = list(stream_tokens(tiny_model, iter(_tokens(400, seed=4)), tiny_model.resolve_voice(None), seed=1, options=opts))
-    steady = [c for c in chunks[2:-1]]
+    opts = StreamOptions(chunk_schedule=ChunkSchedule(8, 2.0, 16))
+    chunks = list(stream_tokens(tiny_model, iter(_tokens(250, seed=4)), tiny_model.resolve_voice(None), seed=1, options=opts))
+    steady = [c for c in chunks[3:-1]]
     assert len(steady) >= 10
-    assert {c.timings["flow_window_tokens"] for c in steady} == {opts.context_tokens + 24 + 3}
-    assert {c.timings["hift_window_frames"] for c in steady} == {opts.hift_context_frames + 48}
-    assert {len(c.samples) for c in steady} == {24 * 960}
+    assert {c.timings["flow_window_tokens"] for c in steady} == {opts.context_tokens + 16 + 3}
+    held = opts.hift_context_frames + opts.hift_holdback_frames
+    assert {c.timings["hift_window_frames"] for c in steady} == {held + 2 * 16}
+    assert {len(c.samples) for c in steady} == {16 * 960}
 
 
 def test_closing_the_stream_stops_generation(tiny_model):
@@ -135,12 +136,12 @@ def test_closing_the_stream_stops_generation(tiny_model):
 
 def test_model_stream_speaks_long_text_segment_after_segment(tiny_model):
     text = "First sentence here. " + "word " * 70 + "end. Third one!"
-    chunks = list(tiny_model.stream(text, seed=0, max_new_tokens=20, chunk_schedule="8,2,16"))
+    chunks = list(tiny_model.stream(text, seed=0, max_new_tokens=12, chunk_schedule="8,2,16"))
     assert chunks[-1].is_last and sum(c.is_last for c in chunks) == 1
     assert [c.index for c in chunks] == list(range(len(chunks)))
     segments = split_text(text)
-    assert len(segments) == 3
-    assert sum(len(c.samples) for c in chunks) <= 960 * 20 * len(segments)
+    assert len(segments) == 4  # the 350-character run of words is cut at a word boundary
+    assert 0 < sum(len(c.samples) for c in chunks) <= 960 * 12 * len(segments)
 
 
 def test_split_text_respects_the_limit_and_keeps_every_word():
