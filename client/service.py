@@ -71,8 +71,9 @@ class ServicePlan:
     action: str
     path: Path
     content: str | None  # the file to write (install), None otherwise
-    commands: tuple[Command, ...]
+    commands: tuple[Command, ...]  # after writing the file (install), before removing it (uninstall)
     log_dir: Path | None = None  # macOS: launchd opens the log files but won't create their folder
+    cleanup: tuple[Command, ...] = ()  # after removing the file (uninstall)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,8 +244,10 @@ def plan(
             return ServicePlan(platform, action, path, render_systemd_unit(spec, home), commands)
         if action == "uninstall":
             return ServicePlan(
-                platform, action, path, None, (Command((*ctl, "disable", "--now", UNIT_NAME), check=False),)
-            )
+                platform, action, path, None,
+                (Command((*ctl, "disable", "--now", UNIT_NAME), check=False),),
+                cleanup=(Command((*ctl, "daemon-reload"), check=False),),
+            )  # fmt: skip
         if action == "status":
             return ServicePlan(
                 platform, action, path, None,
@@ -352,8 +355,8 @@ def execute(service_plan: ServicePlan, out=sys.stdout) -> int:
             _run(command)
         existed = p.path.exists()
         p.path.unlink(missing_ok=True)
-        if p.platform == "linux":
-            _run(Command(("systemctl", "--user", "daemon-reload"), check=False))
+        for command in p.cleanup:
+            _run(command)
         print(f"removed {p.path}" if existed else f"not installed ({p.path} absent)", file=out)
         return 0
     # status
@@ -387,18 +390,22 @@ def execute(service_plan: ServicePlan, out=sys.stdout) -> int:
 
 
 def print_dry_run(service_plan: ServicePlan, out=sys.stdout, err=sys.stderr) -> None:
-    """The rendered file alone on stdout (so `--dry-run > file` is the file), the rest on stderr."""
+    """The rendered file alone on stdout (so `--dry-run > file` is the file), the steps in
+    order on stderr."""
     p = service_plan
+
+    def show(commands: tuple[Command, ...]) -> None:
+        for command in commands:
+            print(f"# would run: {command}{'' if command.check else '   (failure ignored)'}", file=err)
+
     if p.content is not None:
         print(f"# would write {p.path}", file=err)
         out.write(p.content)
         out.flush()
-    elif p.action == "uninstall":
+    show(p.commands)
+    if p.action == "uninstall":
         print(f"# would remove {p.path}", file=err)
-    for command in p.commands:
-        print(f"# would run: {command}{'' if command.check else '   (failure ignored)'}", file=err)
-    if p.action == "uninstall" and p.platform == "linux":
-        print("# would run: systemctl --user daemon-reload", file=err)
+        show(p.cleanup)
 
 
 def service_main(args: argparse.Namespace) -> int:

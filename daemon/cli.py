@@ -81,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="on SIGTERM/SIGINT, let the current utterance finish this long before cancelling it (default 5)",
     )
+    serve.add_argument(
+        "--latency",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="audio output latency (default: the device's high latency on macOS, 0.1 elsewhere)",
+    )
     serve.set_defaults(handler="nightingale.daemon.server:serve_main")
 
     synth = sub.add_parser("synth", help="synthesize text to a file in-process (no daemon)")

@@ -63,6 +63,7 @@ class DaemonConfig:
     max_queue: int = DEFAULT_MAX_QUEUE
     drain_timeout_s: float = DRAIN_TIMEOUT_S
     warmup: bool = True
+    latency: float | str | None = None  # output latency in seconds (None: playback.DEFAULT_LATENCY)
 
 
 # ----------------------------------------------------------------------------- socket
@@ -351,7 +352,9 @@ class Daemon:
             self.playback_reason = f"local playback is unavailable: {probe.reason}"
             log.warning("%s; serving streaming clients only", self.playback_reason)
             return
-        self.player = Player(SAMPLE_RATE, probe, on_played=lambda utt, n: self._post(self._on_played, utt, n))
+        self.player = Player(
+            SAMPLE_RATE, probe, on_played=lambda utt, n: self._post(self._on_played, utt, n), latency=self.config.latency
+        )
         log.info("audio output: %s", probe.device_name)
 
     async def _cleanup(self) -> None:
@@ -749,6 +752,7 @@ class Daemon:
             self.player = None
             self.playback_reason = "local playback is unavailable: unexpected model sample rate"
         self._broadcast(p.Ready(sample_rate=info.sample_rate, model=self._model_line()))
+        log.info("serving on %s", self.config.socket)
         self._dispatch()
 
     def on_load_failed(self, error: BaseException) -> None:
@@ -904,6 +908,7 @@ def serve_main(args: Any) -> int:
         playback=not args.no_playback,
         max_queue=getattr(args, "max_queue", DEFAULT_MAX_QUEUE),
         drain_timeout_s=getattr(args, "drain_timeout", DRAIN_TIMEOUT_S),
+        latency=getattr(args, "latency", None),
     )
     factory = partial(_load_model, args.model, parse_quantize(args.quantize), args.dtype)
     daemon = Daemon(config, factory)

@@ -81,8 +81,9 @@ class DaemonThread:
         return self.exit_code
 
 
-def wait_for(conn: p.Connection, kind: type, timeout: float = TIMEOUT, **match) -> p.Event:
-    """Read events until one of `kind` whose fields equal `match`; return it."""
+def wait_for(conn: p.Connection, kind: type, timeout: float = TIMEOUT, skipped: list | None = None, **match) -> p.Event:
+    """Read events until one of `kind` whose fields equal `match`; return it. Events read
+    on the way are appended to `skipped` (when given) or dropped."""
     deadline = time.monotonic() + timeout
     while True:
         ev = conn.recv(max(0.1, deadline - time.monotonic()))
@@ -90,6 +91,8 @@ def wait_for(conn: p.Connection, kind: type, timeout: float = TIMEOUT, **match) 
             raise EOFError(f"connection closed while waiting for {kind.__name__} {match}")
         if isinstance(ev, kind) and all(getattr(ev, k) == v for k, v in match.items()):
             return ev
+        if skipped is not None:
+            skipped.append(ev)
 
 
 def until_done(conn: p.Connection, uid: str, timeout: float = TIMEOUT) -> list[p.Event]:
@@ -112,10 +115,22 @@ def pcm_of(events: list[p.Event], uid: str) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
 
-def request(conn: p.Connection, msg: p.Request, kind: type) -> p.Event:
+def request(conn: p.Connection, msg: p.Request, kind: type, skipped: list | None = None) -> p.Event:
     msg.ref = msg.ref or f"r{time.monotonic_ns()}"
     conn.send(msg)
-    return wait_for(conn, kind, ref=msg.ref)
+    return wait_for(conn, kind, skipped=skipped, ref=msg.ref)
+
+
+def connect_when_up(sock, proc: subprocess.Popen, timeout: float = TIMEOUT) -> p.Connection:
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(f"daemon exited with {proc.returncode}: {proc.stdout.read() if proc.stdout else ''}")
+        try:
+            return p.Connection(sock, timeout=timeout)
+        except p.DaemonUnavailable:
+            assert time.monotonic() < deadline, "daemon did not bind"
+            time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")

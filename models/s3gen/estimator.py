@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import sys
 from functools import partial
 
 import mlx.core as mx
@@ -24,11 +26,13 @@ logger = logging.getLogger(__name__)
 ATTENTION_MASK_BIAS = -1.0e10  # decoder.py mask_to_bias: added to the scores of padded keys
 TIME_EMBEDDING_SCALE = 1000.0  # SinusoidalPosEmb.forward(scale=1000)
 
-# How convolutions run: "matmul" = one matmul per kernel tap, "native" = mx.conv1d,
-# "auto" = matmul on CPU, native on a GPU (the naming of hifigan.CONV_IMPL). Measured on
-# the Linux CPU backend, (2, 700, 256) -> 256, k3: with MLX's bundled BLAS the tap matmuls
-# took 166 ms vs 298 ms native; with OpenBLAS preloaded both are ~7 ms (native 0-10%
-# faster). A full estimator-shaped call, with OpenBLAS: 222 ms (matmul) vs 208 ms (native).
+# How convolutions run: "matmul" = one matmul per kernel tap, "native" = mx.conv1d (an
+# im2col + GEMM on CPU), "auto" = matmul only on a Linux CPU without OpenBLAS preloaded
+# (nightingale.blas does preload it), native elsewhere. Measured on the Linux CPU backend,
+# (2, 700, 256) -> 256, k3: with MLX's bundled reference BLAS the tap matmuls took 166 ms
+# vs 298 ms native; with OpenBLAS both ~7 ms, and the three resnet convs at T=300 took
+# 12.7 ms native vs 16.2 ms matmul. On an H100 (MLX CUDA) a full-size 10-step solve of
+# 404-700 frames took 309-391 ms native vs 362-531 ms with tap matmuls.
 CONV_IMPL = "auto"  # "auto" | "matmul" | "native"
 
 
@@ -59,7 +63,7 @@ def gelu(x: mx.array) -> mx.array:
     Not the tanh approximation: the erf error is below 1.5e-7 absolute (GELU within
     5e-7 of mx.erf's on N(0, 3) inputs, i.e. float32 rounding). On the Linux CPU backend
     mx.erf costs about 30 ns per element and made GELU a third of each transformer block;
-    this form (one exp) is 2.6x faster there and no slower on a GPU.
+    this form (one exp) is 2.6x faster there. Both forms compile to one fused kernel.
     """
     z = mx.abs(x) * 0.7071067811865476
     t = 1.0 / (1.0 + _ERF_P * z)
@@ -71,7 +75,11 @@ def gelu(x: mx.array) -> mx.array:
 
 def _conv_as_matmul() -> bool:
     if CONV_IMPL == "auto":
-        return mx.default_device() == mx.cpu
+        return (
+            mx.default_device() == mx.cpu
+            and sys.platform.startswith("linux")
+            and "openblas" not in os.environ.get("LD_PRELOAD", "")
+        )
     if CONV_IMPL not in ("matmul", "native"):
         raise ValueError(f"CONV_IMPL must be 'auto', 'matmul' or 'native', not {CONV_IMPL!r}")
     return CONV_IMPL == "matmul"

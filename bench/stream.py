@@ -1,0 +1,182 @@
+"""Streaming benchmark: time to first audio, real-time factor, flat per-chunk cost, seams.
+
+    python bench/stream.py --model /path/to/full-checkpoint [--configs int8,float16] [--out DIR]
+
+For each configuration (a subprocess each, so memory and warm-up do not leak between them):
+* short sentence through the whole pipeline (T3 + streaming S3Gen): TTFA, RTF, T3 tokens/s;
+* a ~30 s paragraph: RTF and the cost of the first and last chunks of equal size, showing
+  that per-chunk cost does not grow along the paragraph. With --paragraph-tokens fixed, the
+  paragraph's tokens are a fixed random sequence fed at once (S3Gen streaming cost alone,
+  for slow CPUs where 750 T3 steps take many minutes); with `t3` they come from T3;
+* deviation of the streamed waveform from one-shot synthesis of the same tokens and noise:
+  log-spectral distance, and the largest sample jump at a seam vs inside chunks.
+Random weights are a proxy: T3 never emits EOS, so the budget bounds every utterance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+SHORT_TEXT = "The quick brown fox jumps over the lazy dog."
+PARAGRAPH_TEXT = (
+    "Nightingale turns text into speech while you wait, and it starts talking long before the "
+    "sentence is finished. It keeps the models warm in a small daemon, listens on a socket, "
+    "and plays each piece of audio the moment it exists. The rest of the paragraph is still "
+    "being generated while the first words are already playing through the speakers."
+)
+CONFIGS = {"int8": (8, "float32"), "int4": (4, "float32"), "float16": (None, "float16"),
+           "bfloat16": (None, "bfloat16"), "float32": (None, "float32")}
+
+
+def run_config(args) -> dict:
+    from nightingale.blas import reexec_with_openblas
+
+    reexec_with_openblas()
+    import mlx.core as mx
+    import numpy as np
+
+    from nightingale.models import load_model
+    from nightingale.models.metrics import largest_jump, log_spectral_distance
+    from nightingale.models.streaming import ChunkSchedule, StreamOptions, render_tokens, stream_tokens
+
+    bits, dtype = CONFIGS[args.config]
+    t0 = time.perf_counter()
+    model = load_model(args.model, quantize=bits, dtype=dtype)
+    load_s = time.perf_counter() - t0
+    conds = model.resolve_voice(None)
+    schedule = ChunkSchedule.parse(args.chunk_schedule)
+    # warm-up: compile kernels for the shapes used below
+    for _ in model.stream("Warm up.", seed=0, max_new_tokens=schedule.first + 8, chunk_schedule=schedule):
+        pass
+
+    result = {"config": args.config, "load_s": load_s, "device": str(mx.default_device()),
+              "openblas": "openblas" in os.environ.get("LD_PRELOAD", "")}
+
+    def timed_stream(chunks_iter):
+        t_start = time.perf_counter()
+        chunks, t_first = [], None
+        for chunk in chunks_iter:
+            if t_first is None:
+                t_first = time.perf_counter() - t_start
+            chunks.append(chunk)
+        elapsed = time.perf_counter() - t_start
+        audio_s = sum(len(c.samples) for c in chunks) / 24000
+        return chunks, t_first, elapsed, audio_s
+
+    chunks, ttfa, elapsed, audio_s = timed_stream(
+        model.stream(SHORT_TEXT, seed=1, max_new_tokens=args.short_tokens, chunk_schedule=schedule)
+    )
+    result["short"] = {
+        "tokens": chunks[-1].token_end, "audio_s": audio_s, "ttfa_ms": ttfa * 1000, "rtf": elapsed / audio_s,
+        "t3_tokens_per_s": chunks[-1].timings["t3_tokens_per_s"],
+    }
+
+    n_para = args.paragraph_seconds * 25
+    if args.paragraph_tokens == "t3":
+        gen = model.generate_tokens(PARAGRAPH_TEXT, voice=conds, seed=2, max_new_tokens=n_para)
+        tokens = None
+    else:
+        tokens = [int(t) for t in np.random.default_rng(0).integers(0, 6561, n_para)]
+        gen = iter(tokens)
+    options = StreamOptions(chunk_schedule=schedule)
+    chunks, ttfa, elapsed, audio_s = timed_stream(stream_tokens(model, gen, conds, seed=3, options=options))
+    steady = [c for c in chunks if not c.is_last and c.token_end - c.token_start == schedule.max_tokens]
+    result["paragraph"] = {
+        "source": args.paragraph_tokens, "tokens": chunks[-1].token_end, "audio_s": audio_s,
+        "ttfa_ms": ttfa * 1000, "rtf": elapsed / audio_s, "chunks": len(chunks),
+        "chunk_s3gen_ms": [round(c.timings["s3gen_ms"], 1) for c in chunks],
+        "first_steady_ms": steady[0].timings["s3gen_ms"] if steady else None,
+        "last_steady_ms": steady[-1].timings["s3gen_ms"] if steady else None,
+        "steady_chunk_audio_ms": schedule.max_tokens * 40,
+    }
+
+    # seams and deviation: the same tokens streamed vs one-shot, same noise
+    dev_tokens = tokens[: args.deviation_tokens] if tokens else [
+        int(t) for t in np.random.default_rng(1).integers(0, 6561, args.deviation_tokens)]
+    one_shot = render_tokens(model, dev_tokens, conds.gen, seed=4, options=options)
+    streamed_chunks = list(stream_tokens(model, iter(dev_tokens), conds, seed=4, options=options))
+    streamed = np.concatenate([c.samples for c in streamed_chunks])
+    seams = list(np.cumsum([len(c.samples) for c in streamed_chunks])[:-1])
+    inside = largest_jump(streamed, [p for p in range(1, len(streamed)) if p not in set(seams)])
+    result["deviation"] = {
+        "tokens": len(dev_tokens), "same_length": len(streamed) == len(one_shot),
+        "lsd_db": log_spectral_distance(one_shot, streamed),
+        "lsd_other_noise_db": log_spectral_distance(one_shot, render_tokens(model, dev_tokens, conds.gen, seed=5, options=options)),
+        "seam_jump": largest_jump(streamed, seams), "inside_jump": inside,
+        "one_shot_inside_jump": largest_jump(one_shot),
+    }
+    result["peak_memory_gb"] = mx.get_peak_memory() / 1e9
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--configs", default="int8,float16")
+    parser.add_argument("--config", help=argparse.SUPPRESS)
+    parser.add_argument("--chunk-schedule", default=None, help="first,growth,max (default: the library's)")
+    parser.add_argument("--short-tokens", type=int, default=75, help="T3 budget of the short sentence (3 s)")
+    parser.add_argument("--paragraph-seconds", type=int, default=30)
+    parser.add_argument("--paragraph-tokens", choices=("t3", "fixed"), default="t3")
+    parser.add_argument("--deviation-tokens", type=int, default=150)
+    parser.add_argument("--out", default=None, help="directory for stream.json and stream.md")
+    args = parser.parse_args()
+    if args.config:
+        print("RESULT " + json.dumps(run_config(args)), flush=True)
+        return 0
+
+    results = []
+    for config in args.configs.split(","):
+        cmd = [sys.executable, __file__, "--config", config, "--model", args.model,
+               "--short-tokens", str(args.short_tokens), "--paragraph-seconds", str(args.paragraph_seconds),
+               "--paragraph-tokens", args.paragraph_tokens, "--deviation-tokens", str(args.deviation_tokens)]
+        if args.chunk_schedule:
+            cmd += ["--chunk-schedule", args.chunk_schedule]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            print(f"{config}: failed\n{proc.stderr[-3000:]}", file=sys.stderr)
+            continue
+        results.append(json.loads(lines[-1][7:]))
+        print(f"{config}: done", file=sys.stderr, flush=True)
+
+    table = render(results)
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "stream.json").write_text(json.dumps(results, indent=2))
+        (out / "stream.md").write_text(table + "\n")
+    return 0
+
+
+def render(results: list[dict]) -> str:
+    from common import machine_description
+
+    lines = [f"Machine: {machine_description()}", "",
+             "| config | device | short: TTFA ms | short: RTF | T3 tok/s | paragraph: audio s | paragraph: RTF "
+             "| first / last steady chunk ms (chunk audio ms) | stream vs one-shot LSD dB (other noise) | seam jump / inside jump | peak GB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        s, p, d = r["short"], r["paragraph"], r["deviation"]
+        steady = (f"{p['first_steady_ms']:.0f} / {p['last_steady_ms']:.0f} ({p['steady_chunk_audio_ms']})"
+                  if p["first_steady_ms"] else "n/a")
+        lines.append(
+            f"| {r['config']} | {r['device']}{' +OpenBLAS' if r['openblas'] else ''} | {s['ttfa_ms']:.0f} | {s['rtf']:.2f} "
+            f"| {s['t3_tokens_per_s']:.1f} | {p['audio_s']:.1f} ({p['source']}) | {p['rtf']:.2f} | {steady} "
+            f"| {d['lsd_db']:.2f} ({d['lsd_other_noise_db']:.2f}) | {d['seam_jump']:.3f} / {d['inside_jump']:.3f} "
+            f"| {r['peak_memory_gb']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
