@@ -11,8 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from nightingale.client import protocol as p
 from test_daemon import FAST, LONG, LONG_TEXT, TIMEOUT, connect_when_up, request, until_done, wait_for
 
