@@ -162,8 +162,10 @@ def main(argv: list[str] | None = None) -> int:
         from nightingale.blas import reexec_with_openblas
 
         reexec_with_openblas()
+    # The daemon's lifecycle is logged at INFO; one-shot commands only say what went wrong.
+    quiet = logging.INFO if args.command == "serve" else logging.WARNING
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else quiet,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     module_name, func_name = args.handler.split(":")

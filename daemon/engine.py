@@ -68,6 +68,21 @@ class EngineInfo:
     stream_kwargs: frozenset = frozenset()  # keyword arguments model.stream() accepts (None = any)
 
 
+def _find_malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, or None elsewhere (macOS returns freed memory by itself)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_malloc_trim = _find_malloc_trim()
+
+
 def memory_stats() -> dict:
     """MLX allocator figures in MB (engine thread only: they are MLX calls)."""
     try:
@@ -308,10 +323,13 @@ class Engine:
     @staticmethod
     def _release_memory() -> None:
         # A long-lived process must give MLX's buffer cache back between utterances, or it
-        # grows with the longest utterance seen.
+        # grows with the longest utterance seen; on glibc, freed heap pages also stay mapped
+        # until trimmed (the resident size then drifts with allocation patterns).
         try:
             import mlx.core as mx
 
             mx.clear_cache()
         except Exception:
             pass
+        if _malloc_trim is not None:
+            _malloc_trim(0)

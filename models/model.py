@@ -311,9 +311,7 @@ def load_upstream(directory: Path, *, quantize: int | None = None, dtype: str = 
 def load_converted(directory: Path) -> ChatterboxModel:
     """Load an MLX-native directory (models/cache.py): no remapping, no quantizing."""
     from . import cache as cache_mod, torchpickle
-    from .quantize import flow_predicate, t3_predicate
-
-    import mlx.nn as nn
+    from .quantize import quantized_structure
 
     t0 = time.perf_counter()
     config = cache_mod.read_config(directory)
@@ -323,8 +321,7 @@ def load_converted(directory: Path) -> ChatterboxModel:
     s3gen = s3gen_mod.S3Gen(s3_cfg)
     ve = voice_encoder.VoiceEncoder(ve_cfg)
     if bits is not None:
-        nn.quantize(t3, group_size=group_size, bits=bits, class_predicate=t3_predicate(group_size))
-        nn.quantize(s3gen.flow, group_size=group_size, bits=bits, class_predicate=flow_predicate(group_size))
+        quantized_structure(t3, s3gen.flow, bits, group_size)
     for name, module in (("t3", t3), ("s3gen", s3gen), ("ve", ve)):
         weights = mx.load(str(directory / cache_mod.COMPONENT_FILES[name]))
         module.load_weights(list(weights.items()), strict=True)

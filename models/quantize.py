@@ -25,6 +25,12 @@ float32 one (docs/benchmarks.md): so on the CPU, a float32 model keeps float16 s
 activations are float32, the product is float32), and a float16/bfloat16 model gets float32
 scales so that its quantized matmuls still run in float32 (its activations then stay
 float32 after the first quantized layer).
+
+MLX's CPU quantized matmul also costs time in proportion to the rows it multiplies (about
+1 GMAC/s): fine for decoding (2 rows with CFG), hundreds of times slower than a dequantize
+and BLAS matmul for a prefill or S3Gen's hundreds of frames. `QuantizedLinear` therefore
+dequantizes on the CPU when it gets `CPU_DEQUANTIZE_MIN_ROWS` rows or more. On Metal and
+CUDA the quantized kernels are used for every shape.
 """
 
 from __future__ import annotations
@@ -35,13 +41,16 @@ from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map_with_path
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_GROUP_SIZE = 64
 SUPPORTED_BITS = (4, 8)
 MIN_OUTPUT_FEATURES = 64  # smaller Linears cost more in scales than they save
+# Measured on the Linux CPU (1024 -> 4096, OpenBLAS): quantized matmul 4.5-9 ms per row pair
+# (1-2 rows), dequantize + float32 matmul 15-30 ms whatever the rows; crossover near 3-5 rows.
+CPU_DEQUANTIZE_MIN_ROWS = 4
 
 T3_QUANTIZED = re.compile(
     r"^(tfmr\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
@@ -74,6 +83,24 @@ def on_cpu() -> bool:
     return mx.default_device() == mx.cpu
 
 
+class QuantizedLinear(nn.QuantizedLinear):
+    """`nn.QuantizedLinear` that dequantizes for many-row inputs on the CPU backend.
+
+    x (..., in) -> (..., out), in the dtype MLX's quantized matmul gives (activations and
+    scales promoted). See the module docstring for why.
+    """
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if on_cpu() and x.size >= CPU_DEQUANTIZE_MIN_ROWS * x.shape[-1]:
+            out_dtype = mx.result_type(x, self["scales"])
+            # float32 scales: MLX's half-precision dequantize is several times slower on the CPU
+            weight = mx.dequantize(self["weight"], self["scales"].astype(mx.float32), self["biases"].astype(mx.float32),
+                                   group_size=self.group_size, bits=self.bits)  # (out, in) float32
+            y = (x.astype(mx.float32) @ weight.T).astype(out_dtype)
+            return y + self["bias"] if "bias" in self else y
+        return super().__call__(x)
+
+
 def scales_dtype(model_dtype: mx.Dtype, cpu: bool | None = None) -> mx.Dtype:
     """The dtype of quantization scales/biases for a model whose float parts are `model_dtype`.
 
@@ -86,13 +113,33 @@ def scales_dtype(model_dtype: mx.Dtype, cpu: bool | None = None) -> mx.Dtype:
     return mx.bfloat16 if model_dtype == mx.bfloat16 else mx.float16
 
 
+def replace_linears(module: nn.Module, predicate: Predicate, bits: int, group_size: int) -> None:
+    """Replace the Linears `predicate` selects by `QuantizedLinear`s quantized from them, in place.
+
+    Also how a converted model is built before its stored quantized weights are loaded (the
+    values quantized here are then overwritten).
+    """
+
+    def swap(path: str, m: nn.Module) -> nn.Module:
+        return QuantizedLinear.from_linear(m, group_size, bits) if predicate(path, m) else m
+
+    leaves = tree_map_with_path(swap, module.leaf_modules(), is_leaf=nn.Module.is_module)
+    module.update_modules(leaves)
+
+
+def quantized_structure(t3: nn.Module, flow: nn.Module, bits: int, group_size: int) -> None:
+    """Give freshly built T3 and flow modules the quantized layout (for loading converted weights)."""
+    replace_linears(t3, t3_predicate(group_size), bits, group_size)
+    replace_linears(flow, flow_predicate(group_size), bits, group_size)
+
+
 def _quantize_component(module: nn.Module, predicate: Predicate, bits: int, group_size: int, model_dtype: mx.Dtype) -> None:
     # Quantize from float32 weights (a half-precision model's weights upcast exactly), so the
     # group minima and scales are computed in float32, then store scales in `scales_dtype`.
     selected = [m for path, m in module.named_modules() if predicate(path, m)]
     for m in selected:
         m.weight = m.weight.astype(mx.float32)
-    nn.quantize(module, group_size=group_size, bits=bits, class_predicate=predicate)
+    replace_linears(module, predicate, bits, group_size)
     sdt = scales_dtype(model_dtype)
     for _, m in module.named_modules():
         if isinstance(m, nn.QuantizedLinear):

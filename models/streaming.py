@@ -192,7 +192,15 @@ def source_phase(seed: int, n_harm: int) -> mx.array:
 
 
 def _prompt(gen: dict, prompt_tokens: int | None) -> tuple[mx.array, mx.array]:
+    """The S3Gen prompt (tokens (1, P), mel (1, 2P, 80)), optionally shortened to its end.
+
+    A reference clip that is not a whole number of 40 ms tokens gives 2P + 1 prompt frames.
+    The reference then overlaps that odd frame with the first generated one and drops it
+    (its output is one frame, 20 ms, short); here the prompt keeps its first 2P frames, so
+    every speech token is exactly 2 mel frames and 960 samples.
+    """
     tokens, feat = gen["prompt_token"], gen["prompt_feat"]
+    feat = feat[:, : MEL_FRAMES_PER_TOKEN * tokens.shape[1]]
     if prompt_tokens is not None and prompt_tokens < tokens.shape[1]:
         tokens = tokens[:, tokens.shape[1] - prompt_tokens :]
         feat = feat[:, feat.shape[1] - MEL_FRAMES_PER_TOKEN * prompt_tokens :]
