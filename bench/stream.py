@@ -47,14 +47,16 @@ def run_config(args) -> dict:
     from nightingale.models.metrics import largest_jump, log_spectral_distance
     from nightingale.models.streaming import ChunkSchedule, StreamOptions, render_tokens, stream_tokens
 
-    bits, dtype = CONFIGS[args.config]
+    name, schedule_spec, n_timesteps, prompt_tokens = parse_run(args.config)
+    bits, dtype = CONFIGS[name]
     t0 = time.perf_counter()
     model = load_model(args.model, quantize=bits, dtype=dtype)
     load_s = time.perf_counter() - t0
     conds = model.resolve_voice(None)
-    schedule = ChunkSchedule.parse(args.chunk_schedule)
+    schedule = ChunkSchedule.parse(schedule_spec or args.chunk_schedule)
+    stream_opts = dict(chunk_schedule=schedule, n_timesteps=n_timesteps, prompt_tokens=prompt_tokens)
     # warm-up: compile kernels for the shapes used below
-    for _ in model.stream("Warm up.", seed=0, max_new_tokens=schedule.first + 8, chunk_schedule=schedule):
+    for _ in model.stream("Warm up.", seed=0, max_new_tokens=schedule.first + 8, **stream_opts):
         pass
 
     result = {"config": args.config, "load_s": load_s, "device": str(mx.default_device()),
@@ -72,11 +74,11 @@ def run_config(args) -> dict:
         return chunks, t_first, elapsed, audio_s
 
     chunks, ttfa, elapsed, audio_s = timed_stream(
-        model.stream(SHORT_TEXT, seed=1, max_new_tokens=args.short_tokens, chunk_schedule=schedule)
+        model.stream(SHORT_TEXT, seed=1, max_new_tokens=args.short_tokens, **stream_opts)
     )
     result["short"] = {
         "tokens": chunks[-1].token_end, "audio_s": audio_s, "ttfa_ms": ttfa * 1000, "rtf": elapsed / audio_s,
-        "t3_tokens_per_s": chunks[-1].timings["t3_tokens_per_s"],
+        "t3_tokens_per_s": chunks[-1].timings["t3_tokens_per_s"], "stall_ms": playback_stall_ms(chunks),
     }
 
     n_para = args.paragraph_seconds * 25
@@ -86,7 +88,7 @@ def run_config(args) -> dict:
     else:
         tokens = [int(t) for t in np.random.default_rng(0).integers(0, 6561, n_para)]
         gen = iter(tokens)
-    options = StreamOptions(chunk_schedule=schedule)
+    options = StreamOptions(chunk_schedule=schedule, n_timesteps=n_timesteps, prompt_tokens=prompt_tokens)
     chunks, ttfa, elapsed, audio_s = timed_stream(stream_tokens(model, gen, conds, seed=3, options=options))
     steady = [c for c in chunks if not c.is_last and c.token_end - c.token_start == schedule.max_tokens]
     result["paragraph"] = {
@@ -96,7 +98,14 @@ def run_config(args) -> dict:
         "first_steady_ms": steady[0].timings["s3gen_ms"] if steady else None,
         "last_steady_ms": steady[-1].timings["s3gen_ms"] if steady else None,
         "steady_chunk_audio_ms": schedule.max_tokens * 40,
+        "stall_ms": playback_stall_ms(chunks),
     }
+    result["schedule"] = f"{schedule.first},{schedule.growth:g},{schedule.max_tokens}"
+    result["n_timesteps"] = n_timesteps or 10
+    result["prompt_tokens"] = prompt_tokens or "all"
+    if args.skip_deviation:
+        result["peak_memory_gb"] = mx.get_peak_memory() / 1e9
+        return result
 
     # seams and deviation: the same tokens streamed vs one-shot, same noise
     dev_tokens = tokens[: args.deviation_tokens] if tokens else [
@@ -120,16 +129,52 @@ def run_config(args) -> dict:
     return result
 
 
+def parse_run(spec: str) -> tuple[str, str | None, int | None, int | None]:
+    """"int8" or "int8:24,2,48:s5:p50" -> (config, schedule, CFM steps, prompt tokens)."""
+    name, *rest = spec.split(":")
+    schedule = steps = prompt = None
+    for part in rest:
+        if part.startswith("s"):
+            steps = int(part[1:])
+        elif part.startswith("p"):
+            prompt = int(part[1:])
+        else:
+            schedule = part
+    if name not in CONFIGS:
+        raise SystemExit(f"unknown config {name!r}; choose from {', '.join(CONFIGS)}")
+    return name, schedule, steps, prompt
+
+
+def playback_stall_ms(chunks) -> float:
+    """Silence a listener would hear after the first chunk starts playing: each chunk plays
+    when it is ready or when the previous one ends, whichever is later."""
+    end = None
+    stall = 0.0
+    for chunk in chunks:
+        ready = chunk.timings["elapsed_ms"]
+        length = len(chunk.samples) / 24.0  # ms at 24 kHz
+        if end is None:
+            end = ready + length
+        elif ready > end:
+            stall += ready - end
+            end = ready + length
+        else:
+            end += length
+    return stall
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
-    parser.add_argument("--configs", default="int8,float16")
+    parser.add_argument("--configs", default="int8,float16",
+                        help="comma list of CONFIG[:first,growth,max][:sN CFM steps][:pN prompt tokens]")
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--chunk-schedule", default=None, help="first,growth,max (default: the library's)")
     parser.add_argument("--short-tokens", type=int, default=75, help="T3 budget of the short sentence (3 s)")
     parser.add_argument("--paragraph-seconds", type=int, default=30)
     parser.add_argument("--paragraph-tokens", choices=("t3", "fixed"), default="t3")
     parser.add_argument("--deviation-tokens", type=int, default=150)
+    parser.add_argument("--skip-deviation", action="store_true", help="only timing (for schedule sweeps)")
     parser.add_argument("--out", default=None, help="directory for stream.json and stream.md")
     args = parser.parse_args()
     if args.config:
@@ -137,12 +182,14 @@ def main() -> int:
         return 0
 
     results = []
-    for config in args.configs.split(","):
+    for config in args.configs.split(";") if ";" in args.configs else args.configs.split(","):
         cmd = [sys.executable, __file__, "--config", config, "--model", args.model,
                "--short-tokens", str(args.short_tokens), "--paragraph-seconds", str(args.paragraph_seconds),
                "--paragraph-tokens", args.paragraph_tokens, "--deviation-tokens", str(args.deviation_tokens)]
         if args.chunk_schedule:
             cmd += ["--chunk-schedule", args.chunk_schedule]
+        if args.skip_deviation:
+            cmd.append("--skip-deviation")
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
         if proc.returncode or not lines:
@@ -171,18 +218,21 @@ def machine_description() -> str:
 
 def render(results: list[dict]) -> str:
     lines = [f"Machine: {machine_description()}", "",
-             "| config | device | short: TTFA ms | short: RTF | T3 tok/s | paragraph: audio s | paragraph: RTF "
-             "| first / last steady chunk ms (chunk audio ms) | stream vs one-shot LSD dB (other noise) | largest jump: seam / inside | mean jump: seams / all | peak GB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| config | device | schedule / CFM steps / prompt | short: TTFA ms | short: RTF | short: stall ms | T3 tok/s "
+             "| paragraph: audio s | paragraph: RTF | paragraph: stall ms | first / last steady chunk ms (chunk audio ms) "
+             "| stream vs one-shot LSD dB (other noise) | largest jump: seam / inside | mean jump: seams / all | peak GB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        s, p, d = r["short"], r["paragraph"], r["deviation"]
+        s, p, d = r["short"], r["paragraph"], r.get("deviation")
         steady = (f"{p['first_steady_ms']:.0f} / {p['last_steady_ms']:.0f} ({p['steady_chunk_audio_ms']})"
                   if p["first_steady_ms"] else "n/a")
+        dev = (f"{d['lsd_db']:.2f} ({d['lsd_other_noise_db']:.2f}) | {d['seam_jump']:.3f} / {d['inside_jump']:.3f} "
+               f"| {d['seam_mean_jump']:.3f} / {d['mean_jump']:.3f}") if d else "- | - | -"
         lines.append(
-            f"| {r['config']} | {r['device']}{' +OpenBLAS' if r['openblas'] else ''} | {s['ttfa_ms']:.0f} | {s['rtf']:.2f} "
-            f"| {s['t3_tokens_per_s']:.1f} | {p['audio_s']:.1f} ({p['source']}) | {p['rtf']:.2f} | {steady} "
-            f"| {d['lsd_db']:.2f} ({d['lsd_other_noise_db']:.2f}) | {d['seam_jump']:.3f} / {d['inside_jump']:.3f} "
-            f"| {d['seam_mean_jump']:.3f} / {d['mean_jump']:.3f} | {r['peak_memory_gb']:.2f} |"
+            f"| {r['config']} | {r['device']}{' +OpenBLAS' if r['openblas'] else ''} "
+            f"| {r['schedule']} / {r['n_timesteps']} / {r['prompt_tokens']} | {s['ttfa_ms']:.0f} | {s['rtf']:.2f} "
+            f"| {s['stall_ms']:.0f} | {s['t3_tokens_per_s']:.1f} | {p['audio_s']:.1f} ({p['source']}) | {p['rtf']:.2f} "
+            f"| {p['stall_ms']:.0f} | {steady} | {dev} | {r['peak_memory_gb']:.2f} |"
         )
     return "\n".join(lines)
 
