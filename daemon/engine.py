@@ -24,6 +24,7 @@ import numpy as np
 
 from nightingale.client.protocol import MAX_AUDIO_FRAME_SAMPLES
 
+from .playback import PlaybackError
 from .utterance import Utterance
 
 log = logging.getLogger(__name__)
@@ -198,6 +199,7 @@ class Engine:
             t1 = time.monotonic()
             self.model.warmup()
             self.info.warmup_s = time.monotonic() - t1
+            self._release_memory()
         try:
             self.info.describe = dict(self.model.describe())
         except Exception as err:
@@ -305,6 +307,9 @@ class Engine:
             outcome, error = "failed", ("unknown_voice", f"unknown voice {utt.voice!r}: {err}")
         except BadOption as err:
             outcome, error = "failed", ("bad_field", str(err))
+        except PlaybackError as err:
+            log.error("%s", err)
+            outcome, error = "failed", ("no_playback", f"local playback failed: {err}")
         except Exception as err:
             log.exception("synthesis of %s failed", utt.id)
             outcome, error = "failed", ("synthesis_failed", f"{type(err).__name__}: {err}")

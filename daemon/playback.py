@@ -39,6 +39,10 @@ class DeviceNotFound(ValueError):
     """The output device named by --device does not exist."""
 
 
+class PlaybackError(RuntimeError):
+    """The output stream could not be opened (e.g. the device went away)."""
+
+
 @dataclass
 class ProbeResult:
     available: bool
@@ -317,16 +321,19 @@ class Player:
                 return
             import sounddevice as sd
 
-            # Default blocksize (0): fixed small blocks under CPU load gave ALSA underruns.
-            stream = sd.OutputStream(
-                samplerate=self.stream_rate,
-                channels=1,
-                dtype="float32",
-                device=self.device,
-                callback=self._callback,
-                latency=self.latency,
-            )
-            stream.start()
+            try:
+                # Default blocksize (0): fixed small blocks under CPU load gave ALSA underruns.
+                stream = sd.OutputStream(
+                    samplerate=self.stream_rate,
+                    channels=1,
+                    dtype="float32",
+                    device=self.device,
+                    callback=self._callback,
+                    latency=self.latency,
+                )
+                stream.start()
+            except (sd.PortAudioError, ValueError) as err:
+                raise PlaybackError(f"cannot open audio output {self.device_name!r}: {err}") from None
             self.latency_s = float(stream.latency)
             self._stream = stream
             log.info(

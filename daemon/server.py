@@ -662,7 +662,7 @@ class Daemon:
             else:
                 session.post(p.Voices(voices=[str(v) for v in value], ref=msg.ref))
 
-        self.engine.call(lambda model: list(model.list_voices()), lambda v, e: self._post(answer, v, e))
+        self.engine.call(lambda model: list(model.list_voices()), answer)  # answer runs on the loop
 
     def _req_ping(self, session: Session, msg: p.Ping) -> None:
         session.post(p.Pong(state=self.state, ref=msg.ref))
@@ -899,6 +899,12 @@ def serve_main(args: Any) -> int:
         path = p.socket_path(args.socket)
     except ValueError as err:
         raise CliError(str(err), EXIT_USAGE) from None
+    if getattr(args, "max_queue", 1) < 1:
+        raise CliError("--max-queue must be at least 1", EXIT_USAGE)
+    if getattr(args, "drain_timeout", 0.0) < 0:
+        raise CliError("--drain-timeout must not be negative", EXIT_USAGE)
+    if getattr(args, "latency", None) is not None and args.latency <= 0:
+        raise CliError("--latency must be positive", EXIT_USAGE)
     device = args.device
     if isinstance(device, str) and device.isdigit():
         device = int(device)

@@ -230,6 +230,10 @@ def load_model(
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}")
     if quantize is not None and quantize not in (4, 8):
         raise ValueError(f"quantize must be 8, 4 or None, not {quantize!r}")
+    if dtype != "float32" and mx.default_device() == mx.cpu:
+        # measured (docs/benchmarks.md): no BLAS for half precision on MLX's CPU backend
+        logger.warning("%s on MLX's CPU backend: its half-precision matmuls run 20-30x slower than float32 "
+                       "for prefill and S3Gen; float32 is the fast choice here", dtype)
     if path is not None and cache_mod.is_converted(Path(path)):
         return load_converted(Path(path))
     directory = hub.resolve_checkpoint(None if path is None else str(path))

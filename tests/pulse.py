@@ -1,14 +1,18 @@
-"""Real audio for tests: a PulseAudio server with a null sink, and a recorder of its monitor.
+"""Real audio for tests: a private PulseAudio server with a null sink, and a recorder of
+its monitor.
 
 PortAudio (sounddevice) reaches PulseAudio through ALSA's pulse plugin, so whatever the
 daemon plays to the default device lands in the null sink; `parec` records the sink's
-monitor to a file. Nothing here hangs: every external command has a timeout, and a missing
-PulseAudio makes the fixture fail with the command that would install it. This set-up was
-measured on CI-like machines (root, no sound card): no dbus or XDG_RUNTIME_DIR is needed.
+monitor to a file. Each PulseNullSink runs its own server on its own socket and points
+PULSE_SERVER at it (this process and every child inherit it), so tests never touch the
+user's sound server or another test run's. Nothing here hangs: every external command has
+a timeout, and a missing PulseAudio makes the fixture fail with the command that installs
+it. Measured on CI-like machines (root, no sound card): no dbus or XDG_RUNTIME_DIR needed.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -28,74 +32,79 @@ class PulseUnavailable(RuntimeError):
     pass
 
 
-def _run(args: list[str], timeout: float = 10.0) -> subprocess.CompletedProcess:
-    return subprocess.run(args, capture_output=True, text=True, timeout=timeout)
-
-
-def _server_up() -> bool:
-    try:
-        return _run(["pactl", "info"], timeout=5.0).returncode == 0
-    except (subprocess.TimeoutExpired, OSError):
-        return False
-
-
 class PulseNullSink:
-    """Start (or reuse) a PulseAudio server and make a null sink its default.
+    """A private PulseAudio server whose only (so default) sink is a null sink.
 
-    stop() unloads the sink and, if this object started the server, kills it.
+    start() launches it and sets PULSE_SERVER; stop() restores the environment and ends it.
     """
 
     def __init__(self) -> None:
-        self.started_server = False
-        self.module: str | None = None
-        self.previous_default: str | None = None
+        self.dir: Path | None = None
+        self.server: str | None = None
+        self._proc: subprocess.Popen | None = None
+        self._log = None
+        self._saved_server: str | None = None
 
     def start(self) -> "PulseNullSink":
         for tool in ("pulseaudio", "pactl", "parec"):
             if shutil.which(tool) is None:
                 raise PulseUnavailable(f"{tool} is not installed; install it with: {_INSTALL_HINT}")
-        if not _server_up():
-            # As root PulseAudio warns that it is meant for --system, but a user-mode
-            # server works and needs no dbus or XDG_RUNTIME_DIR.
-            # The daemonized server inherits stdout/stderr: a file, never a pipe we wait on.
-            with tempfile.TemporaryFile("w+") as log:
-                try:
-                    subprocess.run(
-                        ["pulseaudio", "-D", "--exit-idle-time=-1", "--system=false"],
-                        stdin=subprocess.DEVNULL, stdout=log, stderr=log, timeout=20.0,
-                    )  # fmt: skip
-                except subprocess.TimeoutExpired:
-                    raise PulseUnavailable("`pulseaudio -D` did not return within 20 s") from None
-                self.started_server = True
-                deadline = time.monotonic() + 10.0
-                while not _server_up():
-                    if time.monotonic() > deadline:
-                        log.seek(0)
-                        raise PulseUnavailable(f"PulseAudio did not come up within 10 s: {log.read()[-500:]}")
-                    time.sleep(0.1)
-        info = _run(["pactl", "info"]).stdout
-        for line in info.splitlines():
-            if line.startswith("Default Sink:"):
-                self.previous_default = line.split(":", 1)[1].strip()
-        res = _run(["pactl", "load-module", "module-null-sink", f"sink_name={SINK}", "rate=48000"])
-        if res.returncode != 0:
-            raise PulseUnavailable(f"could not create the null sink: {res.stderr.strip()}")
-        self.module = res.stdout.strip()
-        _run(["pactl", "set-default-sink", SINK])
+        # A short directory: the socket path must fit sockaddr_un.
+        self.dir = Path(tempfile.mkdtemp(prefix="ngpa-", dir="/tmp"))
+        self.server = f"unix:{self.dir / 'native'}"
+        self._log = open(self.dir / "server.log", "w+")
+        # -n: no default script (no hardware detection, no suspend-on-idle); as root
+        # PulseAudio warns that it is meant for --system, but a user-mode server works.
+        self._proc = subprocess.Popen(
+            [
+                "pulseaudio", "-n", "--daemonize=no", "--use-pid-file=no", "--exit-idle-time=-1", "--system=false",
+                "-L", f"module-native-protocol-unix socket={self.dir / 'native'} auth-anonymous=1",
+                "-L", f"module-null-sink sink_name={SINK} rate=48000",
+            ],
+            env={**os.environ, "PULSE_RUNTIME_PATH": str(self.dir)},
+            stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log, start_new_session=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10.0
+        while not self._server_up():
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                self._log.seek(0)
+                log = self._log.read()[-800:]
+                self.stop()
+                raise PulseUnavailable(f"PulseAudio did not start: {log}")
+            time.sleep(0.05)
+        self._saved_server = os.environ.get("PULSE_SERVER")
+        os.environ["PULSE_SERVER"] = self.server
         return self
 
+    def _server_up(self) -> bool:
+        try:
+            res = subprocess.run(
+                ["pactl", "info"], capture_output=True, text=True, timeout=5.0, env={**os.environ, "PULSE_SERVER": self.server}
+            )
+        except (subprocess.TimeoutExpired, OSError):
+            return False
+        return res.returncode == 0 and f"Default Sink: {SINK}" in res.stdout
+
     def stop(self) -> None:
-        if self.module is not None:
-            _run(["pactl", "unload-module", self.module])
-            self.module = None
-        if self.previous_default and self.previous_default != SINK and not self.started_server:
-            _run(["pactl", "set-default-sink", self.previous_default])
-        if self.started_server:
+        if self.server is not None and os.environ.get("PULSE_SERVER") == self.server:
+            if self._saved_server is None:
+                os.environ.pop("PULSE_SERVER", None)
+            else:
+                os.environ["PULSE_SERVER"] = self._saved_server
+        if self._proc is not None:
+            self._proc.terminate()
             try:
-                _run(["pulseaudio", "-k"], timeout=10.0)
+                self._proc.wait(timeout=5.0)
             except subprocess.TimeoutExpired:
-                pass
-            self.started_server = False
+                self._proc.kill()
+                self._proc.wait(timeout=5.0)
+            self._proc = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
 
     def recorder(self, path: Path) -> "MonitorRecorder":
         return MonitorRecorder(path)

@@ -151,9 +151,19 @@ def test_no_audio_device_is_detected(tmp_path):
 # ----------------------------------------------------------------------------- through the daemon
 
 
+def pulse_device() -> str | None:
+    """ALSA's `pulse` device when present (chosen by name, as --device does), else the default."""
+    import sounddevice as sd
+
+    names = [d["name"] for d in sd.query_devices() if d["max_output_channels"] > 0]
+    return "pulse" if "pulse" in names else None
+
+
 @pytest.fixture(scope="module")
 def playing_daemon(pulse, tiny_checkpoint, tmp_path_factory):
-    d = DaemonThread(tmp_path_factory.mktemp("play") / "n.sock", tiny_factory(tiny_checkpoint), playback=True).start()
+    d = DaemonThread(
+        tmp_path_factory.mktemp("play") / "n.sock", tiny_factory(tiny_checkpoint), playback=True, device=pulse_device()
+    ).start()
     yield d
     assert d.stop() == 0
 
@@ -174,7 +184,7 @@ def test_daemon_plays_what_it_generated(playing_daemon, tmp_path):
     with playing_daemon.connect() as c:
         assert c.hello.playback is True
         st = request(c, p.GetStatus(), p.Status)
-        assert st.playback["available"] is True and st.playback["device"]
+        assert st.playback["available"] is True and st.playback["device"] == (pulse_device() or "default")
         with MonitorRecorder(tmp_path / "rec.raw") as rec:
             # Paused first: synthesis fills the buffer, nothing is dropped, then all of it plays.
             request(c, p.Pause(), p.Paused)
@@ -207,6 +217,22 @@ def test_daemon_cancel_silences_playback(playing_daemon):
         assert st.playback["buffered_s"] < 0.01
         c.send(p.Speak(id="next", text="Next.", output="play", options=FAST))
         assert until_done(c, "next")[-1].reason == "completed"
+
+
+def test_play_goes_on_after_the_client_leaves(playing_daemon):
+    with playing_daemon.connect() as c:
+        before = request(c, p.GetStatus(), p.Status).counters
+        c.send(p.Speak(id="bye", text="Said after you left.", output="play", options=FAST))
+        wait_for(c, p.Accepted, id="bye")
+    with playing_daemon.connect() as c:
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            st = request(c, p.GetStatus(), p.Status)
+            if st.counters["completed"] == before["completed"] + 1:
+                break
+            assert time.monotonic() < deadline, st
+            time.sleep(0.05)
+        assert st.counters["cancelled"] == before["cancelled"]
 
 
 def test_serve_command_plays_speech(pulse, tiny_checkpoint, tmp_path):
