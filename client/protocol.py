@@ -212,6 +212,8 @@ class Speak(Request):
                 self.options[key] = float(value)
             if want is int and key != "seed" and value < 1:
                 raise _bad(self, f"option {key!r} must be at least 1")
+            if key == "seed" and not 0 <= value < 2**62:
+                raise _bad(self, "option 'seed' must be between 0 and 2**62")
 
 
 @dataclass(kw_only=True)

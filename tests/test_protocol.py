@@ -113,6 +113,7 @@ def test_oversized_frame_is_reported_and_skipped_without_buffering():
         (msgpack.packb({"v": 1, "type": "speak", "text": "hi", "options": {"speed": 2.0}}), p.E_BAD_FIELD),
         (msgpack.packb({"v": 1, "type": "speak", "text": "hi", "options": {"seed": "1"}}), p.E_BAD_FIELD),
         (msgpack.packb({"v": 1, "type": "speak", "text": "hi", "options": {"max_new_tokens": 0}}), p.E_BAD_FIELD),
+        (msgpack.packb({"v": 1, "type": "speak", "text": "hi", "options": {"seed": -1}}), p.E_BAD_FIELD),
         (msgpack.packb({"v": 1, "type": "speak", "text": "hi", "stream": 1}), p.E_BAD_FIELD),
         (msgpack.packb({"v": 1, "type": "speak", "stream": True}), p.E_BAD_FIELD),  # a stream needs an id
         (msgpack.packb({"v": 1, "type": "speak"}), p.E_BAD_FIELD),  # no text

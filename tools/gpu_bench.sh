@@ -23,11 +23,12 @@ python3 -m pip install -q --no-deps --no-build-isolation --target "$S" . >/dev/n
     python3 -m pip install -q --no-deps --no-build-isolation --upgrade --target "$S" .
 python3 -c "import mlx.core as mx; print(mx.default_device(), mx.ones(4).sum())"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-[ -f $CKPT/dims.json ] || python3 -m nightingale.daemon.cli dev make-checkpoint $CKPT --size full --seed 0
+# (from /tmp: the repository's own nightingale/ folder would shadow the installed package)
+[ -f $CKPT/dims.json ] || (cd /tmp && python3 -m nightingale.daemon.cli dev make-checkpoint $CKPT --size full --seed 0)
 mkdir -p "$OUT"
 if [ "$what" = precision ] || [ "$what" = all ]; then
-    python3 bench/precision.py --model $CKPT ${PRECISION_ARGS:-} --out "$OUT" 2>&1 | tee "$OUT/precision.log"
+    python3 bench/precision.py --model $CKPT --cache /tmp/bench-cache ${PRECISION_ARGS:-} --out "$OUT" 2>&1 | tee "$OUT/precision.log"
 fi
 if [ "$what" = stream ] || [ "$what" = all ]; then
-    python3 bench/stream.py --model $CKPT --configs int8,float16 --out "$OUT" 2>&1 | tee "$OUT/stream.log"
+    python3 bench/stream.py --model $CKPT --configs "${STREAM_CONFIGS:-int8;float16}" ${STREAM_ARGS:-} --out "$OUT" 2>&1 | tee "$OUT/stream.log"
 fi
