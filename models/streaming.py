@@ -59,7 +59,10 @@ class ChunkSchedule:
     per-call cost (the prompt is re-encoded and re-denoised on every call).
     """
 
-    first: int = 12
+    # Measured on an H100 with INT8 (docs/benchmarks.md): a 12-token first chunk gave
+    # 0.37 s to first audio but ~0.45 s of stalls, since each S3Gen call costs ~0.4-0.5 s
+    # there whatever its size; 24 tokens gave 0.5-0.7 s and 0-0.3 s of stalls.
+    first: int = 24
     growth: float = 2.0
     max_tokens: int = 48
 
