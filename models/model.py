@@ -189,8 +189,11 @@ class ChatterboxModel:
 
     def warmup(self) -> None:
         """One short synthesis so kernels are compiled before the first real request."""
+        from .streaming import LOOKAHEAD_TOKENS, ChunkSchedule
+
         t0 = time.perf_counter()
-        for _ in self.stream("Hello.", seed=0, max_new_tokens=8):
+        # one full first chunk (its shapes are the first request's) plus the final flush
+        for _ in self.stream("Hello.", seed=0, max_new_tokens=ChunkSchedule().first + LOOKAHEAD_TOKENS + 4):
             pass
         logger.info("warm-up took %.2f s", time.perf_counter() - t0)
 
