@@ -183,6 +183,45 @@ def worker_reference(ckpt: Path, inputs: dict, lengths: list[str]) -> dict:
 # Driver
 
 
+def render_table(results: list[dict], checkpoint: Path, half_cfm_steps: int) -> str:
+    """The markdown report of the workers' results (reference first when present)."""
+    ref_result = next((r for r in results if r["impl"] == "reference"), None)
+    ref = {r["seconds"]: r for r in ref_result["rows"]} if ref_result else {}
+    headers = ["implementation", "audio s", "encoder+flow s/s", "HiFT s/s", "total s/s", "flow vs ref", "HiFT vs ref",
+               "total vs ref", "MLX peak MB", "max RSS MB"]
+    table_rows = []
+    for res in results:
+        name = "reference (torch fp32, 1 thread)" if res["impl"] == "reference" else f"MLX {res['dtype']}"
+        for r in res["rows"]:
+            mark = "~" if r.get("estimated") else ""  # the flow (and so the total) was extrapolated
+            flow, hift = r["flow_s"] / r["audio_s"], r["hift_s"] / r["audio_s"]
+            base = ref.get(r["seconds"]) if res["impl"] != "reference" else None
+
+            def ratio(ours: float, theirs: float | None, prefix: str = "") -> str:
+                # above 1: faster than the reference
+                return f"{prefix}{theirs / ours:.2f}x" if theirs else "-"
+
+            table_rows.append([
+                name, f"{r['audio_s']:g}", f"{mark}{flow:.2f}", f"{hift:.2f}", f"{mark}{flow + hift:.2f}",
+                ratio(r["flow_s"], base and base["flow_s"], mark), ratio(r["hift_s"], base and base["hift_s"]),
+                ratio(r["flow_s"] + r["hift_s"], base and base["flow_s"] + base["hift_s"], mark),
+                common.fmt(r.get("mlx_peak_mb"), 0), common.fmt(res["max_rss_mb"], 0),
+            ])
+    ours_first = next(r for r in results if r["impl"] == "ours")
+    lines = [
+        f"Machine: {common.describe_machine(ours_first['machine'])}",
+        f"Checkpoint: {checkpoint}; built-in voice prompt {ours_first['prompt_tokens']} tokens "
+        f"({ours_first['prompt_tokens'] / TOKENS_PER_SECOND:.1f} s) re-encoded with every render, as the reference does; "
+        f"{N_TIMESTEPS} CFM steps; random speech tokens; one render per length after a short warm-up.",
+        "s/s: seconds of compute per second of audio (lower is better); vs ref: reference time / ours (above 1: faster).",
+    ]
+    if any(r.get("estimated") for res in results for r in res["rows"]):
+        lines.append(f"~: flow extrapolated from {half_cfm_steps} CFM step(s) as encoder + {N_TIMESTEPS} x step "
+                     "(MLX's CPU float16 matmuls are too slow to run all steps here).")
+    lines += ["", common.markdown_table(headers, table_rows)]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="S3Gen speed against the reference (prints a markdown table)")
     parser.add_argument("checkpoint", nargs="?", type=Path, default=Path("/work/ckpt-full"))
@@ -193,6 +232,7 @@ def main() -> None:
     parser.add_argument("--half-seconds", default="1", help="lengths a half-precision row runs on the CPU backend")
     parser.add_argument("--half-cfm-steps", type=int, default=1, help="CFM steps a half-precision row runs on the CPU backend")
     parser.add_argument("--out", type=Path, help="also write the table here (.md) and the results beside it (.json)")
+    parser.add_argument("--table-from", type=Path, help="print the table of an earlier run's .json and exit")
     parser.add_argument("--worker", choices=("ours", "reference"), help=argparse.SUPPRESS)
     parser.add_argument("--dtype", help=argparse.SUPPRESS)
     parser.add_argument("--inputs", help=argparse.SUPPRESS)
@@ -207,6 +247,10 @@ def main() -> None:
             common.emit(worker_ours(args.checkpoint, args.dtype, inputs, args.cfm_steps, lengths))
         else:
             common.emit(worker_reference(args.checkpoint, inputs, lengths))
+        return
+
+    if args.table_from:
+        print(render_table(json.loads(args.table_from.read_text()), args.checkpoint, args.half_cfm_steps))
         return
 
     import mlx.core as mx
@@ -232,40 +276,7 @@ def main() -> None:
             results.append(common.run_worker([sys.executable, __file__, "--worker", "ours", "--dtype", dtype, *common_args,
                                               "--cfm-steps", str(steps), "--lengths", ",".join(lengths)], dict(os.environ)))
 
-    ref = {r["seconds"]: r for r in results[0]["rows"]} if not args.no_reference else {}
-    headers = ["implementation", "audio s", "encoder+flow s/s", "HiFT s/s", "total s/s", "flow vs ref", "HiFT vs ref",
-               "total vs ref", "MLX peak MB", "max RSS MB"]
-    table_rows = []
-    for res in results:
-        name = "reference (torch fp32, 1 thread)" if res["impl"] == "reference" else f"MLX {res['dtype']}"
-        for r in res["rows"]:
-            mark = "~" if r.get("estimated") else ""
-            flow, hift = r["flow_s"] / r["audio_s"], r["hift_s"] / r["audio_s"]
-            base = ref.get(r["seconds"]) if res["impl"] != "reference" else None
-
-            def ratio(ours: float, theirs: float | None) -> str:
-                # > 1: faster than the reference
-                return f"{mark}{theirs / ours:.2f}x" if theirs else "-"
-
-            table_rows.append([
-                name, f"{r['audio_s']:g}", f"{mark}{flow:.2f}", f"{hift:.2f}", f"{mark}{flow + hift:.2f}",
-                ratio(r["flow_s"], base and base["flow_s"]), ratio(r["hift_s"], base and base["hift_s"]),
-                ratio(r["flow_s"] + r["hift_s"], base and base["flow_s"] + base["hift_s"]),
-                common.fmt(r.get("mlx_peak_mb"), 0), common.fmt(res["max_rss_mb"], 0),
-            ])
-    ours_first = next(r for r in results if r["impl"] == "ours")
-    lines = [
-        f"Machine: {common.describe_machine(ours_first['machine'])}",
-        f"Checkpoint: {args.checkpoint}; built-in voice prompt {ours_first['prompt_tokens']} tokens "
-        f"({ours_first['prompt_tokens'] / TOKENS_PER_SECOND:.1f} s) re-encoded with every render, as the reference does; "
-        f"{N_TIMESTEPS} CFM steps; random speech tokens; one render per length after a short warm-up.",
-        "s/s: seconds of compute per second of audio (lower is better); vs ref: reference time / ours (above 1: faster).",
-    ]
-    if any(r.get("estimated") for res in results for r in res["rows"]):
-        lines.append(f"~: flow extrapolated from {args.half_cfm_steps} CFM step(s) as encoder + {N_TIMESTEPS} x step "
-                     "(MLX's CPU float16 matmuls are too slow to run all steps here).")
-    lines += ["", common.markdown_table(headers, table_rows)]
-    text = "\n".join(lines)
+    text = render_table(results, args.checkpoint, args.half_cfm_steps)
     print(text)
     if args.out:
         md = args.out if args.out.suffix == ".md" else args.out / "s3gen.md"
