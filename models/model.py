@@ -208,6 +208,14 @@ class ChatterboxModel:
         }
 
 
+def default_dtype() -> str:
+    """Precision of the non-quantized parts when none is asked for: float16 on a GPU
+    (Metal, CUDA), float32 on MLX's CPU backend, which has no fast half-precision matmul
+    (docs/benchmarks.md). Norm statistics, STFT windows, Snake alphas, HiFT and the voice
+    front ends stay float32 either way."""
+    return "float32" if mx.default_device() == mx.cpu else "float16"
+
+
 def load_model(
     path: str | os.PathLike | None = None,
     quantize: int | None = None,
@@ -221,14 +229,15 @@ def load_model(
     path: a checkpoint directory in the upstream layout, a Hugging Face repo id, a
     directory written by `nightingale models convert`, or None for `NIGHTINGALE_MODEL` or
     the default repo (ResembleAI/chatterbox). quantize: 8, 4 or None (float). dtype: the
-    precision of the non-quantized parts ("float32", "float16", "bfloat16").
+    precision of the non-quantized parts ("float32", "float16", "bfloat16"; None: see
+    `default_dtype`).
 
     With `cache`, an upstream checkpoint is converted once into an MLX-native directory
     in the user's cache (see models/cache.py) and later loads read that instead.
     """
     from . import cache as cache_mod, hub
 
-    dtype = dtype or "float32"
+    dtype = dtype or default_dtype()
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}")
     if quantize is not None and quantize not in (4, 8):
