@@ -127,10 +127,13 @@ def cached_dir(source_dir: Path, quantize: int | None, group_size: int, dtype: s
 
 
 def prune_stale(source_path: Path, keep: Path) -> None:
-    """Remove other cache entries converted from the same source directory."""
+    """Remove entries converted from the same source directory with the same settings as
+    `keep`: they are stale conversions of an older version of the source."""
     root = cache_root()
     if not root.is_dir():
         return
+    kept = read_config(keep)
+    same = ("source_path", "quantize", "group_size", "dtype")
     for entry in root.iterdir():
         if entry == keep or not is_converted(entry):
             continue
@@ -138,7 +141,7 @@ def prune_stale(source_path: Path, keep: Path) -> None:
             config = read_config(entry)
         except ValueError:
             continue
-        if config.get("source_path") == str(source_path) and config.get("dtype") == read_config(keep).get("dtype") and config.get("quantize") == read_config(keep).get("quantize"):
+        if config.get("source_path") == str(source_path) and all(config.get(k) == kept.get(k) for k in same):
             logger.info("removing stale converted model %s", entry)
             shutil.rmtree(entry, ignore_errors=True)
 
