@@ -190,7 +190,6 @@ def make(ckpt: Path, out: Path, tag: str) -> None:
 
     torch.manual_seed(0)
     t3, hp, meta, state = build_reference(ckpt)
-    d = t3.dim
     out.mkdir(parents=True, exist_ok=True)
     recipe = meta.get("t3_weights_recipe", f"t3_cfg.safetensors of {ckpt}")
     check = weights_check({k: v.numpy() for k, v in state.items()})
