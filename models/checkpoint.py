@@ -168,3 +168,15 @@ def make_checkpoint(directory: str | os.PathLike, size: str = "tiny", seed: int 
     (out / DIMS_FILE).write_text(json.dumps(dims, indent=2, sort_keys=True) + "\n")
     return out
 
+
+
+def weights_sha256(weights: dict[str, np.ndarray]) -> str:
+    """A digest of named tensors (keys sorted; names and raw bytes), recorded in parity
+    fixtures so that a changed weight recipe is told apart from a port error."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for key in sorted(weights):
+        h.update(key.encode())
+        h.update(np.ascontiguousarray(weights[key]).tobytes())
+    return h.hexdigest()

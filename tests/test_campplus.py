@@ -3,7 +3,6 @@ PyTorch reference (fixtures from tools/fixtures_voice.py, tiny weights, seed 0).
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import mlx.core as mx
@@ -11,18 +10,11 @@ import numpy as np
 import pytest
 
 from nightingale.models import campplus as cpm
-from nightingale.models.checkpoint import random_weights
+from nightingale.models.checkpoint import random_weights, weights_sha256
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PREFIX = "speaker_encoder."
 
-
-def _fingerprint(weights: dict) -> str:
-    h = hashlib.sha256()
-    for key in sorted(weights):
-        h.update(key.encode())
-        h.update(np.ascontiguousarray(weights[key]).tobytes())
-    return h.hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +26,7 @@ def ref():
 def tiny_weights(ref):
     cfg = cpm.CAMPPlusConfig.tiny()
     weights = random_weights(cpm.upstream_shapes(cfg), np.random.default_rng(0), PREFIX)
-    assert _fingerprint(weights) == str(ref["weights_sha256"]), "tiny weights changed: rerun tools/fixtures_voice.py"
+    assert weights_sha256(weights) == str(ref["weights_sha256"]), "tiny weights changed: rerun tools/fixtures_voice.py"
     return {k[len(PREFIX):]: v for k, v in weights.items()}
 
 

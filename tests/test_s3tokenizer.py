@@ -3,7 +3,6 @@ PyTorch reference (fixtures from tools/fixtures_voice.py, tiny weights, seed 0).
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import mlx.core as mx
@@ -11,20 +10,13 @@ import numpy as np
 import pytest
 
 from nightingale.models import s3tokenizer as stm
-from nightingale.models.checkpoint import random_weights
+from nightingale.models.checkpoint import random_weights, weights_sha256
 from nightingale.models.dsp import hann_window, mel_filters
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PREFIX = "tokenizer."
 TIE_MARGIN = 1e-3  # reference values this close to a rounding boundary may round either way
 
-
-def _fingerprint(weights: dict) -> str:
-    h = hashlib.sha256()
-    for key in sorted(weights):
-        h.update(key.encode())
-        h.update(np.ascontiguousarray(weights[key]).tobytes())
-    return h.hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +33,7 @@ def audio():
 def tiny_tokenizer(ref):
     cfg = stm.S3TokenizerConfig.tiny()
     weights = random_weights(stm.upstream_shapes(cfg), np.random.default_rng(0), PREFIX)
-    assert _fingerprint(weights) == str(ref["weights_sha256"]), "tiny weights changed: rerun tools/fixtures_voice.py"
+    assert weights_sha256(weights) == str(ref["weights_sha256"]), "tiny weights changed: rerun tools/fixtures_voice.py"
     model = stm.S3Tokenizer(cfg)
     model.load_weights(list(stm.convert_weights({k[len(PREFIX):]: v for k, v in weights.items()}, cfg).items()), strict=True)
     return model

@@ -3,7 +3,6 @@ PyTorch reference (fixtures from tools/fixtures_voice.py, tiny weights, seed 0).
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import mlx.core as mx
@@ -11,17 +10,10 @@ import numpy as np
 import pytest
 
 from nightingale.models import voice_encoder as vem
-from nightingale.models.checkpoint import random_weights
+from nightingale.models.checkpoint import random_weights, weights_sha256
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
-
-def _fingerprint(weights: dict) -> str:
-    h = hashlib.sha256()
-    for key in sorted(weights):
-        h.update(key.encode())
-        h.update(np.ascontiguousarray(weights[key]).tobytes())
-    return h.hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +25,7 @@ def ref():
 def tiny_ve(ref):
     cfg = vem.VoiceEncoderConfig.tiny()
     weights = random_weights(vem.upstream_shapes(cfg), np.random.default_rng(0))
-    assert _fingerprint(weights) == str(ref[0]["weights_sha256"]), "tiny weights changed: rerun tools/fixtures_voice.py"
+    assert weights_sha256(weights) == str(ref[0]["weights_sha256"]), "tiny weights changed: rerun tools/fixtures_voice.py"
     model = vem.VoiceEncoder(cfg)
     model.load_weights(list(vem.convert_weights(weights, cfg).items()), strict=True)
     return model
