@@ -341,7 +341,9 @@ def load_converted(directory: Path) -> ChatterboxModel:
     for name, module in (("t3", t3), ("s3gen", s3gen), ("ve", ve)):
         weights = mx.load(str(directory / cache_mod.COMPONENT_FILES[name]))
         module.load_weights(list(weights.items()), strict=True)
-    mx.eval(t3.parameters(), s3gen.parameters(), ve.parameters())
+    # mx.load is lazy: the S3Tokenizer and CAMPPlus (about 0.5 GB, used only when a new
+    # voice is computed) stay on disk until prepare_voice first needs them.
+    mx.eval(t3.parameters(), s3gen.flow.parameters(), s3gen.mel2wav.parameters(), ve.parameters())
     tokenizer = EnTokenizer(directory / "tokenizer.json")
     conds_path = directory / "conds.pt"
     conds = torchpickle.load_conds(conds_path) if conds_path.exists() else None
