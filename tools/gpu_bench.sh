@@ -19,6 +19,7 @@ if [ ! -d "$S/mlx" ]; then
 fi
 export PYTHONPATH=$S LD_LIBRARY_PATH=$(ls -d $NV/*/lib | tr '\n' ':')${LD_LIBRARY_PATH:-}
 export NIGHTINGALE_NO_OPENBLAS=1 NIGHTINGALE_CACHE_DIR=/tmp/ngcache PYTHONUNBUFFERED=1
+# the project builds with the device's own setuptools (needs >= 77; no network there)
 python3 -m pip install -q --no-deps --no-build-isolation --target "$S" . >/dev/null 2>&1 || \
     python3 -m pip install -q --no-deps --no-build-isolation --upgrade --target "$S" .
 python3 -c "import mlx.core as mx; print(mx.default_device(), mx.ones(4).sum())"
