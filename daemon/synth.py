@@ -134,6 +134,7 @@ class _Player:
 
 def voices_main(args: argparse.Namespace) -> int:
     from nightingale.models import voice, voices
+    from nightingale.models.model import DEFAULT_VOICE
 
     try:
         if args.voices_command == "remove":
@@ -141,9 +142,8 @@ def voices_main(args: argparse.Namespace) -> int:
             print(f"removed voice {args.name!r}")
             return 0
         if args.voices_command == "list":
-            model_voices = _builtin_voice_listing(args)
-            for line in model_voices:
-                print(line)
+            # `default` is the checkpoint's conds.pt; listed without loading the model
+            print(f"{DEFAULT_VOICE}\t(built-in voice of the checkpoint, conds.pt)")
             for entry in voices.list_voices():
                 print(voices.describe(entry))
             return 0
@@ -156,11 +156,6 @@ def voices_main(args: argparse.Namespace) -> int:
         return 0
     except (voices.VoiceStoreError, voice.VoiceError) as err:
         raise CliError(str(err), EXIT_USAGE) from None
-
-
-def _builtin_voice_listing(args: argparse.Namespace) -> list[str]:
-    """`default` is the checkpoint's conds.pt; listed without loading the model."""
-    return ["default\t(built-in voice of the checkpoint, conds.pt)"]
 
 
 def models_main(args: argparse.Namespace) -> int:
