@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -59,8 +58,11 @@ def run_config(args) -> dict:
     for _ in model.stream("Warm up.", seed=0, max_new_tokens=schedule.first + 8, **stream_opts):
         pass
 
-    result = {"config": args.config, "load_s": load_s, "device": str(mx.default_device()),
-              "openblas": "openblas" in os.environ.get("LD_PRELOAD", "")}
+    import common
+
+    machine = common.machine()
+    result = {"config": args.config, "load_s": load_s, "device": machine["device"],
+              "openblas": machine["openblas"], "machine": machine}
 
     def timed_stream(chunks_iter):
         t_start = time.perf_counter()
@@ -210,16 +212,10 @@ def main() -> int:
     return 0
 
 
-def machine_description() -> str:
-    import platform
-
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor()) \
-        if os.path.exists("/proc/cpuinfo") else platform.processor()
-    return f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}"
-
-
 def render(results: list[dict]) -> str:
-    lines = [f"Machine: {machine_description()}", "",
+    from common import describe_machine
+
+    lines = [f"Machine: {describe_machine(results[0]['machine']) if results else '-'}", "",
              "| config | device | schedule / CFM steps / prompt | short: TTFA ms | short: RTF | short: stall ms | T3 tok/s "
              "| paragraph: audio s | paragraph: RTF | paragraph: stall ms | first / last steady chunk ms (chunk audio ms) "
              "| stream vs one-shot LSD dB (other noise) | largest jump: seam / inside | mean jump at seams: stream / one-shot / all | peak GB |",

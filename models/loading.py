@@ -60,10 +60,6 @@ def check_keys(
             raise CheckpointError(f"{file_name}: key '{prefix}{key}' has shape {got}, expected {want}")
 
 
-def split_prefix(tensors: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-
 @dataclass
 class Dims:
     """Per-component configs of a checkpoint (dims.json, or the full configs if absent)."""
@@ -79,11 +75,3 @@ class Dims:
             return cls(json.loads(path.read_text()))
         except (OSError, ValueError) as err:
             raise CheckpointError(f"{DIMS_FILE}: unreadable ({err})") from None
-
-    def section(self, *names: str) -> dict | None:
-        node = self.raw
-        for name in names:
-            if not isinstance(node, dict) or name not in node:
-                return None
-            node = node[name]
-        return node

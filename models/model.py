@@ -273,13 +273,21 @@ def _configs(dims: dict) -> tuple[t3_mod.T3Config, voice_encoder.VoiceEncoderCon
     )
 
 
+def _tokenizer_and_voice(directory: Path) -> tuple[EnTokenizer, Conditionals | None]:
+    """tokenizer.json and the built-in voice (conds.pt, if the checkpoint has one)."""
+    from . import torchpickle
+
+    conds_path = directory / "conds.pt"
+    conds = torchpickle.load_conds(conds_path) if conds_path.exists() else None
+    return EnTokenizer(directory / "tokenizer.json"), conds
+
+
 def _all_dims(t3_cfg, ve_cfg, s3_cfg, size: str) -> dict:
     return {"size": size, "t3": t3_cfg.to_dict(), "ve": ve_cfg.to_dict(), "s3gen": s3_cfg.to_dict()}
 
 
 def load_upstream(directory: Path, *, quantize: int | None = None, dtype: str = "float32", group_size: int = 64) -> ChatterboxModel:
     """Read the five upstream files strictly, convert layouts, optionally quantize."""
-    from . import torchpickle
 
     t0 = time.perf_counter()
     dims = loading.Dims.read(directory)
@@ -310,9 +318,7 @@ def load_upstream(directory: Path, *, quantize: int | None = None, dtype: str = 
         s3gen.flow.set_dtype(DTYPES[dtype])
     mx.eval(s3gen.parameters(), ve.parameters())
 
-    tokenizer = EnTokenizer(directory / "tokenizer.json")
-    conds_path = directory / "conds.pt"
-    conds = torchpickle.load_conds(conds_path) if conds_path.exists() else None
+    tokenizer, conds = _tokenizer_and_voice(directory)
     checkpoint = Checkpoint(source=str(directory), path=directory, size=dims.raw.get("size", "full"))
     model = ChatterboxModel(t3, s3gen, ve, tokenizer, conds, checkpoint, dtype=dtype)
     model.dims = _all_dims(t3_cfg, ve_cfg, s3_cfg, checkpoint.size)
@@ -326,7 +332,7 @@ def load_upstream(directory: Path, *, quantize: int | None = None, dtype: str = 
 
 def load_converted(directory: Path) -> ChatterboxModel:
     """Load an MLX-native directory (models/cache.py): no remapping, no quantizing."""
-    from . import cache as cache_mod, torchpickle
+    from . import cache as cache_mod
     from .quantize import quantized_structure
 
     t0 = time.perf_counter()
@@ -344,9 +350,7 @@ def load_converted(directory: Path) -> ChatterboxModel:
     # mx.load is lazy: the S3Tokenizer and CAMPPlus (about 0.5 GB, used only when a new
     # voice is computed) stay on disk until prepare_voice first needs them.
     mx.eval(t3.parameters(), s3gen.flow.parameters(), s3gen.mel2wav.parameters(), ve.parameters())
-    tokenizer = EnTokenizer(directory / "tokenizer.json")
-    conds_path = directory / "conds.pt"
-    conds = torchpickle.load_conds(conds_path) if conds_path.exists() else None
+    tokenizer, conds = _tokenizer_and_voice(directory)
     size = config["dims"].get("size", "full")
     checkpoint = Checkpoint(source=config.get("source", str(directory)), path=directory, size=size)
     model = ChatterboxModel(t3, s3gen, ve, tokenizer, conds, checkpoint, quantize=bits, dtype=dtype)

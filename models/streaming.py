@@ -194,6 +194,18 @@ def source_phase(seed: int, n_harm: int) -> mx.array:
     return mx.array(rng.uniform(-math.pi, math.pi, size=(1, n_harm)).astype(np.float32))
 
 
+# Speech frames draw noise from their own region of the buffer, so the prompt's length (which
+# differs between voices and with prompt_tokens) never shifts the noise of speech frames.
+_NOISE_SPEECH_OFFSET = 1 << 20
+
+
+def speech_noise(seed: int, first_token: int, n_tokens: int) -> mx.array:
+    """CFM noise for the mel frames of tokens [first, first + n): (1, 80, 2n)."""
+    return fixed_noise(
+        MEL_FRAMES_PER_TOKEN * n_tokens, seed, start=_NOISE_SPEECH_OFFSET + MEL_FRAMES_PER_TOKEN * first_token
+    )
+
+
 def _prompt(gen: dict, prompt_tokens: int | None) -> tuple[mx.array, mx.array]:
     """The S3Gen prompt (tokens (1, P), mel (1, 2P, 80)), optionally shortened to its end.
 
@@ -225,9 +237,7 @@ def render_tokens(model, tokens: list[int], gen: dict, seed: int, options: Strea
     flow, hift = model.s3gen.flow, model.s3gen.mel2wav
     n_prompt_frames = prompt_feat.shape[1]
     n_frames = MEL_FRAMES_PER_TOKEN * len(tokens)
-    noise = mx.concatenate(
-        [fixed_noise(n_prompt_frames, seed), fixed_noise(n_frames, seed, start=_NOISE_SPEECH_OFFSET)], axis=2
-    )
+    noise = mx.concatenate([fixed_noise(n_prompt_frames, seed), speech_noise(seed, 0, len(tokens))], axis=2)
     mel = flow.inference(
         mx.array([tokens], dtype=mx.int32), prompt_token, prompt_feat, gen["embedding"],
         noise=noise, n_timesteps=options.n_timesteps,
@@ -236,11 +246,6 @@ def render_tokens(model, tokens: list[int], gen: dict, seed: int, options: Strea
     src = hift.source(hift.f0(mel), phase=source_phase(seed, n_harm), noise=source_noise(seed, 0, n_frames, n_harm))
     wav = hift.decode(mel, src)[0]
     return np.array(dsp.apply_trim_fade(wav), dtype=np.float32)
-
-
-# Speech frames draw noise from their own region of the buffer, so the prompt's length (which
-# differs between voices and with prompt_tokens) never shifts the noise of speech frames.
-_NOISE_SPEECH_OFFSET = 1 << 20
 
 
 # -- the streaming renderer --------------------------------------------------------------
@@ -293,15 +298,12 @@ class SegmentRenderer:
         c0 = max(0, n0 - self.options.context_tokens)
         end = len(self.tokens) if final else min(len(self.tokens), n1 + LOOKAHEAD_TOKENS)
         window = self.tokens[c0:end]
-        speech_noise = fixed_noise(
-            MEL_FRAMES_PER_TOKEN * len(window), self.seed, start=_NOISE_SPEECH_OFFSET + MEL_FRAMES_PER_TOKEN * c0
-        )
         mel = self.flow.inference(
             mx.array([window], dtype=mx.int32),
             self.prompt_token,
             self.prompt_feat,
             self.gen["embedding"],
-            noise=mx.concatenate([self.prompt_noise, speech_noise], axis=2),
+            noise=mx.concatenate([self.prompt_noise, speech_noise(self.seed, c0, len(window))], axis=2),
             n_timesteps=self.options.n_timesteps,
             frames=(MEL_FRAMES_PER_TOKEN * (n0 - c0), MEL_FRAMES_PER_TOKEN * (n1 - c0)),
         )
@@ -332,7 +334,7 @@ class SegmentRenderer:
             out[:n] = self.pending[:n] * (1.0 - ramp) + out[:n] * ramp
         self.pending = None if final else wav[(stop - w0) * SAMPLES_PER_FRAME :].copy()
         if e == 0 and len(out):
-            out = np.array(dsp.apply_trim_fade(mx.array(out)), dtype=np.float32) if len(out) else out
+            out = np.array(dsp.apply_trim_fade(mx.array(out)), dtype=np.float32)
         self.emitted_frames = stop
         # keep only the mel a later HiFT window can need
         keep_from = max(0, stop - opts.hift_context_frames)

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .. import campplus, dsp, s3tokenizer
+from .. import campplus, s3tokenizer
 from . import flow as flow_mod
 from . import hifigan
 
@@ -102,37 +101,3 @@ class S3Gen(nn.Module):
             part = {k[len(prefix) + 1 :]: v for k, v in weights.items() if k.startswith(prefix + ".")}
             converted = module.convert_weights(part, self.cfg.part(prefix))
             getattr(self, prefix).load_weights(list(converted.items()), strict=True)
-
-    def mel(
-        self,
-        tokens: mx.array,
-        gen: dict,
-        *,
-        noise: mx.array | None = None,
-        key: mx.array | None = None,
-        n_timesteps: int | None = None,
-    ) -> mx.array:
-        """tokens (1, N) int32 -> mel (1, 80, 2N) in the voice of `gen` (Conditionals.gen)."""
-        return self.flow.inference(
-            tokens,
-            gen["prompt_token"],
-            gen["prompt_feat"],
-            gen["embedding"],
-            noise=noise,
-            key=key,
-            n_timesteps=n_timesteps,
-        )
-
-    def inference(
-        self,
-        tokens: mx.array,
-        gen: dict,
-        *,
-        key: mx.array,
-        n_timesteps: int | None = None,
-    ) -> mx.array:
-        """tokens (1, N) -> waveform (960 N,) float32 with the reference's trim fade applied."""
-        flow_key, hift_key = mx.random.split(key)
-        mel = self.mel(tokens, gen, key=flow_key, n_timesteps=n_timesteps)
-        wav, _ = self.mel2wav.inference(mel, key=hift_key)
-        return dsp.apply_trim_fade(wav[0])
