@@ -32,8 +32,9 @@ FORMAT = "nightingale-mlx"
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 COMPONENT_FILES = {"t3": "t3.safetensors", "s3gen": "s3gen.safetensors", "ve": "ve.safetensors"}
-COPIED_FILES = ("tokenizer.json", "conds.pt")
-SOURCE_FILES = ("ve.safetensors", "t3_cfg.safetensors", "s3gen.safetensors", "tokenizer.json", "conds.pt", "dims.json")
+MTL_FILES = ("ve.pt", "t3_mtl23ls_v2.safetensors", "s3gen.pt", "grapheme_mtl_merged_expanded_v1.json", "Cangjie5_TC.json")
+COPIED_FILES = ("tokenizer.json", "conds.pt", "grapheme_mtl_merged_expanded_v1.json", "Cangjie5_TC.json")
+SOURCE_FILES = ("ve.safetensors", "t3_cfg.safetensors", "s3gen.safetensors", "tokenizer.json", "conds.pt", "dims.json") + MTL_FILES
 FINGERPRINT_BYTES = 1 << 20
 
 

@@ -132,12 +132,20 @@ def _save_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
     os.replace(tmp, path)
 
 
-def make_checkpoint(directory: str | os.PathLike, size: str = "tiny", seed: int = 0) -> Path:
+def make_checkpoint(directory: str | os.PathLike, size: str = "tiny", seed: int = 0, family: str = "english") -> Path:
     """Write a random checkpoint (the five upstream files plus dims.json) into `directory`.
 
     The same (size, seed) always gives the same tensors. Each file draws from its own
     generator (seeded from `seed` and the file's name), so files are independent.
+    family "multilingual" writes Chatterbox Multilingual's six files instead
+    (models/multilingual.py).
     """
+    if family == "multilingual":
+        from . import multilingual
+
+        return multilingual.make_checkpoint(directory, size, seed)
+    if family != "english":
+        raise ValueError(f"unknown model family {family!r}; choose english or multilingual")
     from . import t3, torchpickle, voice_encoder
     from .s3gen import s3gen
     from .tokenizer import write_stand_in_tokenizer_json

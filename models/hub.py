@@ -36,18 +36,35 @@ class CheckpointNotFoundError(FileNotFoundError):
         return str(self.args[0]) if self.args else ""
 
 
-def check_checkpoint_dir(path: str | os.PathLike) -> Path:
-    """Return `path` resolved if it holds the five checkpoint files, else raise naming the missing ones."""
+def family_files(family: str | None) -> tuple[str, ...]:
+    """The files a checkpoint of that family holds (None and "english": the five English ones)."""
+    from . import multilingual
+
+    if family in (None, "english"):
+        return CHECKPOINT_FILES
+    if family == multilingual.FAMILY:
+        return multilingual.REQUIRED_FILES
+    raise CheckpointNotFoundError(f"unknown model family {family!r}; choose english or multilingual")
+
+
+def check_checkpoint_dir(path: str | os.PathLike, family: str | None = None) -> Path:
+    """Return `path` resolved if it holds the checkpoint files, else raise naming the
+    missing ones. Without a family, a directory holding the multilingual T3 is multilingual."""
+    from . import multilingual
+
     path = Path(path).expanduser().resolve()
+    if family is None and multilingual.is_multilingual_dir(path):
+        family = multilingual.FAMILY
+    files = family_files(family)
     if not path.is_dir():
         raise CheckpointNotFoundError(
-            f"{path} is not a directory (expected a checkpoint directory holding {', '.join(CHECKPOINT_FILES)})"
+            f"{path} is not a directory (expected a checkpoint directory holding {', '.join(files)})"
         )
-    missing = [name for name in CHECKPOINT_FILES if not (path / name).is_file()]
+    missing = [name for name in files if not (path / name).is_file()]
     if missing:
         raise CheckpointNotFoundError(
             f"checkpoint directory {path} is missing {', '.join(missing)} "
-            f"(a Chatterbox checkpoint holds {', '.join(CHECKPOINT_FILES)})"
+            f"(a Chatterbox {family or 'english'} checkpoint holds {', '.join(files)})"
         )
     return path
 
@@ -93,7 +110,7 @@ def _reachable(endpoint: str, timeout_s: float = PROBE_TIMEOUT_S) -> bool:
         return False
 
 
-def _download(repo_id: str, revision: str | None, cache_dir: str | os.PathLike | None) -> Path:
+def _download(repo_id: str, revision: str | None, cache_dir: str | os.PathLike | None, family: str | None = None) -> Path:
     """hf_hub_download each file into the HF cache; return the snapshot folder holding them."""
     from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import (
@@ -115,8 +132,13 @@ def _download(repo_id: str, revision: str | None, cache_dir: str | os.PathLike |
     paths: dict[str, Path] = {}
     missing: dict[str, str] = {}
     cache_shown = str(cache_dir or constants.HF_HUB_CACHE)
-    with tqdm(total=len(CHECKPOINT_FILES), desc=f"Fetching {repo_id}", unit="file", disable=None) as bar:
-        for name in CHECKPOINT_FILES:
+    from . import multilingual
+
+    files = family_files(family)
+    if family == multilingual.FAMILY:
+        files = multilingual.CHECKPOINT_FILES  # the Cangjie table too, as upstream fetches it
+    with tqdm(total=len(files), desc=f"Fetching {repo_id}", unit="file", disable=None) as bar:
+        for name in files:
             try:
                 paths[name] = Path(
                     hf_hub_download(repo_id, name, revision=revision, cache_dir=cache_dir, local_files_only=local_only)
@@ -134,6 +156,8 @@ def _download(repo_id: str, revision: str | None, cache_dir: str | os.PathLike |
                 # don't wait on connection timeouts again.
                 local_only = True
             except EntryNotFoundError:
+                if name == multilingual.CANGJIE_FILE:  # only Chinese needs it
+                    continue
                 missing[name] = f"not in {repo_id}"
             except (HfHubHTTPError, ConnectionError, TimeoutError) as e:
                 missing[name] = f"download failed: {e}".splitlines()[0]
@@ -147,7 +171,7 @@ def _download(repo_id: str, revision: str | None, cache_dir: str | os.PathLike |
         raise CheckpointNotFoundError(
             f"the files of {repo_id} landed in different folders: {sorted(map(str, folders))}"
         )
-    return check_checkpoint_dir(folders.pop())
+    return check_checkpoint_dir(folders.pop(), family)
 
 
 def resolve_checkpoint(
@@ -155,26 +179,29 @@ def resolve_checkpoint(
     *,
     revision: str | None = None,
     cache_dir: str | os.PathLike | None = None,
+    family: str | None = None,
 ) -> Path:
     """The directory holding the five checkpoint files.
 
     path_or_repo: an existing directory (used as is, after checking the files), or a Hugging
     Face repo id `owner/name` (downloaded into the HF cache, or taken from it when offline).
     None means $NIGHTINGALE_MODEL, else `ResembleAI/chatterbox`. revision / cache_dir are
-    passed to huggingface_hub (defaults: the main branch, its usual cache).
+    passed to huggingface_hub (defaults: the main branch, its usual cache). family picks
+    which model of the repo ("english", the default, or "multilingual"); a directory's
+    files say which it is.
 
     Raises CheckpointNotFoundError with a message meant for the user.
     """
     source = str(path_or_repo) if path_or_repo is not None else (os.environ.get(MODEL_ENV) or DEFAULT_REPO)
     local = Path(source).expanduser()
     if local.exists():
-        path = check_checkpoint_dir(local)
+        path = check_checkpoint_dir(local, family)
         logger.info("checkpoint: %s", path)
         return path
     if not REPO_ID.match(source):
         raise CheckpointNotFoundError(
             f"no checkpoint directory at {local} (and {source!r} is not a Hugging Face repo id such as {DEFAULT_REPO})"
         )
-    path = _download(source, revision, cache_dir)
+    path = _download(source, revision, cache_dir, family)
     logger.info("checkpoint: %s (from Hugging Face %s)", path, source)
     return path

@@ -22,6 +22,7 @@ from . import loading, t3 as t3_mod, voice_encoder
 from .conds import Conditionals
 from .s3gen import s3gen as s3gen_mod
 from .stream import SAMPLE_RATE, AudioChunk
+from .mtl_tokenizer import MTLTokenizer, UnsupportedLanguageError, check_language, punc_norm as mtl_punc_norm
 from .tokenizer import EnTokenizer, punc_norm
 
 logger = logging.getLogger(__name__)
@@ -31,6 +32,11 @@ STOP_SPEECH_TOKEN = 6562
 DEFAULT_VOICE = "default"
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+ENGLISH = "english"
+MULTILINGUAL = "multilingual"
+ENGLISH_LANGUAGES = {"en": "English"}
+# Sampling defaults that differ by family (tts.generate / mtl_tts.generate).
+REPETITION_PENALTY = {ENGLISH: 1.2, MULTILINGUAL: 2.0}
 
 
 def filter_speech_tokens(tokens: list[int]) -> list[int]:
@@ -63,7 +69,7 @@ class ChatterboxModel:
         t3: t3_mod.T3,
         s3gen: s3gen_mod.S3Gen,
         ve: voice_encoder.VoiceEncoder,
-        tokenizer: EnTokenizer,
+        tokenizer: EnTokenizer | MTLTokenizer,
         conds: Conditionals | None,
         checkpoint: Checkpoint,
         quantize: int | None = None,
@@ -79,6 +85,27 @@ class ChatterboxModel:
         self.group_size = 64
         self.dtype = dtype
         self.dims: dict = {}
+
+    @property
+    def family(self) -> str:
+        """"english" or "multilingual" (the T3 text vocabulary says which, as upstream)."""
+        return MULTILINGUAL if self.t3.cfg.is_multilingual else ENGLISH
+
+    @property
+    def languages(self) -> dict[str, str]:
+        """Language codes this model speaks, with their names."""
+        from .mtl_tokenizer import SUPPORTED_LANGUAGES
+
+        return dict(SUPPORTED_LANGUAGES) if self.family == MULTILINGUAL else dict(ENGLISH_LANGUAGES)
+
+    def check_language(self, language: str | None) -> str | None:
+        """The normalised code (None for English's default), or UnsupportedLanguageError."""
+        if language is None:
+            if self.family == MULTILINGUAL:
+                raise UnsupportedLanguageError(
+                    f"the multilingual model needs a language; supported: {', '.join(self.languages)}")
+            return None
+        return check_language(language, self.languages)
 
     # -- voices ------------------------------------------------------------------------
 
@@ -118,9 +145,40 @@ class ChatterboxModel:
 
     # -- text and tokens ---------------------------------------------------------------
 
-    def text_tokens(self, text: str) -> list[int]:
+    def text_tokens(self, text: str, language: str | None = None) -> list[int]:
         """Normalised, tokenised text (without SOT/EOT), as the reference's generate()."""
+        language = self.check_language(language)
+        if self.family == MULTILINGUAL:
+            return self.tokenizer.encode(mtl_punc_norm(text), language)
         return self.tokenizer.encode(punc_norm(text))
+
+    def text_spans(self, text: str, language: str) -> list[tuple[int, int]]:
+        """Multilingual: per position of [SOT] text tokens [EOT] (what the alignment
+        analyzer tracks), the [start, end) character range of `text` it stands for."""
+        from .mtl_tokenizer import Tracked, punc_norm_tracked, text_spans_for_positions
+
+        normed = punc_norm_tracked(Tracked.of(text))
+        _, spans = self.tokenizer.encode_with_spans(normed.text, self.check_language(language))
+        to_input = [(normed.origin[a], normed.origin[b - 1] + 1) if b > a else (0, 0) for a, b in spans]
+        return text_spans_for_positions(to_input)
+
+    def generate_aligned_tokens(self, text: str, *, language: str, voice: Conditionals | str | None = None,
+                                exaggeration: float = 0.5, repetition_penalty: float | None = None, **sampling):
+        """Multilingual: yield `alignment.AlignedToken`s (token and text position)."""
+        from .alignment import generate_aligned
+
+        if self.family != MULTILINGUAL:
+            raise ValueError("only the multilingual model has aligned heads")
+        cond = self._t3_cond(voice, exaggeration)
+        penalty = REPETITION_PENALTY[MULTILINGUAL] if repetition_penalty is None else repetition_penalty
+        yield from generate_aligned(self.t3, cond, self.text_tokens(text, language),
+                                    repetition_penalty=penalty, **sampling)
+
+    def _t3_cond(self, voice, exaggeration: float):
+        cond = self.resolve_voice(voice).t3
+        if float(cond.emotion_adv.reshape(-1)[0].item()) != exaggeration:
+            cond = cond.with_exaggeration(exaggeration)
+        return cond
 
     def generate_tokens(
         self,
@@ -130,21 +188,30 @@ class ChatterboxModel:
         exaggeration: float = 0.5,
         cfg_weight: float = 0.5,
         temperature: float = 0.8,
-        repetition_penalty: float = 1.2,
+        repetition_penalty: float | None = None,
         min_p: float = 0.05,
         top_p: float = 1.0,
         max_new_tokens: int = 1000,
         seed: int | None = None,
+        language: str | None = None,
     ) -> Iterator[int]:
-        """Yield every token T3 samples, as soon as it is sampled (EOS excluded)."""
-        conds = self.resolve_voice(voice)
-        cond = conds.t3
-        if float(cond.emotion_adv.reshape(-1)[0].item()) != exaggeration:
-            cond = cond.with_exaggeration(exaggeration)
+        """Yield every token T3 samples, as soon as it is sampled (EOS excluded). The
+        multilingual model decodes with the alignment analyzer, as upstream does."""
+        penalty = REPETITION_PENALTY[self.family] if repetition_penalty is None else repetition_penalty
+        if self.family == MULTILINGUAL:
+            for aligned in self.generate_aligned_tokens(
+                text, language=language, voice=voice, exaggeration=exaggeration, cfg_weight=cfg_weight,
+                temperature=temperature, repetition_penalty=penalty, min_p=min_p, top_p=top_p,
+                max_new_tokens=max_new_tokens, seed=seed,
+            ):
+                yield aligned.token
+            return
+        cond = self._t3_cond(voice, exaggeration)
+        repetition_penalty = penalty
         yield from t3_mod.generate_tokens(
             self.t3,
             cond,
-            self.text_tokens(text),
+            self.text_tokens(text, language),
             cfg_weight=cfg_weight,
             temperature=temperature,
             repetition_penalty=repetition_penalty,
@@ -205,6 +272,8 @@ class ChatterboxModel:
             "quantize": self.quantize,
             "dtype": self.dtype,
             "sample_rate": self.sample_rate,
+            "family": self.family,
+            "languages": sorted(self.languages),
         }
 
 
@@ -223,6 +292,7 @@ def load_model(
     dtype: str | None = None,
     group_size: int = 64,
     cache: bool = True,
+    family: str | None = None,
 ) -> ChatterboxModel:
     """Load a model.
 
@@ -230,7 +300,8 @@ def load_model(
     directory written by `nightingale models convert`, or None for `NIGHTINGALE_MODEL` or
     the default repo (ResembleAI/chatterbox). quantize: 8, 4 or None (float). dtype: the
     precision of the non-quantized parts ("float32", "float16", "bfloat16"; None: see
-    `default_dtype`).
+    `default_dtype`). family: "english" or "multilingual", for a Hugging Face repo that
+    holds both (a directory's files say which it is).
 
     With `cache`, an upstream checkpoint is converted once into an MLX-native directory
     in the user's cache (see models/cache.py) and later loads read that instead.
@@ -248,7 +319,7 @@ def load_model(
                        "for prefill and S3Gen; float32 is the fast choice here", dtype)
     if path is not None and cache_mod.is_converted(Path(path)):
         return load_converted(Path(path))
-    directory = hub.resolve_checkpoint(None if path is None else str(path))
+    directory = hub.resolve_checkpoint(None if path is None else str(path), family=family)
     if not cache:
         return load_upstream(directory, quantize=quantize, dtype=dtype, group_size=group_size)
     target, fingerprints = cache_mod.cached_dir(directory, quantize, group_size, dtype)
@@ -265,52 +336,64 @@ def load_model(
     return model
 
 
-def _configs(dims: dict) -> tuple[t3_mod.T3Config, voice_encoder.VoiceEncoderConfig, s3gen_mod.S3GenConfig]:
+def _configs(dims: dict, family: str = ENGLISH) -> tuple[t3_mod.T3Config, voice_encoder.VoiceEncoderConfig, s3gen_mod.S3GenConfig]:
+    full_t3 = t3_mod.T3Config.full().multilingual() if family == MULTILINGUAL else t3_mod.T3Config.full()
     return (
-        t3_mod.T3Config.from_dict(dims["t3"]) if dims.get("t3") else t3_mod.T3Config.full(),
+        t3_mod.T3Config.from_dict(dims["t3"]) if dims.get("t3") else full_t3,
         voice_encoder.VoiceEncoderConfig.from_dict(dims["ve"]) if dims.get("ve") else voice_encoder.VoiceEncoderConfig.full(),
         s3gen_mod.S3GenConfig.from_dict(dims.get("s3gen")),
     )
 
 
-def _tokenizer_and_voice(directory: Path) -> tuple[EnTokenizer, Conditionals | None]:
-    """tokenizer.json and the built-in voice (conds.pt, if the checkpoint has one)."""
+def _tokenizer_and_voice(directory: Path) -> tuple[EnTokenizer | MTLTokenizer, Conditionals | None]:
+    """The tokenizer (tokenizer.json, or the multilingual one) and the built-in voice
+    (conds.pt, if the checkpoint has one)."""
     from . import torchpickle
+    from .mtl_tokenizer import TOKENIZER_FILE as MTL_TOKENIZER_FILE
 
     conds_path = directory / "conds.pt"
     conds = torchpickle.load_conds(conds_path) if conds_path.exists() else None
+    if (directory / MTL_TOKENIZER_FILE).is_file():
+        return MTLTokenizer(directory / MTL_TOKENIZER_FILE), conds
     return EnTokenizer(directory / "tokenizer.json"), conds
 
 
 def _all_dims(t3_cfg, ve_cfg, s3_cfg, size: str) -> dict:
-    return {"size": size, "t3": t3_cfg.to_dict(), "ve": ve_cfg.to_dict(), "s3gen": s3_cfg.to_dict()}
+    family = MULTILINGUAL if t3_cfg.is_multilingual else ENGLISH
+    return {"family": family, "size": size, "t3": t3_cfg.to_dict(), "ve": ve_cfg.to_dict(), "s3gen": s3_cfg.to_dict()}
 
 
 def load_upstream(directory: Path, *, quantize: int | None = None, dtype: str = "float32", group_size: int = 64) -> ChatterboxModel:
     """Read the five upstream files strictly, convert layouts, optionally quantize."""
 
+    from . import multilingual
+
     t0 = time.perf_counter()
     dims = loading.Dims.read(directory)
-    t3_cfg, ve_cfg, s3_cfg = _configs(dims.raw)
+    family = MULTILINGUAL if multilingual.is_multilingual_dir(directory) else ENGLISH
+    t3_cfg, ve_cfg, s3_cfg = _configs(dims.raw, family)
+    if family == MULTILINGUAL:
+        if not t3_cfg.is_multilingual:
+            raise loading.CheckpointError(f"{multilingual.T3_FILE}: dims.json describes an English T3")
+        t3_weights, ve_weights, s3_weights = multilingual.read_weights(directory, t3_cfg, ve_cfg, s3_cfg)
+    else:
+        t3_weights = loading.read_safetensors(directory / "t3_cfg.safetensors")
+        loading.check_keys("t3_cfg.safetensors", t3_weights, t3_mod.upstream_shapes(t3_cfg))
+        ve_weights = loading.read_safetensors(directory / "ve.safetensors")
+        loading.check_keys("ve.safetensors", ve_weights, voice_encoder.upstream_shapes(ve_cfg))
+        s3_weights = loading.read_safetensors(directory / "s3gen.safetensors")
+        optional = s3gen_mod.optional_shapes(s3_cfg)
+        loading.check_keys(
+            "s3gen.safetensors",
+            s3_weights,
+            {**s3gen_mod.upstream_shapes(s3_cfg), **optional},
+            optional=frozenset(optional),
+        )
 
-    t3_weights = loading.read_safetensors(directory / "t3_cfg.safetensors")
-    loading.check_keys("t3_cfg.safetensors", t3_weights, t3_mod.upstream_shapes(t3_cfg))
     t3 = t3_mod.build_t3(t3_weights, t3_cfg, DTYPES[dtype])
     del t3_weights
-
-    ve_weights = loading.read_safetensors(directory / "ve.safetensors")
-    loading.check_keys("ve.safetensors", ve_weights, voice_encoder.upstream_shapes(ve_cfg))
     ve = voice_encoder.VoiceEncoder(ve_cfg)
     ve.load_weights(list(voice_encoder.convert_weights(ve_weights, ve_cfg).items()), strict=True)
-
-    s3_weights = loading.read_safetensors(directory / "s3gen.safetensors")
-    optional = s3gen_mod.optional_shapes(s3_cfg)
-    loading.check_keys(
-        "s3gen.safetensors",
-        s3_weights,
-        {**s3gen_mod.upstream_shapes(s3_cfg), **optional},
-        optional=frozenset(optional),
-    )
     s3gen = s3gen_mod.S3Gen(s3_cfg)
     s3gen.load_upstream(s3_weights)
     del s3_weights

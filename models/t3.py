@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import secrets
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Iterator
 
 import mlx.core as mx
@@ -39,6 +39,10 @@ logger = logging.getLogger(__name__)
 
 PERCEIVER_LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm default, used by the perceiver block
 CACHE_STEP = 256  # the KV cache grows in blocks of this many positions
+MTL_TEXT_VOCAB_SIZE = 2454  # T3Config.multilingual()
+# alignment_stream_analyzer.LLAMA_ALIGNED_HEADS: (layer, head) of the full backbone.
+LLAMA_ALIGNED_HEADS = ((12, 15), (13, 11), (9, 2))
+TINY_ALIGNED_HEADS = ((1, 3), (1, 1), (0, 2))  # the same roles inside T3Config.tiny()
 
 
 def _default_rope_scaling() -> dict:
@@ -80,6 +84,9 @@ class T3Config:
     # Perceiver resampler (modules/perceiver.py defaults)
     perceiver_query_tokens: int = 32
     perceiver_heads: int = 4
+    # Multilingual only: the (layer, head) pairs whose attention tracks the text
+    # (alignment_stream_analyzer.LLAMA_ALIGNED_HEADS); None for English.
+    alignment_heads: list | None = None
 
     @classmethod
     def full(cls) -> "T3Config":
@@ -103,6 +110,20 @@ class T3Config:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def is_multilingual(self) -> bool:
+        """Upstream's test (T3Config.is_multilingual): the 2454-id text vocabulary."""
+        return self.text_tokens_dict_size == MTL_TEXT_VOCAB_SIZE
+
+    def multilingual(self) -> "T3Config":
+        """This config with T3Config.multilingual()'s text vocabulary and aligned heads
+        (upstream's for the full 30x16 backbone; ones inside the tiny backbone otherwise)."""
+        full = self.num_hidden_layers == 30 and self.num_attention_heads == 16
+        heads = LLAMA_ALIGNED_HEADS if full else TINY_ALIGNED_HEADS
+        if any(layer >= self.num_hidden_layers or head >= self.num_attention_heads for layer, head in heads):
+            raise ValueError("the backbone is too small for the aligned heads")
+        return replace(self, text_tokens_dict_size=MTL_TEXT_VOCAB_SIZE, alignment_heads=[list(h) for h in heads])
 
     @property
     def cond_len(self) -> int:
@@ -249,6 +270,30 @@ class T3Cache:
         return [a for a in self.keys + self.values if a is not None]
 
 
+class AttentionProbe:
+    """Attention weights of chosen heads of batch row 0 (the conditional row), as HF's
+    eager attention returns them with output_attentions=True: softmax(q k^T scale + causal
+    mask) in float32. Pass one to `T3.prefill`/`step`; after the call `weights[n]` is the
+    (L, S) matrix of heads[n]. Only the probed layers do any extra work."""
+
+    def __init__(self, heads: list) -> None:
+        self.heads = [(int(layer), int(head)) for layer, head in heads]
+        self.layers = {layer for layer, _ in self.heads}
+        self.weights: list[mx.array | None] = [None] * len(self.heads)
+
+    def record(self, layer: int, q: mx.array, k: mx.array, scale: float, group: int) -> None:
+        """q (B, H, L, hd) and k (B, kv_heads, S, hd), both after RoPE, k the whole cache."""
+        for n, (probe_layer, head) in enumerate(self.heads):
+            if probe_layer != layer:
+                continue
+            scores = (q[0, head].astype(mx.float32) @ k[0, head // group].astype(mx.float32).T) * scale  # (L, S)
+            length, total = scores.shape
+            if length > 1:  # query i sits at absolute position total - length + i
+                visible = mx.arange(total)[None] <= mx.arange(total - length, total)[:, None]
+                scores = mx.where(visible, scores, -mx.inf)
+            self.weights[n] = mx.softmax(scores, axis=-1)
+
+
 # ---------------------------------------------------------------------------------------
 # Llama backbone (names follow transformers' LlamaModel so the checkpoint keys map 1:1)
 
@@ -266,8 +311,9 @@ class LlamaAttention(nn.Module):
         # Leading underscore: a constant, not a parameter (MLX skips such attributes).
         self._rope_periods = mx.array(llama3_rope_periods(cfg))
 
-    def __call__(self, x: mx.array, cache: T3Cache, layer: int) -> mx.array:
-        """x (B, L, D) -> (B, L, D); attends to the cache plus x, causally."""
+    def __call__(self, x: mx.array, cache: T3Cache, layer: int, probe: "AttentionProbe | None" = None) -> mx.array:
+        """x (B, L, D) -> (B, L, D); attends to the cache plus x, causally. A probe
+        records the attention weights of its heads of this layer."""
         b, length, _ = x.shape
         q = self.q_proj(x).reshape(b, length, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
         k = self.k_proj(x).reshape(b, length, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
@@ -278,6 +324,8 @@ class LlamaAttention(nn.Module):
         k = mx.fast.rope(k, self.head_dim, traditional=False, base=None, scale=1.0, offset=cache.offset,
                          freqs=self._rope_periods)
         k, v = cache.update(layer, k, v)
+        if probe is not None:
+            probe.record(layer, q, k, self.scale, self.n_heads // self.n_kv_heads)
         # "causal" aligns the last query with the last key, which is what a chunk appended
         # to a cache needs; a single query sees everything.
         mask = "causal" if length > 1 else None
@@ -305,8 +353,8 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
-    def __call__(self, x: mx.array, cache: T3Cache, layer: int) -> mx.array:
-        h = x + self.self_attn(self.input_layernorm(x), cache, layer)
+    def __call__(self, x: mx.array, cache: T3Cache, layer: int, probe: "AttentionProbe | None" = None) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), cache, layer, probe)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -317,11 +365,11 @@ class LlamaModel(nn.Module):
         self.layers = [LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers)]
         self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
-    def __call__(self, embeds: mx.array, cache: T3Cache) -> mx.array:
+    def __call__(self, embeds: mx.array, cache: T3Cache, probe: "AttentionProbe | None" = None) -> mx.array:
         """embeds (B, L, D) -> hidden state after the final RMSNorm (B, L, D)."""
         h = embeds
         for n, layer in enumerate(self.layers):
-            h = layer(h, cache, n)
+            h = layer(h, cache, n, probe if probe is not None and n in probe.layers else None)
         cache.advance(embeds.shape[1])
         return self.norm(h)
 
@@ -481,15 +529,17 @@ class T3(nn.Module):
         hidden = self.tfmr(embeds, cache)
         return self.speech_head(hidden).astype(mx.float32), cache
 
-    def prefill(self, cond_emb: mx.array, text_tokens: mx.array, use_cfg: bool = True) -> tuple[mx.array, T3Cache]:
+    def prefill(self, cond_emb: mx.array, text_tokens: mx.array, use_cfg: bool = True,
+                probe: "AttentionProbe | None" = None) -> tuple[mx.array, T3Cache]:
         """Run the prefill (batch 2 with CFG, else 1); returns the last position's float32
         logits (B, V) and the cache."""
         embeds = self.prefill_embeds(cond_emb, text_tokens, use_cfg)
         cache = self.make_cache(embeds.shape[0])
-        hidden = self.tfmr(embeds, cache)
+        hidden = self.tfmr(embeds, cache, probe)
         return self.speech_head(hidden[:, -1, :]).astype(mx.float32), cache
 
-    def step(self, token: mx.array | int, position: int, cache: T3Cache) -> tuple[mx.array, T3Cache]:
+    def step(self, token: mx.array | int, position: int, cache: T3Cache,
+             probe: "AttentionProbe | None" = None) -> tuple[mx.array, T3Cache]:
         """Feed one generated token (id as int or (1,) array) at learned speech position
         `position` (k + 1 for the k-th generated token) to every row; returns float32 logits
         (B, V) and the cache."""
@@ -498,7 +548,7 @@ class T3(nn.Module):
         # Module calls rather than weight indexing, so a quantized embedding works too.
         emb = self.speech_emb(token.reshape(1)) + self.speech_pos_emb.emb(mx.array([position]))  # (1, D)
         emb = mx.broadcast_to(emb[None], (cache.batch, 1, emb.shape[-1]))
-        hidden = self.tfmr(emb, cache)
+        hidden = self.tfmr(emb, cache, probe)
         return self.speech_head(hidden[:, 0, :]).astype(mx.float32), cache
 
     def teacher_forced_logits(self, cond_emb: mx.array, text_tokens: mx.array, speech_tokens: mx.array,
