@@ -156,7 +156,9 @@ def generate_aligned(
     """`t3.generate_tokens` for the multilingual model: upstream's T3.inference with the
     analyzer (CFG, analyzer, repetition penalty, temperature, min_p, top_p, sample).
     Defaults are mtl_tts.generate's (repetition penalty 2.0). EOS ends the generator and is
-    not yielded. Each step waits for its attention weights, so steps are not pipelined."""
+    not yielded; the generator's return value is then the analyzer's last result (why it
+    stopped), None when max_new_tokens ran out. Each step waits for its attention weights,
+    so steps are not pipelined."""
     cfg = t3.cfg
     if not cfg.alignment_heads:
         raise ValueError("this T3 has no aligned heads (the English model has none)")
@@ -186,10 +188,27 @@ def generate_aligned(
         token = t3_mod.sample_token(x, seen, params, keys[i]).item()
         if token == cfg.stop_speech_token:
             logger.debug("T3 EOS after %d tokens (%s)", i, analyzer.last)
-            return
+            return analyzer.last
         yield AlignedToken(token, analyzer.text_position, analyzer.last)
         if use_penalty:
             seen = seen | (vocab_ids == token)
         last = token
         if i + 1 < max_new_tokens:
             logits, cache = t3.step(token, i + 1, cache, probe=probe)
+    return None
+
+
+def sharpen_aligned_heads(weights: dict[str, np.ndarray], cfg: t3_mod.T3Config, factor: float) -> dict[str, np.ndarray]:
+    """For tests and benchmarks on random weights: scale the aligned heads' query and key
+    projections by `factor`, so their attention is peaked (softmax of factor^2 x the
+    scores) and the analyzer's position moves and its guards can fire. Returns new arrays."""
+    out = dict(weights)
+    group = cfg.num_attention_heads // cfg.num_key_value_heads
+    hd = cfg.head_dim
+    for layer, head in cfg.alignment_heads or ():
+        for proj, index in (("q_proj", head), ("k_proj", head // group)):
+            key = f"tfmr.layers.{layer}.self_attn.{proj}.weight"
+            w = np.array(out[key], dtype=np.float32)
+            w[index * hd : (index + 1) * hd] *= factor
+            out[key] = w
+    return out

@@ -281,10 +281,6 @@ class CangjieConverter:
             self.cj2word.setdefault(code, []).append(word)
         self._segment = segment
 
-    @classmethod
-    def from_file(cls, path: Path) -> "CangjieConverter":
-        return cls(json.loads(Path(path).read_text(encoding="utf-8")))
-
     def segmenter(self) -> Callable[[str], list[str]] | None:
         if self._segment is None:
             try:
@@ -342,7 +338,10 @@ class CangjieConverter:
 class MTLTokenizer:
     """Upstream's multilingual tokenizer. `encode(text, language)` takes punc_norm'ed text."""
 
-    def __init__(self, path: str | os.PathLike, cangjie_table: str | os.PathLike | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, cangjie_table: str | os.PathLike | None = None,
+                 chinese_segmenter: Callable[[str], list[str]] | None | bool = None) -> None:
+        """chinese_segmenter: None loads pkuseg when Chinese is first spoken; False skips
+        segmentation (upstream's behaviour without pkuseg installed)."""
         path = Path(path)
         self.tokenizer = Tokenizer.from_file(str(path))
         vocab = self.tokenizer.get_vocab()
@@ -351,6 +350,7 @@ class MTLTokenizer:
         table = Path(cangjie_table) if cangjie_table else path.parent / CANGJIE_FILE
         self._cangjie_path = table
         self._cangjie: CangjieConverter | None = None
+        self._segmenter = chinese_segmenter
 
     def cangjie(self) -> CangjieConverter:
         if self._cangjie is None:
@@ -358,7 +358,8 @@ class MTLTokenizer:
                 raise MissingFrontEndError(
                     f"Chinese text needs the Cangjie table {CANGJIE_FILE} beside the tokenizer ({self._cangjie_path.parent})"
                 )
-            self._cangjie = CangjieConverter.from_file(self._cangjie_path)
+            table = json.loads(self._cangjie_path.read_text(encoding="utf-8"))
+            self._cangjie = CangjieConverter(table, self._segmenter)
         return self._cangjie
 
     def prepare(self, text: str, language: str) -> Tracked:

@@ -19,6 +19,14 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_mtl_checkpoint(tmp_path_factory) -> Path:
+    """A tiny random multilingual checkpoint (upstream's six files + dims.json), seed 0."""
+    from nightingale.models.checkpoint import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("tiny-mtl-ckpt"), "tiny", seed=TINY_SEED, family="multilingual")
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tiny_checkpoint):
     """The tiny checkpoint loaded in float32 (shared: tests must not mutate it)."""
     from nightingale.models import load_model

@@ -121,7 +121,7 @@ def write_checkpoint(out: Path, size: str, seed: int) -> None:
 # Step 2 (reference venv)
 
 
-def build_reference(ckpt: Path):
+def build_reference(ckpt: Path, weights_file: str = "t3_cfg.safetensors"):
     """Upstream T3 with the checkpoint's dimensions, loaded strictly. Returns (t3, dims)."""
     import torch
     from safetensors.torch import load_file
@@ -161,7 +161,7 @@ def build_reference(ckpt: Path):
         # for the checkpoint's width (same class, same code path).
         d = dims["hidden_size"]
         t3.cond_enc.perceiver = Perceiver(dims["perceiver_query_tokens"], d, d, dims["perceiver_heads"])
-    state = load_file(str(ckpt / "t3_cfg.safetensors"))
+    state = load_file(str(ckpt / weights_file))
     result = t3.load_state_dict(state, strict=True)
     assert not result.missing_keys and not result.unexpected_keys, result
     t3.eval()
