@@ -112,13 +112,17 @@ class Tracked:
 
     def piecewise(self, pieces: list[tuple[int, int, str]]) -> "Tracked":
         """Replace spans: pieces are (start, end, new text), in order, covering the text.
-        New characters take the origin of the span's first character (or the previous
-        character's, for an empty span)."""
+        New characters are spread over the span's origins in order (an empty span: the
+        origin of the character at its place)."""
         text, origin, last = [], [], 0
         for start, end, new in pieces:
-            src = self.origin[start] if start < len(self.origin) else (self.origin[-1] if self.origin else 0)
+            if end > start:  # spread the new characters over the span ("東京" -> "とうきょう")
+                span = self.origin[start:end]
+                origin.extend(span[k * len(span) // len(new)] for k in range(len(new)))
+            else:
+                src = self.origin[start] if start < len(self.origin) else (self.origin[-1] if self.origin else 0)
+                origin.extend([src] * len(new))
             text.append(new)
-            origin.extend([src] * len(new))
             last = end
         assert last == len(self.text)
         return Tracked("".join(text), origin)

@@ -162,7 +162,9 @@ def test_spans_map_tokens_back_to_input_characters(tokenizer):
     assert covered == set(range(len(text)))
     assert [text[a:b] for a, b in spans[1:5]] == ["Gr", "ü", "ü", "ß"]  # "gr" is a merge
     _, spans = tokenizer.encode_with_spans("東京へ行く", "ja")
-    assert {text for text in ("東京へ行く"[a:b] for a, b in spans[1:])} >= {"東京", "行"}
+    # kanji read as hiragana ("東京" -> "とうきょう"): the readings spread over the kanji
+    assert ["東京へ行く"[a:b] for a, b in spans[1:]] == ["東", "東", "京", "京", "京", "へ", "行", "く"] or \
+        {"東京へ行く"[a:b] for a, b in spans[1:]} == {"東", "京", "へ", "行", "く"}
     _, spans = tokenizer.encode_with_spans("ΟΔΟΣ σας", "el")  # final sigma: context-dependent lower()
     assert spans[-1][1] == len("ΟΔΟΣ σας")
 
