@@ -19,6 +19,8 @@ class AudioChunk:
     timings: milliseconds and rates measured while producing it (keys such as
     ``t3_ms``, ``s3gen_ms``, ``ttfa_ms`` on the first chunk, ``t3_tokens_per_s``).
     is_last: True on the final chunk of the utterance.
+    text_start/text_end: the [start, end) characters of the utterance's text this chunk
+    speaks (models/positions.py), or None when unknown.
     """
 
     samples: np.ndarray
@@ -27,6 +29,8 @@ class AudioChunk:
     token_end: int
     timings: dict = field(default_factory=dict)
     is_last: bool = False
+    text_start: int | None = None
+    text_end: int | None = None
 
     @property
     def duration_s(self) -> float:

@@ -303,3 +303,32 @@ def test_analyzer_matches_reference(name):
         assert any(forced), name
     if name == "short_text":
         assert raised_at is not None  # the reference's own bug, documented in models/alignment.py
+
+
+# ---------------------------------------------------------------------------------------
+# Text positions
+
+
+def test_segment_origins_survive_collapsed_whitespace():
+    from nightingale.models.positions import segment_origins
+
+    text = "  Hello,\n\n world.  Next   one! "
+    segments = ["Hello, world.", "Next one!"]
+    origins = segment_origins(text, segments)
+    for segment, orig in zip(segments, origins):
+        assert "".join(text[k] for k in orig).split() == segment.split()
+
+
+def test_positions_map_to_the_words_of_the_input(mtl_model):
+    from nightingale.models.positions import SegmentPositions, segment_origins
+
+    text = "Zażółć gęślą jaźń."
+    spans = mtl_model.text_spans(text, "pl")
+    assert len(spans) == len(mtl_model.text_tokens(text, "pl")) + 2  # SOT and EOT
+    mapper = SegmentPositions(segment_origins("  " + text, [text])[0], spans)
+    # the positions of the tokens of the second word give exactly that word
+    second = [p for p, (a, b) in enumerate(spans) if b > a and text[a:b].strip() and a >= 7 and b <= 12]
+    start, end = mapper.char_range(second)
+    assert ("  " + text)[start:end] == "gęślą"
+    assert mapper.char_range([0]) == (2, 2)  # SOT: nothing spoken yet
+    assert SegmentPositions(list(range(2, 2 + len(text)))).char_range([5]) == (2, 2 + len(text))  # English: the segment

@@ -1,0 +1,71 @@
+"""Which characters of the caller's text a streamed audio chunk speaks.
+
+The multilingual model's alignment analyzer tracks a text position (an index into
+[SOT] text tokens [EOT]) for every speech token; the tokenizer says which characters each
+text token came from (`mtl_tokenizer.Tracked`); the sentence splitter says where each
+segment sits in the original text. Together they give each chunk a character range of
+the text the client sent. The English model has no aligned heads: its chunks get the
+range of the segment (sentence or clause) they belong to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+def segment_origins(text: str, segments: list[str]) -> list[list[int]]:
+    """For each segment, the index in `text` of each of its characters.
+
+    The splitter only drops and collapses whitespace, so the segments' non-space
+    characters appear in `text` in order; a segment's space maps to the first
+    whitespace after the previous character. Characters that cannot be found (a splitter
+    that rewrites text) map to the last matched position."""
+    out, cursor = [], 0
+    for segment in segments:
+        origins = []
+        for ch in segment:
+            if ch.isspace():
+                k = cursor
+                while k < len(text) and not text[k].isspace():
+                    k += 1
+                origins.append(min(k, max(len(text) - 1, 0)))
+                continue
+            k = text.find(ch, cursor)
+            if k < 0:
+                origins.append(max(cursor - 1, 0))
+                continue
+            origins.append(k)
+            cursor = k + 1
+        out.append(origins)
+    return out
+
+
+@dataclass
+class SegmentPositions:
+    """Maps text positions of one segment to character ranges of the whole text.
+
+    spans: per text position ([SOT] tokens [EOT]), the [start, end) range in the segment
+    (None: the English model, every position means the whole segment). origins: the
+    segment's characters' indices in the whole text (`segment_origins`)."""
+
+    origins: list[int]
+    spans: list[tuple[int, int]] | None = None
+
+    def segment_range(self) -> tuple[int, int]:
+        if not self.origins:
+            return (0, 0)
+        return (self.origins[0], self.origins[-1] + 1)
+
+    def char_range(self, positions: list[int]) -> tuple[int, int]:
+        """The range covered by these text positions (the whole segment without spans)."""
+        if self.spans is None or not positions or not self.origins:
+            return self.segment_range()
+        covered = [self.spans[min(max(p, 0), len(self.spans) - 1)] for p in positions]
+        covered = [(a, b) for a, b in covered if b > a]
+        if not covered:  # SOT, the language tag or EOT: nothing spoken yet / all of it
+            at = self.segment_range()[0] if max(positions) < len(self.spans) // 2 else self.segment_range()[1]
+            return (at, at)
+        start = min(a for a, _ in covered)
+        end = max(b for _, b in covered)
+        last = len(self.origins) - 1
+        return (self.origins[min(start, last)], self.origins[min(end - 1, last)] + 1)
