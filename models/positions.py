@@ -11,6 +11,9 @@ range of the segment (sentence or clause) they belong to.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
+
+START_SPEECH_TOKEN = 6561  # ids from here on are not rendered
 
 
 def segment_origins(text: str, segments: list[str]) -> list[list[int]]:
@@ -69,3 +72,16 @@ class SegmentPositions:
         end = max(b for _, b in covered)
         last = len(self.origins) - 1
         return (self.origins[min(start, last)], self.origins[min(end - 1, last)] + 1)
+
+
+def tracked_tokens(model, segment: str, language: str | None, positions: list[int], **generate) -> Iterator[int]:
+    """The segment's speech tokens (model.generate_tokens); for the multilingual model the
+    analyzer's text position of every token below 6561 (the ones S3Gen renders) is
+    appended to `positions` as it is generated, so rendered-token ranges index it."""
+    if model.family != "multilingual":
+        yield from model.generate_tokens(segment, language=language, **generate)
+        return
+    for aligned in model.generate_aligned_tokens(segment, language=language, **generate):
+        if aligned.token < START_SPEECH_TOKEN:
+            positions.append(aligned.position)
+        yield aligned.token

@@ -36,6 +36,7 @@ import numpy as np
 from . import dsp
 from .conds import Conditionals
 from .s3gen.flow import fixed_noise
+from .positions import SegmentPositions, segment_origins, tracked_tokens
 from .stream import SAMPLE_RATE, SAMPLES_PER_TOKEN, AudioChunk
 
 logger = logging.getLogger(__name__)
@@ -463,18 +464,25 @@ def stream_text(
         n_timesteps=n_timesteps,
         prompt_tokens=prompt_tokens,
     )
+    language = model.check_language(sampling.pop("language", None))
     segments = split_text(text) or [text]
+    origins = segment_origins(text, segments)
     index = 0
     for number, segment in enumerate(segments):
-        budget = token_budget(len(model.text_tokens(segment)), max_new_tokens)
+        budget = token_budget(len(model.text_tokens(segment, language)), max_new_tokens)
+        positions: list[int] = []
+        spans = model.text_spans(segment, language) if model.family == "multilingual" else None
+        where = SegmentPositions(origins[number], spans)
         tokens = guard_runaway(
-            model.generate_tokens(segment, voice=conds, seed=seed + 2 * number, max_new_tokens=budget, **sampling),
+            tracked_tokens(model, segment, language, positions, voice=conds, seed=seed + 2 * number,
+                           max_new_tokens=budget, **sampling),
             max_repeat_run,
         )
         last_segment = number == len(segments) - 1
         for chunk in stream_tokens(
             model, tokens, conds, seed=seed + 2 * number + 1, options=options, t_start=t_start, first_index=index
         ):
+            chunk.text_start, chunk.text_end = where.char_range(positions[chunk.token_start : chunk.token_end])
             chunk.is_last = chunk.is_last and last_segment
             index = chunk.index + 1
             yield chunk
