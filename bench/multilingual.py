@@ -2,11 +2,12 @@
 
     python bench/multilingual.py --model DIR [--quantize 8|none] [--languages en,fr,ja,...]
 
-For each language, the same short sentence (translated) streams through the whole pipeline
-(front end, T3 with the alignment analyzer, streaming S3Gen) once to warm up and twice
-measured (the best of two): text tokens (the tokenizer's length differs per language), T3 prefill, T3
-tokens per second over the first segment, time to the first audio chunk. Random weights
-never reach the end of the text, so the first segment's token budget bounds each run.
+For each language, the same short sentence (translated) goes through the pipeline once to
+warm up and twice measured (the run with the lower first-audio time is kept): text tokens
+(the tokenizer's length differs per language), T3 prefill, T3 tokens per second with the
+alignment analyzer, and time to the first audio chunk of a streamed utterance (front end,
+T3, streaming S3Gen). Random weights never reach the end of the text, so --max-new-tokens
+bounds each decode.
 Prints a markdown table for docs/benchmarks.md.
 """
 
