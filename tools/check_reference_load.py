@@ -7,7 +7,9 @@ shared/notes/reference-env.md). T3 and the VoiceEncoder load with strict=True, a
 reference does; S3Gen loads non-strictly upstream, so every key is checked here (only the
 two tokenizer buffers may be absent). The built-in voice (conds.pt) is read with
 torch.load(weights_only=True) through the reference's own Conditionals.load.
-Only `full`-size directories fit the reference's hard-coded dimensions.
+Only `full`-size directories fit the reference's hard-coded dimensions. A multilingual
+directory (t3_mtl23ls_v2.safetensors) goes through the reference's own
+ChatterboxMultilingualTTS.from_local, which loads everything strictly.
 """
 
 import sys
@@ -20,7 +22,26 @@ from safetensors.torch import load_file
 TOLERATED_MISSING = {"tokenizer._mel_filters", "tokenizer.window"}
 
 
+def main_multilingual(d: Path) -> int:
+    """The reference's own loader, ChatterboxMultilingualTTS.from_local: T3, ve.pt and
+    s3gen.pt all strict (torch.load weights_only), the tokenizer, conds.pt."""
+    from chatterbox.mtl_tts import ChatterboxMultilingualTTS
+
+    t0 = time.time()
+    tts = ChatterboxMultilingualTTS.from_local(d, "cpu")
+    print(
+        f"reference ChatterboxMultilingualTTS.from_local({d}) loaded strictly in {time.time() - t0:.1f} s: "
+        f"ve {len(tts.ve.state_dict())} tensors, t3 {len(tts.t3.state_dict())} (text vocab "
+        f"{tts.t3.hp.text_tokens_dict_size}, multilingual {tts.t3.hp.is_multilingual}), "
+        f"s3gen {len(tts.s3gen.state_dict())}, tokenizer ids for '[fr]bonjour': "
+        f"{tts.tokenizer.encode('bonjour', language_id='fr')}"
+    )
+    return 0
+
+
 def main(directory: str) -> int:
+    if (Path(directory) / "t3_mtl23ls_v2.safetensors").exists():
+        return main_multilingual(Path(directory))
     from chatterbox.models.s3gen import S3Gen
     from chatterbox.models.t3 import T3
     from chatterbox.models.voice_encoder import VoiceEncoder
