@@ -35,6 +35,7 @@ DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 ENGLISH = "english"
 MULTILINGUAL = "multilingual"
 ENGLISH_LANGUAGES = {"en": "English"}
+DEFAULT_LANGUAGE = "en"  # what the multilingual model speaks when neither request nor voice says
 # Sampling defaults that differ by family (tts.generate / mtl_tts.generate).
 REPETITION_PENALTY = {ENGLISH: 1.2, MULTILINGUAL: 2.0}
 
@@ -135,6 +136,26 @@ class ChatterboxModel:
 
         names = [DEFAULT_VOICE] if self.conds is not None else []
         return names + [v for v in voices.names() if v != DEFAULT_VOICE]
+
+    def voice_language(self, voice: Conditionals | str | None) -> str | None:
+        """The default language stored with a named voice (None for others)."""
+        from . import voices
+
+        if not isinstance(voice, str) or voice == DEFAULT_VOICE or voice.endswith(".pt") or os.sep in voice:
+            return None
+        try:
+            return voices.info(voice).language
+        except voices.VoiceStoreError:
+            return None
+
+    def resolve_language(self, language: str | None, voice: Conditionals | str | None = None) -> str | None:
+        """The language to speak: the one asked for, else the voice's, else English (None
+        for the English model, "en" for the multilingual one). UnsupportedLanguageError for
+        an unknown code."""
+        language = language or self.voice_language(voice)
+        if language is None and self.family == MULTILINGUAL:
+            language = DEFAULT_LANGUAGE
+        return self.check_language(language)
 
     def resolve_voice(self, voice: Conditionals | str | None) -> Conditionals:
         if voice is None:
@@ -243,6 +264,7 @@ class ChatterboxModel:
 
     def synthesize(self, text: str, *, voice: Conditionals | str | None = None, seed: int | None = None, **sampling) -> np.ndarray:
         """One-shot: text -> float32 samples at 24 kHz (T3, post-filter, S3Gen, trim fade)."""
+        sampling["language"] = self.resolve_language(sampling.get("language"), voice)
         conds = self.resolve_voice(voice)
         seed = secrets.randbits(63) if seed is None else seed
         tokens = filter_speech_tokens(list(self.generate_tokens(text, voice=conds, seed=seed, **sampling)))

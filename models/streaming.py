@@ -464,7 +464,7 @@ def stream_text(
         n_timesteps=n_timesteps,
         prompt_tokens=prompt_tokens,
     )
-    language = model.check_language(sampling.pop("language", None))
+    language = model.resolve_language(sampling.pop("language", None), voice)
     segments = split_text(text) or [text]
     origins = segment_origins(text, segments)
     index = 0

@@ -71,6 +71,7 @@ class VoiceInfo:
     created: str  # ISO 8601, UTC
     exaggeration: float
     format: int = STORE_FORMAT
+    language: str | None = None  # spoken when a request names this voice and no language
 
 
 def data_dir() -> Path:
@@ -112,9 +113,11 @@ def check_new_name(name: str, force: bool = False, root: Path | None = None) -> 
     return folded
 
 
-def add(name: str, conds: Conditionals, source_path: str | os.PathLike, force: bool = False, root: Path | None = None) -> VoiceInfo:
+def add(name: str, conds: Conditionals, source_path: str | os.PathLike, force: bool = False, root: Path | None = None,
+        language: str | None = None) -> VoiceInfo:
     """Store `conds` under `name`. VoiceStoreError if the name is invalid, reserved, or taken
-    and force is False; on any error the store is left as it was."""
+    and force is False; on any error the store is left as it was. language: the voice's
+    default language code (checked by the caller against the model's languages)."""
     folded = check_new_name(name, force, root)
     source_path = Path(source_path)
     source_sha256, duration_s = _describe_source(source_path)
@@ -134,6 +137,7 @@ def add(name: str, conds: Conditionals, source_path: str | os.PathLike, force: b
         duration_s=round(duration_s, 3),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         exaggeration=float(np.asarray(tensors["t3.emotion_adv"]).reshape(-1)[0]),
+        language=language.lower() if language else None,
     )
     record = _record_path(directory, folded)
     try:
@@ -189,7 +193,7 @@ def describe(voice: VoiceInfo) -> str:
     created = voice.created.replace("T", " ").replace("+00:00", " UTC")
     return (
         f"{voice.name}\t{voice.duration_s:.1f} s from {voice.source_name}, added {created}, "
-        f"exaggeration {voice.exaggeration:g}"
+        f"exaggeration {voice.exaggeration:g}" + (f", language {voice.language}" if voice.language else "")
     )
 
 

@@ -332,3 +332,39 @@ def test_positions_map_to_the_words_of_the_input(mtl_model):
     assert ("  " + text)[start:end] == "gęślą"
     assert mapper.char_range([0]) == (2, 2)  # SOT: nothing spoken yet
     assert SegmentPositions(list(range(2, 2 + len(text)))).char_range([5]) == (2, 2 + len(text))  # English: the segment
+
+
+def test_voice_remembers_its_language(mtl_model, tmp_path):
+    import soundfile
+
+    from nightingale.models import voices
+
+    wav = tmp_path / "ref.wav"
+    soundfile.write(wav, np.zeros(2400, dtype=np.float32), 24000)
+    info = voices.add("amelie", mtl_model.conds, wav, language="FR")
+    assert info.language == "fr" and voices.info("amelie").language == "fr"
+    assert "language fr" in voices.describe(info)
+    assert mtl_model.resolve_language(None, "amelie") == "fr"
+    assert mtl_model.resolve_language("de", "amelie") == "de"  # the request wins
+    assert mtl_model.resolve_language(None, None) == "en"
+    # older records (no language field) still load
+    record = voices.voices_dir() / "amelie.json"
+    import json
+
+    data = json.loads(record.read_text())
+    del data["language"]
+    record.write_text(json.dumps(data))
+    assert voices.info("amelie").language is None and mtl_model.resolve_language(None, "amelie") == "en"
+
+
+def test_stream_reports_text_ranges_in_order_of_segments(mtl_model):
+    text = "Bonjour tout le monde.  Comment allez-vous?"
+    chunks = list(mtl_model.stream(text, language="fr", seed=1, max_new_tokens=30))
+    assert chunks[-1].is_last
+    ranges = [(c.text_start, c.text_end) for c in chunks]
+    assert all(0 <= a <= b <= len(text) for a, b in ranges)
+    second = text.index("Comment")
+    # chunks of the first sentence stay in it, those of the second in it
+    firsts = [r for r, c in zip(ranges, chunks) if r[1] <= second]
+    seconds = [r for r in ranges if r[0] >= second]
+    assert firsts and seconds and len(firsts) + len(seconds) == len(ranges)
