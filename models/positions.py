@@ -20,18 +20,17 @@ def segment_origins(text: str, segments: list[str]) -> list[list[int]]:
     """For each segment, the index in `text` of each of its characters.
 
     The splitter only drops and collapses whitespace, so the segments' non-space
-    characters appear in `text` in order; a segment's space maps to the first
-    whitespace after the previous character. Characters that cannot be found (a splitter
+    characters appear in `text` in order; a segment's space maps to the whitespace after
+    the previous character. Characters that cannot be found (a splitter
     that rewrites text) map to the last matched position."""
     out, cursor = [], 0
     for segment in segments:
         origins = []
         for ch in segment:
-            if ch.isspace():
-                k = cursor
-                while k < len(text) and not text[k].isspace():
-                    k += 1
-                origins.append(min(k, max(len(text) - 1, 0)))
+            if ch.isspace():  # the whitespace run at the cursor, or (none: a joiner the
+                # splitter added between CJK clauses) the previous character
+                at_space = cursor < len(text) and text[cursor].isspace()
+                origins.append(cursor if at_space else max(cursor - 1, 0))
                 continue
             k = text.find(ch, cursor)
             if k < 0:
