@@ -53,7 +53,7 @@ def head_rows(model, text: str, steps: int, seed: int):
     heads = [(layer, head) for layer in range(cfg.num_hidden_layers) for head in range(cfg.num_attention_heads)]
     probe = t3_mod.AttentionProbe(heads)
     cond_emb = t3.prepare_conditioning(model.conds.t3)
-    text_ids = wrap_text_tokens(model.text_tokens(text) if model.family == "english" else model.text_tokens(text, "en"))
+    text_ids = wrap_text_tokens(model.text_tokens(text) if model.family == "chatterbox" else model.text_tokens(text, "en"))
     i, j = cond_emb.shape[1], cond_emb.shape[1] + len(text_ids)
     params = t3_mod.SamplingParams(repetition_penalty=1.2)
     keys = mx.random.split(mx.random.key(seed), steps + 1)
@@ -95,7 +95,7 @@ def tokens_until_stop(model, text: str, heads, steps: int, seed: int) -> tuple[i
     original = t3.cfg
     t3.cfg = cfg
     try:
-        gen = alignment.generate_aligned(t3, model.conds.t3, model.text_tokens(text) if model.family == "english"
+        gen = alignment.generate_aligned(t3, model.conds.t3, model.text_tokens(text) if model.family == "chatterbox"
                                          else model.text_tokens(text, "en"), repetition_penalty=1.2,
                                          max_new_tokens=steps, seed=seed)
         n = 0

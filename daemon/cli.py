@@ -151,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     mk.add_argument("dir")
     mk.add_argument("--size", choices=("tiny", "full"), default="tiny")
     mk.add_argument("--seed", type=int, default=0)
-    mk.add_argument("--family", choices=("english", "multilingual"), default="english")
+    mk.add_argument("--family", choices=("chatterbox", "multilingual"), default="chatterbox",
+                    help="checkpoint layout: ResembleAI/chatterbox English or multilingual")
     dev.set_defaults(handler="nightingale.daemon.synth:dev_main")
     return parser
 

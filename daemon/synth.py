@@ -181,7 +181,7 @@ def dev_main(args: argparse.Namespace) -> int:
     from nightingale.models.checkpoint import make_checkpoint
 
     try:
-        out = make_checkpoint(args.dir, args.size, seed=args.seed, family=getattr(args, "family", "english"))
+        out = make_checkpoint(args.dir, args.size, seed=args.seed, family=getattr(args, "family", "chatterbox"))
     except OSError as err:
         raise CliError(f"cannot write {args.dir}: {err.strerror or err}", EXIT_FAILURE) from None
     print(out)

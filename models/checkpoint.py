@@ -132,7 +132,7 @@ def _save_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
     os.replace(tmp, path)
 
 
-def make_checkpoint(directory: str | os.PathLike, size: str = "tiny", seed: int = 0, family: str = "english") -> Path:
+def make_checkpoint(directory: str | os.PathLike, size: str = "tiny", seed: int = 0, family: str = "chatterbox") -> Path:
     """Write a random checkpoint (the five upstream files plus dims.json) into `directory`.
 
     The same (size, seed) always gives the same tensors. Each file draws from its own
@@ -144,8 +144,8 @@ def make_checkpoint(directory: str | os.PathLike, size: str = "tiny", seed: int 
         from . import multilingual
 
         return multilingual.make_checkpoint(directory, size, seed)
-    if family != "english":
-        raise ValueError(f"unknown model family {family!r}; choose english or multilingual")
+    if family != "chatterbox":
+        raise ValueError(f"unknown model family {family!r}; choose chatterbox or multilingual")
     from . import t3, torchpickle, voice_encoder
     from .s3gen import s3gen
     from .tokenizer import write_stand_in_tokenizer_json

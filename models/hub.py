@@ -37,14 +37,14 @@ class CheckpointNotFoundError(FileNotFoundError):
 
 
 def family_files(family: str | None) -> tuple[str, ...]:
-    """The files a checkpoint of that family holds (None and "english": the five English ones)."""
+    """The files a checkpoint of that family holds (None and "chatterbox": the five English ones)."""
     from . import multilingual
 
-    if family in (None, "english"):
+    if family in (None, "chatterbox"):
         return CHECKPOINT_FILES
     if family == multilingual.FAMILY:
         return multilingual.REQUIRED_FILES
-    raise CheckpointNotFoundError(f"unknown model family {family!r}; choose english or multilingual")
+    raise CheckpointNotFoundError(f"unknown model family {family!r}; choose chatterbox or multilingual")
 
 
 def check_checkpoint_dir(path: str | os.PathLike, family: str | None = None) -> Path:
@@ -187,7 +187,7 @@ def resolve_checkpoint(
     Face repo id `owner/name` (downloaded into the HF cache, or taken from it when offline).
     None means $NIGHTINGALE_MODEL, else `ResembleAI/chatterbox`. revision / cache_dir are
     passed to huggingface_hub (defaults: the main branch, its usual cache). family picks
-    which model of the repo ("english", the default, or "multilingual"); a directory's
+    which model of the repo ("chatterbox", the English default, or "multilingual"); a directory's
     files say which it is.
 
     Raises CheckpointNotFoundError with a message meant for the user.

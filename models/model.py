@@ -32,7 +32,7 @@ STOP_SPEECH_TOKEN = 6562
 DEFAULT_VOICE = "default"
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-ENGLISH = "english"
+ENGLISH = "chatterbox"  # the English model (the name the Turbo work uses for it)
 MULTILINGUAL = "multilingual"
 ENGLISH_LANGUAGES = {"en": "English"}
 DEFAULT_LANGUAGE = "en"  # what the multilingual model speaks when neither request nor voice says
@@ -89,7 +89,7 @@ class ChatterboxModel:
 
     @property
     def family(self) -> str:
-        """"english" or "multilingual" (the T3 text vocabulary says which, as upstream)."""
+        """"chatterbox" (English) or "multilingual" (the T3 text vocabulary says which, as upstream)."""
         return MULTILINGUAL if self.t3.cfg.is_multilingual else ENGLISH
 
     @property
@@ -322,7 +322,7 @@ def load_model(
     directory written by `nightingale models convert`, or None for `NIGHTINGALE_MODEL` or
     the default repo (ResembleAI/chatterbox). quantize: 8, 4 or None (float). dtype: the
     precision of the non-quantized parts ("float32", "float16", "bfloat16"; None: see
-    `default_dtype`). family: "english" or "multilingual", for a Hugging Face repo that
+    `default_dtype`). family: "chatterbox" (English) or "multilingual", for a Hugging Face repo that
     holds both (a directory's files say which it is).
 
     With `cache`, an upstream checkpoint is converted once into an MLX-native directory
