@@ -31,6 +31,7 @@ import numpy as np
 
 from . import t3 as t3_mod
 from .conds import T3Cond
+from .stream import check_cancel
 from .tokenizer import wrap_text_tokens
 
 logger = logging.getLogger(__name__)
@@ -152,13 +153,15 @@ def generate_aligned(
     top_p: float = 1.0,
     max_new_tokens: int = 1000,
     seed: int | None = None,
+    cancel=None,
 ) -> Iterator[AlignedToken]:
     """`t3.generate_tokens` for the multilingual model: upstream's T3.inference with the
     analyzer (CFG, analyzer, repetition penalty, temperature, min_p, top_p, sample).
     Defaults are mtl_tts.generate's (repetition penalty 2.0). EOS ends the generator and is
     not yielded; the generator's return value is then the analyzer's last result (why it
     stopped), None when max_new_tokens ran out. Each step waits for its attention weights,
-    so steps are not pipelined."""
+    so steps are not pipelined. `cancel` (threading.Event or None) is checked before each
+    step (raises Cancelled)."""
     cfg = t3.cfg
     if not cfg.alignment_heads:
         raise ValueError("this T3 has no aligned heads (the English model has none)")
@@ -182,6 +185,7 @@ def generate_aligned(
     logits, cache = t3.prefill(cond_emb, text, use_cfg=cfg_weight > 0, probe=probe)
     last = cfg.start_speech_token
     for i in range(max_new_tokens):
+        check_cancel(cancel)
         x = t3_mod.cfg_combine(logits, cfg_weight)
         mx.eval(x, *probe.weights)
         x = analyzer.step([np.array(w) for w in probe.weights], x, next_token=last)

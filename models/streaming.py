@@ -37,7 +37,7 @@ from . import dsp
 from .conds import Conditionals
 from .s3gen.flow import fixed_noise
 from .positions import SegmentPositions, segment_origins, tracked_tokens
-from .stream import SAMPLE_RATE, SAMPLES_PER_TOKEN, AudioChunk
+from .stream import SAMPLE_RATE, SAMPLES_PER_TOKEN, AudioChunk, check_cancel
 
 logger = logging.getLogger(__name__)
 
@@ -255,7 +255,8 @@ def render_tokens(model, tokens: list[int], gen: dict, seed: int, options: Strea
 class SegmentRenderer:
     """Turns one segment's tokens, arriving in order, into exactly 960 samples per token."""
 
-    def __init__(self, model, gen: dict, seed: int, options: StreamOptions):
+    def __init__(self, model, gen: dict, seed: int, options: StreamOptions, cancel=None):
+        self.cancel = cancel  # threading.Event or None: checked between CFM steps
         self.flow = model.s3gen.flow
         self.hift = model.s3gen.mel2wav
         self.gen = gen
@@ -307,6 +308,7 @@ class SegmentRenderer:
             noise=mx.concatenate([self.prompt_noise, speech_noise(self.seed, c0, len(window))], axis=2),
             n_timesteps=self.options.n_timesteps,
             frames=(MEL_FRAMES_PER_TOKEN * (n0 - c0), MEL_FRAMES_PER_TOKEN * (n1 - c0)),
+            cancel=self.cancel,
         )
         self.mel = mel if self.mel is None else mx.concatenate([self.mel, mel], axis=2)
         self.rendered_tokens = n1
@@ -386,13 +388,16 @@ def stream_tokens(
     options: StreamOptions = StreamOptions(),
     t_start: float | None = None,
     first_index: int = 0,
+    cancel=None,
 ) -> Iterator[AudioChunk]:
     """Stream one segment: speech tokens in (any iterable, consumed lazily) -> AudioChunks.
 
     Ids >= 6561 are dropped as they arrive (the reference drops them after generation).
+    `cancel` (threading.Event or None) is checked before each token is taken and between
+    CFM steps; once set, Cancelled (models/stream.py) is raised.
     """
     t_start = time.perf_counter() if t_start is None else t_start
-    renderer = SegmentRenderer(model, conds.gen, seed, options)
+    renderer = SegmentRenderer(model, conds.gen, seed, options, cancel)
     sizes = options.chunk_schedule.sizes()
     size = next(sizes)
     index = first_index
@@ -403,6 +408,7 @@ def stream_tokens(
     iterator = iter(tokens)
     exhausted = False
     while not exhausted:
+        check_cancel(cancel)
         try:
             token = next(iterator)
             n_generated += 1
@@ -449,11 +455,16 @@ def stream_text(
     prompt_tokens: int | None = None,
     max_new_tokens: int = 1000,
     max_repeat_run: int = MAX_REPEAT_RUN,
+    cancel=None,
     **sampling,
 ) -> Iterator[AudioChunk]:
     """model.stream: text -> AudioChunks, segment after segment, in one voice.
 
     Chunk indices run across segments; the last chunk of the last segment has is_last.
+
+    cancel: a threading.Event or None. It is checked between T3 steps and between CFM
+    steps (and before each token is taken); once set, the generator raises
+    models.stream.Cancelled within about one step, even inside a long chunk.
     """
     t_start = time.perf_counter()
     conds = model.resolve_voice(voice)
@@ -475,12 +486,13 @@ def stream_text(
         where = SegmentPositions(origins[number], spans)
         tokens = guard_runaway(
             tracked_tokens(model, segment, language, positions, voice=conds, seed=seed + 2 * number,
-                           max_new_tokens=budget, **sampling),
+                           max_new_tokens=budget, cancel=cancel, **sampling),
             max_repeat_run,
         )
         last_segment = number == len(segments) - 1
         for chunk in stream_tokens(
-            model, tokens, conds, seed=seed + 2 * number + 1, options=options, t_start=t_start, first_index=index
+            model, tokens, conds, seed=seed + 2 * number + 1, options=options, t_start=t_start, first_index=index,
+            cancel=cancel,
         ):
             chunk.text_start, chunk.text_end = where.char_range(positions[chunk.token_start : chunk.token_end])
             chunk.is_last = chunk.is_last and last_segment
