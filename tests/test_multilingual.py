@@ -368,3 +368,16 @@ def test_stream_reports_text_ranges_in_order_of_segments(mtl_model):
     firsts = [r for r, c in zip(ranges, chunks) if r[1] <= second]
     seconds = [r for r in ranges if r[0] >= second]
     assert firsts and seconds and len(firsts) + len(seconds) == len(ranges)
+
+
+def test_aligned_decode_stops_on_cancel(mtl_model):
+    import threading
+
+    from nightingale.models.stream import Cancelled
+
+    cancel = threading.Event()
+    tokens = mtl_model.generate_tokens("Bonjour.", language="fr", seed=0, max_new_tokens=50, cancel=cancel)
+    next(tokens)
+    cancel.set()
+    with pytest.raises(Cancelled):
+        next(tokens)
