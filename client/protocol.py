@@ -18,6 +18,7 @@ raise ProtocolError with a stable `code` that the daemon sends back in an `error
 from __future__ import annotations
 
 import os
+import re
 import socket
 import struct
 import sys
@@ -52,6 +53,9 @@ AUDIO_FORMATS = ("f32le", "s16le")
 STATES = ("loading", "ready", "draining")
 DONE_REASONS = ("completed", "cancelled", "preempted", "failed")
 
+# speak.language: an ISO 639-1 code (two or three letters, an optional region/script part)
+LANGUAGE_CODE = re.compile(r"[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{1,8})?")
+
 # Sampling options a speak request may carry, with their wire types; the daemon passes the
 # ones present to the model's stream() as keyword arguments.
 SPEAK_OPTIONS: dict[str, type] = {
@@ -79,6 +83,7 @@ E_BUSY = "busy"  # the queue is full
 E_DUPLICATE_ID = "duplicate_id"
 E_UNKNOWN_ID = "unknown_id"
 E_UNKNOWN_VOICE = "unknown_voice"
+E_UNSUPPORTED_LANGUAGE = "unsupported_language"  # the message lists the model's languages
 E_NO_PLAYBACK = "no_playback"  # local playback asked for, but no audio device is usable
 E_SHUTTING_DOWN = "shutting_down"
 E_SYNTHESIS = "synthesis_failed"
@@ -87,7 +92,7 @@ E_LOAD_FAILED = "load_failed"
 E_INTERNAL = "internal"
 ERROR_CODES = (
     E_BAD_FRAME, E_FRAME_TOO_LARGE, E_BAD_UTF8, E_VERSION, E_UNKNOWN_TYPE, E_BAD_FIELD,
-    E_TEXT_TOO_LONG, E_BUSY, E_DUPLICATE_ID, E_UNKNOWN_ID, E_UNKNOWN_VOICE, E_NO_PLAYBACK,
+    E_TEXT_TOO_LONG, E_BUSY, E_DUPLICATE_ID, E_UNKNOWN_ID, E_UNKNOWN_VOICE, E_UNSUPPORTED_LANGUAGE, E_NO_PLAYBACK,
     E_SHUTTING_DOWN, E_SYNTHESIS, E_SLOW_CLIENT, E_LOAD_FAILED, E_INTERNAL,
 )  # fmt: skip
 
@@ -187,6 +192,7 @@ class Speak(Request):
     output: str = "play"
     audio_format: str = "f32le"
     options: dict = field(default_factory=dict)
+    language: str | None = None  # e.g. "fr"; None: the voice's language, else English
 
     def validate(self) -> None:
         super().validate()
@@ -202,6 +208,8 @@ class Speak(Request):
         _check_text(self, self.text)
         if self.voice is not None and not (0 < len(self.voice) <= 4096):
             raise _bad(self, "speak.voice must be a non-empty name or path")
+        if self.language is not None and not LANGUAGE_CODE.fullmatch(self.language):
+            raise _bad(self, f"speak.language must be a language code such as 'en' or 'fr' (got {self.language!r})")
         for key, value in self.options.items():
             want = SPEAK_OPTIONS.get(key)
             if want is None:
@@ -310,6 +318,7 @@ class Hello(Event):
     playback: bool = False
     max_frame_bytes: int = MAX_FRAME_BYTES
     max_text_bytes: int = MAX_TEXT_BYTES
+    languages: list[str] = field(default_factory=list)  # what the loaded model speaks
 
 
 @dataclass(kw_only=True)
@@ -351,6 +360,7 @@ class Started(Event):
     id: str
     wait_ms: float
     voice: str | None = None
+    language: str | None = None
 
 
 @dataclass(kw_only=True)
@@ -371,7 +381,10 @@ class Audio(Event):
 
 @dataclass(kw_only=True)
 class Progress(Event):
-    """One synthesized chunk. tokens and audio_s are running totals for the utterance."""
+    """One synthesized chunk. tokens and audio_s are running totals for the utterance.
+    text_start/text_end: the characters of the utterance's text (for a text stream, of
+    its speak_text runs joined) this chunk speaks, and text those characters; None when
+    the daemon cannot tell."""
 
     TYPE = "progress"
     id: str
@@ -381,6 +394,9 @@ class Progress(Event):
     segment: int = 0
     t3_ms: float | None = None
     s3gen_ms: float | None = None
+    text_start: int | None = None
+    text_end: int | None = None
+    text: str | None = None
 
 
 @dataclass(kw_only=True)

@@ -203,3 +203,18 @@ def test_protocol_module_imports_neither_mlx_nor_numpy():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=dict(os.environ))
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_language_and_text_positions_are_optional_v1_fields():
+    msg = p.decode_request({"v": 1, "type": "speak", "text": "Bonjour", "language": "fr"})
+    assert msg.language == "fr"
+    assert p.decode_request({"v": 1, "type": "speak", "text": "Hi"}).language is None  # old clients
+    for bad in ("", "french!", "x", "e" * 20, "en us"):
+        with pytest.raises(p.ProtocolError, match="speak.language must be a language code"):
+            p.decode_request({"v": 1, "type": "speak", "text": "Hi", "language": bad})
+    # a progress event from an older daemon (no text fields) still decodes
+    old = p.decode_event({"v": 1, "type": "progress", "id": "u", "chunk": 0, "tokens": 4, "audio_s": 0.2})
+    assert old.text_start is None and old.text is None
+    new = p.decode_event(p.unpack_body(p.encode_frame(
+        p.Progress(id="u", chunk=1, tokens=8, audio_s=0.4, text_start=3, text_end=9, text="allez"))[4:]))
+    assert (new.text_start, new.text_end, new.text) == (3, 9, "allez")
