@@ -39,6 +39,13 @@ def _add_model_args(parser: argparse.ArgumentParser, quantize: bool = True) -> N
         metavar="PATH_OR_REPO",
         help="checkpoint directory or Hugging Face repo (env NIGHTINGALE_MODEL; default ResembleAI/chatterbox)",
     )
+    parser.add_argument(
+        "--family",
+        choices=("chatterbox", "multilingual"),
+        default=None,
+        help="which model of a repo that holds both: chatterbox (English, the default) or multilingual "
+        "(23 languages); a directory's files say which it is",
+    )
     if quantize:
         parser.add_argument(
             "--quantize",
@@ -94,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("text", help="text to speak")
     synth.add_argument("-o", "--output", help="output audio file (.wav, .flac, .aiff)")
     synth.add_argument("--voice", default=None, help="voice name or conds.pt path (default: built-in)")
+    synth.add_argument("-l", "--language", default=None, help="language code, e.g. fr (default: the voice's, else en)")
     synth.add_argument("--seed", type=int, default=None)
     synth.add_argument("--stream", action="store_true", help="synthesize in streamed chunks; report TTFA and RTF")
     synth.add_argument("--play", action="store_true", help="play through the default audio device")
@@ -113,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     vadd.add_argument("audio", help="reference audio file (WAV, FLAC, OGG, MP3), about 10 s")
     vadd.add_argument("--force", action="store_true", help="replace a voice of the same name")
     vadd.add_argument("--exaggeration", type=float, default=0.5)
+    vadd.add_argument("-l", "--language", default=None, help="the language this voice speaks unless told otherwise")
     _add_model_args(vadd, quantize=False)
     vlist = vsub.add_parser("list", help="list voices")
     _add_model_args(vlist, quantize=False)

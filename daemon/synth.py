@@ -20,7 +20,8 @@ def _load(args: argparse.Namespace, quantize: int | None = None):
     from nightingale.models import hub, loading, load_model
 
     try:
-        return load_model(args.model, quantize=quantize, dtype=getattr(args, "dtype", None))
+        return load_model(args.model, quantize=quantize, dtype=getattr(args, "dtype", None),
+                          family=getattr(args, "family", None))
     except hub.CheckpointNotFoundError as err:
         raise CliError(str(err), EXIT_USAGE) from None
     except loading.CheckpointError as err:
@@ -34,6 +35,20 @@ def _voice(model, name: str | None):
         return model.resolve_voice(name)
     except (voices.VoiceStoreError, voice.VoiceError, torchpickle.TorchPickleError, KeyError) as err:
         raise CliError(str(err).strip("'\""), EXIT_USAGE) from None
+
+
+def _language(model, language: str | None, voice: str | None) -> str | None:
+    """The language to speak, checked against the model's (one-line error otherwise), with
+    its front end ready (a missing optional package is named with its extra)."""
+    from nightingale.models.mtl_tokenizer import MissingFrontEndError, UnsupportedLanguageError
+
+    try:
+        language = model.resolve_language(language, voice)
+        if language is not None:
+            model.text_tokens("a", language)  # loads the language's front end now
+    except (UnsupportedLanguageError, MissingFrontEndError) as err:
+        raise CliError(str(err), EXIT_USAGE) from None
+    return language
 
 
 def synth_main(args: argparse.Namespace) -> int:
@@ -50,12 +65,14 @@ def synth_main(args: argparse.Namespace) -> int:
         except ValueError as err:
             raise CliError(str(err), EXIT_USAGE) from None
     model = _load(args, parse_quantize(args.quantize))
+    language = _language(model, getattr(args, "language", None), args.voice)
     voice = _voice(model, args.voice)
     sampling = dict(
         exaggeration=args.exaggeration,
         cfg_weight=args.cfg_weight,
         temperature=args.temperature,
         max_new_tokens=args.max_new_tokens,
+        language=language,
     )
     writer = AudioFileWriter(spec) if spec else None
     player = _Player() if args.play else None
@@ -150,8 +167,11 @@ def voices_main(args: argparse.Namespace) -> int:
         # add: validate the name and the slot before any expensive work
         voices.check_new_name(args.name, force=args.force)
         model = _load(args)
+        language = getattr(args, "language", None)
+        if language is not None:
+            language = _language(model, language, None)
         conds = model.prepare_voice(args.audio, exaggeration=args.exaggeration)
-        entry = voices.add(args.name, conds, args.audio, force=args.force)
+        entry = voices.add(args.name, conds, args.audio, force=args.force, language=language)
         print(voices.describe(entry))
         return 0
     except (voices.VoiceStoreError, voice.VoiceError) as err:

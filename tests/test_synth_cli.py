@@ -85,3 +85,24 @@ def test_unwritable_output_leaves_nothing(tiny_checkpoint, tmp_path):
         assert not out.exists()
     finally:
         locked.chmod(0o700)
+
+
+def test_synth_speaks_a_language_and_names_the_supported_ones(tiny_mtl_checkpoint, tmp_path):
+    from nightingale.models import load_model
+
+    out = tmp_path / "fr.wav"
+    res = run_cli("synth", "Bonjour tout le monde.", "-o", str(out), "--model", str(tiny_mtl_checkpoint), "--seed", "3",
+                  "--max-new-tokens", "12", "--quantize", "none", "--language", "fr")
+    assert res.returncode == 0, res.stderr
+    audio, _ = sf.read(out, dtype="float32")
+    model = load_model(tiny_mtl_checkpoint)
+    expected = model.synthesize("Bonjour tout le monde.", language="fr", seed=3, max_new_tokens=12)
+    assert len(audio) == len(expected) > 0 and np.abs(audio - expected).max() < 1e-4 + 1 / 32768
+    bad = run_cli("synth", "Hallo.", "-o", str(tmp_path / "x.wav"), "--model", str(tiny_mtl_checkpoint), "-l", "xx")
+    assert bad.returncode == 2 and not (tmp_path / "x.wav").exists()
+    assert bad.stderr.strip().splitlines()[-1].endswith("supported: ar, da, de, el, en, es, fi, fr, he, hi, it, ja, ko, ms, nl, no, pl, pt, ru, sv, sw, tr, zh")
+
+
+def test_synth_english_model_refuses_other_languages(tiny_checkpoint, tmp_path):
+    res = run_cli("synth", "Hallo.", "-o", str(tmp_path / "x.wav"), "--model", str(tiny_checkpoint), "-l", "de")
+    assert res.returncode == 2 and "supported: en" in res.stderr and len(res.stderr.strip().splitlines()) == 1

@@ -45,3 +45,21 @@ def test_add_rejects_bad_input_with_one_line(tiny_checkpoint, tmp_path):
         assert res.returncode == 2, res.stderr
         assert "Traceback" not in res.stderr and res.stderr.startswith("nightingale:")
     assert not (tmp_path / "data" / "voices").exists() or not any((tmp_path / "data" / "voices").glob("*.json"))
+
+
+def test_voice_language_is_stored_and_used(tiny_mtl_checkpoint, tmp_path, monkeypatch):
+    from nightingale.models import voices
+
+    env = {"NIGHTINGALE_DATA_DIR": str(tmp_path / "data")}
+    model = ["--model", str(tiny_mtl_checkpoint)]
+    bad = run_cli("voices", "add", "hana", str(CLIP), "--language", "klingon", *model, env=env)
+    assert bad.returncode == 2 and "supported: ar, da" in bad.stderr
+    res = run_cli("voices", "add", "hana", str(CLIP), "--language", "ko", *model, env=env)
+    assert res.returncode == 0, res.stderr
+    assert "language ko" in run_cli("voices", "list", *model, env=env).stdout
+    monkeypatch.setenv("NIGHTINGALE_DATA_DIR", env["NIGHTINGALE_DATA_DIR"])
+    assert voices.info("hana").language == "ko"
+    out = tmp_path / "hana.wav"
+    res = run_cli("synth", "안녕하세요.", "--voice", "hana", "-o", str(out), "--seed", "3", "--max-new-tokens", "8",
+                  *model, env=env)
+    assert res.returncode == 0, res.stderr
