@@ -79,13 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("text", nargs="*", help="text to speak (default: read stdin)")
     parser.add_argument("-v", "--voice", metavar="VOICE", help="voice name or conds.pt path; '?' lists voices")
+    parser.add_argument("-l", "--language", metavar="CODE", help="language to speak, e.g. fr (default: the voice's, else en)")
     parser.add_argument("-r", "--rate", type=float, metavar="WPM", help=f"speaking rate in words per minute ({WPM_MIN}..{WPM_MAX}; nsay then plays the audio itself)")
     parser.add_argument("-o", "--output-file", metavar="FILE", help="write the audio to FILE (.wav, .aiff, .flac) instead of playing it")
     parser.add_argument("-f", "--input-file", metavar="FILE", help="read the text from FILE ('-' for stdin)")
     parser.add_argument("-a", "--audio-device", metavar="DEVICE", help="play on DEVICE (name or index) from nsay itself; '?' lists devices")
     parser.add_argument("--file-format", metavar="FORMAT", help="file format for -o: WAVE, AIFF, AIFC or FLAC (default: from the extension)")
     parser.add_argument("--data-format", metavar="FORMAT", help="sample format for -o, e.g. LEI16@24000, F32, BEI24@48000, @16000")
-    parser.add_argument("--progress", action="store_true", help="report queueing, synthesis and timing on stderr")
+    parser.add_argument("--progress", action="store_true", help="report queueing, synthesis, timing and the words being spoken on stderr")
     parser.add_argument("--priority", choices=p.PRIORITIES, default=p.DEFAULT_PRIORITY, help="speech-dispatcher priority (default message)")
     parser.add_argument("--no-wait", action="store_true", help="return once the speech is queued")
     parser.add_argument("--stop", action="store_true", help="cancel all speech now (then speak the given text, if any)")
@@ -164,6 +165,40 @@ def iter_lines(stream) -> Iterator[str]:
 
 
 # ----------------------------------------------------------------------------- progress
+
+
+class WordsShown:
+    """--progress: the words of each chunk (progress events' text), shown when that chunk
+    should be heard. The daemon synthesizes ahead of playback, so chunk k is shown at the
+    first chunk's arrival plus the audio before it (the daemon starts playing the first
+    chunk as soon as it exists); without local playback (-o, -r, -a) at once."""
+
+    def __init__(self, reporter: "Reporter"):
+        self.reporter = reporter
+        self._t0: float | None = None
+        self._heard_s = 0.0
+        self._timers: list[threading.Timer] = []
+
+    def add(self, event: p.Progress, played_here: bool) -> None:
+        if not self.reporter.enabled:
+            return
+        line = f"speaking: «{event.text}»"
+        now = time.monotonic()
+        if self._t0 is None:
+            self._t0 = now
+        delay = 0.0 if played_here else max(0.0, self._t0 + self._heard_s - now)
+        self._heard_s = event.audio_s
+        if delay <= 0:
+            self.reporter.show(line)
+            return
+        timer = threading.Timer(delay, self.reporter.show, args=(line,))
+        timer.daemon = True
+        timer.start()
+        self._timers.append(timer)
+
+    def cancel(self) -> None:
+        for timer in self._timers:
+            timer.cancel()
 
 
 class Reporter:
@@ -442,6 +477,7 @@ class Session:
         self.accepted = False
         self.finished = False
         self.feed_error: BaseException | None = None
+        self.words = WordsShown(reporter)
 
     def request(self, message: p.Request, answer: type[p.Event]) -> p.Event:
         """Send a request and return its answer, waiting out a model load (`loading`)."""
@@ -495,6 +531,7 @@ class Session:
             text=whole,
             stream=whole is None,
             voice=args.voice,
+            language=args.language,
             priority=args.priority,
             output="stream" if streams_audio else "play",
             audio_format="f32le",
@@ -573,7 +610,10 @@ class Session:
             elif isinstance(event, p.Started):
                 self.reporter.show(f"speaking (voice {event.voice or 'default'}, waited {event.wait_ms / 1000:.1f} s)")
             elif isinstance(event, p.Progress):
-                self.reporter.show(f"{event.audio_s:.1f} s of audio, {event.chunk + 1} chunks, {event.tokens} tokens")
+                if event.text is not None:
+                    self.words.add(event, played_here=sink is not None)
+                else:
+                    self.reporter.show(f"{event.audio_s:.1f} s of audio, {event.chunk + 1} chunks, {event.tokens} tokens")
             elif isinstance(event, p.Audio):
                 if sink is not None:
                     sink.add(event)
@@ -591,6 +631,8 @@ class Session:
         return self._fail(error, sink)
 
     def _finish(self, done: p.Done, error: p.Error | None, sink: AudioSink | None, sample_rate: int) -> int:
+        if done.reason != "completed":
+            self.words.cancel()
         if done.reason == "completed":
             if self.feed_error is not None:
                 raise NsayError(f"reading the text failed: {self.feed_error}")

@@ -24,6 +24,7 @@ from typing import Any, Callable, Protocol
 import numpy as np
 
 from nightingale.client.protocol import MAX_AUDIO_FRAME_SAMPLES
+from nightingale.models.positions import segment_origins
 from nightingale.models.stream import Cancelled
 
 from .playback import PlaybackError
@@ -39,10 +40,14 @@ class Listener(Protocol):
 
     def on_loaded(self, info: dict) -> None: ...
     def on_load_failed(self, error: BaseException) -> None: ...
-    def on_started(self, utt: Utterance) -> None: ...
+    def on_started(self, utt: Utterance, language: str | None = None) -> None: ...
     def on_audio(self, utt: Utterance, seq: int, pcm: bytes, start_s: float) -> None: ...
     def on_chunk(self, utt: Utterance, info: dict) -> None: ...
     def on_generated(self, utt: Utterance, outcome: str, stats: dict, error: tuple[str, str] | None) -> None: ...
+
+
+class UnsupportedLanguage(Exception):
+    """The utterance's language is not one the model speaks (or its front end is missing)."""
 
 
 class UnknownVoice(Exception):
@@ -232,6 +237,24 @@ class Engine:
                 raise UnknownVoice(str(msg)) from None
         return self._voices[name]
 
+    def _language(self, utt: Utterance) -> str | None:
+        """The language to speak (asked, else the voice's, else English), checked with its
+        front end loaded; UnsupportedLanguage otherwise. None for models without languages."""
+        resolve = getattr(self.model, "resolve_language", None)
+        if resolve is None:
+            if utt.language not in (None, "en"):
+                raise UnsupportedLanguage(f"unsupported language {utt.language!r}; supported: en")
+            return None
+        from nightingale.models.mtl_tokenizer import MissingFrontEndError, UnsupportedLanguageError
+
+        try:
+            language = resolve(utt.language, utt.voice)
+            if language is not None:
+                self.model.text_tokens("a", language)  # loads the language's front end
+            return language
+        except (UnsupportedLanguageError, MissingFrontEndError) as err:
+            raise UnsupportedLanguage(str(err)) from None
+
     def _stream_kwargs(self, utt: Utterance, segment: int) -> dict:
         kwargs = dict(utt.options)
         if "seed" in kwargs and segment:
@@ -250,7 +273,6 @@ class Engine:
         if utt.cancelled.is_set():
             self._post(self._listener.on_generated, utt, "cancelled", {}, None)
             return
-        self._post(self._listener.on_started, utt)
         t_start = time.monotonic()
         stats = {
             "ttfa_ms": None, "model_ttfa_ms": None, "tokens": 0, "audio_s": 0.0, "chunks": 0,
@@ -261,9 +283,17 @@ class Engine:
         sr = self.info.sample_rate
         played_any = False
         try:
+            language = self._language(utt)
+            self._post(self._listener.on_started, utt, language)
             conds = self._voice(utt.voice)
+            cursor = 0  # characters of utt.feed.text already spoken
             for segment, text in enumerate(utt.feed.segments(utt.cancelled)):
-                gen = self.model.stream(text, voice=conds, **self._stream_kwargs(utt, segment))
+                kwargs = self._stream_kwargs(utt, segment)
+                if language is not None:
+                    kwargs["language"] = language
+                origins = [cursor + k for k in segment_origins(utt.feed.text[cursor:], [text])[0]]
+                cursor = origins[-1] + 1 if origins else cursor
+                gen = self.model.stream(text, voice=conds, **kwargs)
                 try:
                     for chunk in gen:
                         if utt.cancelled.is_set():
@@ -295,6 +325,12 @@ class Engine:
                             "t3_tokens_per_s": chunk.timings.get("t3_tokens_per_s"),
                             "first": stats["chunks"] == 1,
                         }
+                        start, end = getattr(chunk, "text_start", None), getattr(chunk, "text_end", None)
+                        if start is not None and end is not None and origins:
+                            # segment characters -> characters of the utterance's text
+                            a = origins[min(start, len(origins) - 1)]
+                            b = origins[min(end, len(origins)) - 1] + 1 if end > start else a
+                            info.update(text_start=a, text_end=b, text=utt.feed.text[a:b])
                         self._post(self._listener.on_chunk, utt, info)
                         if utt.plays and self.player is not None:
                             # Blocks only when the buffer is full (paused, or far ahead).
@@ -313,6 +349,8 @@ class Engine:
             outcome = "cancelled"
         except UnknownVoice as err:
             outcome, error = "failed", ("unknown_voice", f"unknown voice {utt.voice!r}: {err}")
+        except UnsupportedLanguage as err:
+            outcome, error = "failed", ("unsupported_language", str(err))
         except BadOption as err:
             outcome, error = "failed", ("bad_field", str(err))
         except PlaybackError as err:

@@ -446,6 +446,7 @@ class Daemon:
                     state=self.state,
                     sample_rate=self.info.sample_rate if self.info else None,
                     playback=self.player is not None,
+                    languages=self._languages(),
                 )
             )
             async with anyio.create_task_group() as tg:
@@ -556,6 +557,9 @@ class Daemon:
         if msg.output in ("play", "both") and self.player is None:
             return error(p.E_NO_PLAYBACK, f"{self.playback_reason}; ask for output 'stream' instead")
         uid = msg.id if msg.id is not None else f"u{next(self._ids)}"
+        languages = self._languages()
+        if msg.language is not None and languages and msg.language.lower() not in languages:
+            return error(p.E_UNSUPPORTED_LANGUAGE, f"unsupported language {msg.language!r}; supported: {', '.join(languages)}")
         if uid in session.utterances:
             return error(p.E_DUPLICATE_ID, f"utterance id {uid!r} is still in use on this connection")
         utt = Utterance(
@@ -566,6 +570,7 @@ class Daemon:
             output=msg.output,
             voice=msg.voice,
             options=dict(msg.options),
+            language=msg.language.lower() if msg.language else None,
             audio_format=msg.audio_format,
             text_stream=msg.stream,
         )
@@ -762,9 +767,14 @@ class Daemon:
         self.exit_code = 1
         self._begin_shutdown()
 
-    def on_started(self, utt: Utterance) -> None:
+    def _languages(self) -> list[str]:
+        """The loaded model's language codes (empty while loading or when it has none)."""
+        return list((self.info.describe if self.info else {}).get("languages") or [])
+
+    def on_started(self, utt: Utterance, language: str | None = None) -> None:
         if not utt.finished:
-            utt.session.post(p.Started(id=utt.id, wait_ms=round((utt.started_at - utt.received_at) * 1000.0, 1), voice=utt.voice))
+            utt.session.post(p.Started(id=utt.id, wait_ms=round((utt.started_at - utt.received_at) * 1000.0, 1),
+                                       voice=utt.voice, language=language))
 
     def on_audio(self, utt: Utterance, seq: int, pcm: bytes, start_s: float) -> None:
         if utt.finished or not utt.streams:
@@ -793,6 +803,9 @@ class Daemon:
                 audio_s=round(info["audio_s"], 3),
                 t3_ms=info.get("t3_ms"),
                 s3gen_ms=info.get("s3gen_ms"),
+                text_start=info.get("text_start"),
+                text_end=info.get("text_end"),
+                text=info.get("text"),
             )
         )
 

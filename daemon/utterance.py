@@ -57,6 +57,7 @@ class TextFeed:
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._buf = ""
+        self.text = ""  # everything pushed so far (progress events index it)
         self._ended = False
         self._aborted = False
         self.total_bytes = 0
@@ -66,6 +67,7 @@ class TextFeed:
             if self._ended or self._aborted:
                 return
             self._buf += text
+            self.text += text
             self.total_bytes += len(text.encode("utf-8"))
             self._cond.notify_all()
 
@@ -141,6 +143,7 @@ class Utterance:
     output: str
     voice: str | None = None
     options: dict = field(default_factory=dict)
+    language: str | None = None  # as asked (None: the voice's, else English)
     audio_format: str = "f32le"
     text_stream: bool = False
     received_at: float = field(default_factory=time.monotonic)
