@@ -111,13 +111,15 @@ def nightingale_program() -> tuple[str, ...]:
 
 
 def serve_arguments(
-    model: str | None, quantize: str | None, socket: str | None, device: str | None
+    model: str | None, quantize: str | None, socket: str | None, device: str | None, family: str | None = None
 ) -> tuple[str, ...]:
     """The `serve` options baked into the service. Local paths become absolute: launchd and
     systemd start the daemon from another working directory."""
     out: list[str] = []
     if model:
         out += ["--model", os.path.abspath(model) if os.path.exists(model) else model]
+    if family:
+        out += ["--family", family]
     if quantize:
         out += ["--quantize", quantize]
     if socket:
@@ -419,7 +421,7 @@ def service_main(args: argparse.Namespace) -> int:
         program = nightingale_program()
         spec = ServeSpec(
             program=program,
-            serve_args=serve_arguments(args.model, args.quantize, args.socket, args.device),
+            serve_args=serve_arguments(args.model, args.quantize, args.socket, args.device, getattr(args, "family", None)),
             environment=service_environment(platform, program),
         )
     try:

@@ -224,3 +224,12 @@ def test_install_status_uninstall_linux(tmp_path, fake_systemctl):
     assert result.returncode == 0, result.stderr
     assert not unit_path.exists()
     assert log.read_text().splitlines()[-2:] == ["--user disable --now nightingale.service", "--user daemon-reload"]
+
+
+def test_service_keeps_the_model_family():
+    args = service.serve_arguments("ResembleAI/chatterbox", "8", None, None, "multilingual")
+    assert args[args.index("--family") + 1] == "multilingual"
+    from nightingale.daemon.cli import build_parser
+
+    parsed = build_parser().parse_args(["serve", *args])  # the unit's command line parses
+    assert parsed.family == "multilingual" and parsed.model == "ResembleAI/chatterbox"
