@@ -610,10 +610,9 @@ class Session:
             elif isinstance(event, p.Started):
                 self.reporter.show(f"speaking (voice {event.voice or 'default'}, waited {event.wait_ms / 1000:.1f} s)")
             elif isinstance(event, p.Progress):
+                self.reporter.show(f"{event.audio_s:.1f} s of audio, {event.chunk + 1} chunks, {event.tokens} tokens")
                 if event.text is not None:
                     self.words.add(event, played_here=sink is not None)
-                else:
-                    self.reporter.show(f"{event.audio_s:.1f} s of audio, {event.chunk + 1} chunks, {event.tokens} tokens")
             elif isinstance(event, p.Audio):
                 if sink is not None:
                     sink.add(event)
