@@ -121,8 +121,11 @@ def check_args(args: argparse.Namespace) -> None:
         args.speed = speed_for_wpm(args.rate)
     else:
         args.speed = 1.0
-    if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        raise NsayError("--max-new-tokens must be at least 1", EXIT_USAGE)
+    for name, value in sampling_options(args).items():
+        try:
+            p.check_option(name, value)
+        except p.OptionError as err:
+            raise NsayError(f"--{name.replace('_', '-')}: {err}", EXIT_USAGE) from None
     args.file_text = None
     if args.input_file not in (None, "-"):
         try:

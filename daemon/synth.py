@@ -36,9 +36,24 @@ def _voice(model, name: str | None):
         raise CliError(str(err).strip("'\""), EXIT_USAGE) from None
 
 
+def _check_options(args: argparse.Namespace, names: tuple[str, ...]) -> None:
+    """The daemon's bounds for sampling options (client/protocol.py check_option)."""
+    from nightingale.client.protocol import OptionError, check_option
+
+    for name in names:
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        try:
+            check_option(name, value)
+        except OptionError as err:
+            raise CliError(f"--{name.replace('_', '-')}: {err}", EXIT_USAGE) from None
+
+
 def synth_main(args: argparse.Namespace) -> int:
     from nightingale.client.audiofile import AudioFileWriter, resolve_output
 
+    _check_options(args, ("seed", "exaggeration", "cfg_weight", "temperature", "max_new_tokens"))
     if not args.text.strip():
         raise CliError("nothing to say: the text is empty", EXIT_USAGE)
     if not args.output and not args.play:
@@ -147,7 +162,8 @@ def voices_main(args: argparse.Namespace) -> int:
             for entry in voices.list_voices():
                 print(voices.describe(entry))
             return 0
-        # add: validate the name and the slot before any expensive work
+        # add: validate the name, the options and the slot before any expensive work
+        _check_options(args, ("exaggeration",))
         voices.check_new_name(args.name, force=args.force)
         model = _load(args)
         conds = model.prepare_voice(args.audio, exaggeration=args.exaggeration)

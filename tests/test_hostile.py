@@ -114,3 +114,103 @@ def test_sigterm_inside_a_long_chunk_exits_0(tiny_checkpoint, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# ----------------------------------------------------------------------------- option bounds
+
+
+def _raw(conn: p.Connection, body: dict) -> None:
+    import msgpack
+
+    data = msgpack.packb(body)
+    conn.send_raw(p.HEADER.pack(len(data)) + data)
+
+
+BAD_OPTIONS = [
+    ({"n_timesteps": 1_000_000}, "n_timesteps", "1..100"),
+    ({"n_timesteps": 0}, "n_timesteps", "1..100"),
+    ({"max_new_tokens": 10**9}, "max_new_tokens", "1..4096"),
+    ({"exaggeration": float("nan")}, "exaggeration", "0..2"),
+    ({"exaggeration": float("inf")}, "exaggeration", "0..2"),
+    ({"temperature": -float("inf")}, "temperature", "0..5"),
+    ({"repetition_penalty": float("nan")}, "repetition_penalty", "1..5"),
+    ({"top_p": 0.0}, "top_p", "0.01..1"),
+    ({"cfg_weight": 1e300}, "cfg_weight", "0..5"),
+    ({"seed": -1}, "seed", "0.."),
+    ({"seed": True}, "seed", "integer"),
+    ({"n_timesteps": 2.0}, "n_timesteps", "integer"),
+    ({"chunk_schedule": "abc"}, "chunk_schedule", "4..1000"),
+    ({"chunk_schedule": "0,0,0"}, "chunk_schedule", "4..1000"),
+    ({"chunk_schedule": "inf,1,1"}, "chunk_schedule", "4..1000"),
+    ({"chunk_schedule": "1,1,1"}, "chunk_schedule", "4..1000"),
+    ({"chunk_schedule": "8,nan,16"}, "chunk_schedule", "growth"),
+    ({"chunk_schedule": "16,2,8"}, "chunk_schedule", "max"),
+    ({"chunk_schedule": 12}, "chunk_schedule", "first"),
+    ({"bogus": 1}, "bogus", "known"),
+]
+
+
+@pytest.mark.parametrize("options, field, allowed", BAD_OPTIONS)
+def test_out_of_range_options_are_bad_field(daemon, options, field, allowed):
+    with daemon.connect() as conn:
+        _raw(conn, {"v": 1, "type": "speak", "id": "x", "text": "Hi.", "output": "stream", "options": options})
+        err = wait_for(conn, p.Error, timeout=10)
+        assert err.code == p.E_BAD_FIELD, err
+        assert field in err.message and allowed in err.message and "\n" not in err.message
+        # nothing was queued: the next request is answered at once
+        conn.send(p.Speak(id="ok", text="Hi.", output="stream", options=FAST))
+        assert until_done(conn, "ok")[-1].reason == "completed"
+
+
+def test_options_at_their_bounds_are_accepted():
+    for name, (low, high) in p.OPTION_RANGES.items():
+        for value in (low, high):
+            assert p.check_option(name, value) == value
+    assert p.check_option("chunk_schedule", "4,1,4") == "4,1,4"
+    assert p.check_option("chunk_schedule", "24") == "24,2,48"
+    assert p.check_option("chunk_schedule", "1000,10,1000") == "1000,10,1000"
+
+
+@pytest.mark.parametrize("version", [True, 1.0, "1", 2, None])
+def test_version_must_be_the_integer_1(daemon, version):
+    with daemon.connect() as conn:
+        body = {"type": "ping"} if version is None else {"v": version, "type": "ping"}
+        _raw(conn, body)
+        err = wait_for(conn, p.Error, timeout=10)
+        assert err.code == p.E_VERSION
+        _raw(conn, {"v": 1, "type": "ping", "ref": "good"})
+        assert wait_for(conn, p.Pong, timeout=10).ref == "good"
+
+
+def test_non_finite_floats_in_any_message_are_bad_field():
+    with pytest.raises(p.ProtocolError) as err:
+        p.decode_request({"v": 1, "type": "speak", "text": "x", "options": {"min_p": float("nan")}})
+    assert err.value.code == p.E_BAD_FIELD and "min_p" in err.value.message
+
+
+@pytest.mark.parametrize(
+    "flag, value, cli",
+    [
+        ("--exaggeration", "nan", "nsay"),
+        ("--temperature", "inf", "nsay"),
+        ("--max-new-tokens", "0", "nsay"),
+        ("--exaggeration", "nan", "synth"),
+        ("--cfg-weight", "-1", "synth"),
+        ("--max-new-tokens", "100000", "synth"),
+        ("--exaggeration", "9", "voices"),
+    ],
+)
+def test_clis_refuse_the_same_values(flag, value, cli, tmp_path):
+    from test_nsay import NIGHTINGALE, NSAY
+
+    if cli == "nsay":
+        cmd = [*NSAY, "--socket", str(tmp_path / "none.sock"), "-o", str(tmp_path / "f.wav"), flag, value, "hi"]
+    elif cli == "synth":
+        cmd = [*NIGHTINGALE, "synth", "hi", "-o", str(tmp_path / "f.wav"), "--model", str(tmp_path / "none"), flag, value]
+    else:
+        cmd = [*NIGHTINGALE, "voices", "add", "carol", str(tmp_path / "none.wav"), flag, value]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and flag in lines[0] and "must be" in lines[0], result.stderr
+    assert not (tmp_path / "f.wav").exists()
