@@ -670,6 +670,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         return EXIT_FAILURE
+    except PermissionError as err:  # e.g. a runtime directory that belongs to another user
+        sys.stderr.write(f"nsay: permission denied: {err.filename or err}\n")
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

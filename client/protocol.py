@@ -146,12 +146,13 @@ E_NO_PLAYBACK = "no_playback"  # local playback asked for, but no audio device i
 E_SHUTTING_DOWN = "shutting_down"
 E_SYNTHESIS = "synthesis_failed"
 E_SLOW_CLIENT = "slow_client"  # the client stopped reading streamed audio
+E_IDLE = "idle_timeout"  # the client sent nothing (and had nothing live) for too long
 E_LOAD_FAILED = "load_failed"
 E_INTERNAL = "internal"
 ERROR_CODES = (
     E_BAD_FRAME, E_FRAME_TOO_LARGE, E_BAD_UTF8, E_VERSION, E_UNKNOWN_TYPE, E_BAD_FIELD,
     E_TEXT_TOO_LONG, E_BUSY, E_DUPLICATE_ID, E_UNKNOWN_ID, E_UNKNOWN_VOICE, E_NO_PLAYBACK,
-    E_SHUTTING_DOWN, E_SYNTHESIS, E_SLOW_CLIENT, E_LOAD_FAILED, E_INTERNAL,
+    E_SHUTTING_DOWN, E_SYNTHESIS, E_SLOW_CLIENT, E_LOAD_FAILED, E_INTERNAL, E_IDLE,
 )  # fmt: skip
 
 
@@ -316,9 +317,13 @@ class Cancel(Request):
 
 @dataclass(kw_only=True)
 class Pause(Request):
-    """Hold local playback; queued and partly played audio is kept, not dropped."""
+    """Hold local playback; queued and partly played audio is kept, not dropped.
+
+    The pause is lifted when the client that asked for it disconnects, unless `keep` is
+    true (then it lasts until a `resume` from anyone, as `nsay --pause` asks)."""
 
     TYPE = "pause"
+    keep: bool = False
 
 
 @dataclass(kw_only=True)
@@ -712,6 +717,11 @@ class FrameDecoder:
             self._skip -= dropped
             data = data[dropped:]
         self._buf += data
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held in memory for an unfinished frame."""
+        return len(self._buf)
 
     @property
     def pending(self) -> int:

@@ -177,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
         return err.code
     except KeyboardInterrupt:
         return 130
+    except PermissionError as err:  # e.g. a runtime directory that belongs to another user
+        print(f"nightingale: permission denied: {err.filename or err}", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

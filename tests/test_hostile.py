@@ -23,7 +23,7 @@ from test_daemon_process import serve
 # A 12-token first chunk (its `progress` says the engine is in the utterance), then one
 # chunk of ~300 tokens with 100 CFM steps: half a minute of S3Gen on the tiny model on an
 # idle 2-core machine, all inside one chunk.
-HEAVY = {"seed": 3, "max_new_tokens": 400, "n_timesteps": 100, "chunk_schedule": "12,100,1000"}
+HEAVY = {"seed": 3, "max_new_tokens": 400, "n_timesteps": 100, "chunk_schedule": "12,10,1000"}
 HEAVY_TEXT = "Hello there, this is a rather longer test sentence that keeps the tiny model busy for a while"
 
 
