@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--priority", choices=p.PRIORITIES, default=p.DEFAULT_PRIORITY, help="speech-dispatcher priority (default message)")
     parser.add_argument("--no-wait", action="store_true", help="return once the speech is queued")
     parser.add_argument("--stop", action="store_true", help="cancel all speech now (then speak the given text, if any)")
+    held = parser.add_mutually_exclusive_group()
+    held.add_argument("--pause", action="store_true", help="hold the daemon's local playback until --resume")
+    held.add_argument("--resume", action="store_true", help="continue the daemon's local playback after a pause")
     parser.add_argument("--spawn", action="store_true", help="start a daemon in the background if none is running")
     parser.add_argument("--socket", metavar="PATH", help="daemon socket (env NIGHTINGALE_SOCKET)")
     sampling = parser.add_argument_group("sampling")
@@ -478,6 +481,13 @@ class Session:
         self.ready = True
         self.sample_rate = ready.sample_rate
 
+    def pause(self, paused: bool) -> None:
+        if paused:
+            self.request(p.Pause(keep=True, ref="pause"), p.Paused)
+        else:
+            self.request(p.Resume(ref="resume"), p.Resumed)
+        self.reporter.show("playback paused" if paused else "playback resumed", final=True)
+
     def stop_all(self) -> None:
         answer = self.request(p.Cancel(all=True, ref="stop"), p.Cancelled)
         self.reporter.show(f"cancelled {len(answer.ids)} utterance(s)", final=True)
@@ -641,6 +651,11 @@ def run(args: argparse.Namespace) -> int:
     conn, ready = connect(args, reporter)
     session = Session(conn, args, reporter, ready)
     try:
+        if args.pause or args.resume:  # work while the model loads; nothing else follows
+            if args.text or args.input_file is not None:
+                raise NsayError("--pause and --resume take no text", EXIT_USAGE)
+            session.pause(args.pause)
+            return EXIT_OK
         if args.stop:  # works while the model loads
             session.stop_all()
             # Only explicit text follows a stop: reading a stdin that is not ours would hang.

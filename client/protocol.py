@@ -22,6 +22,7 @@ import os
 import socket
 import struct
 import sys
+import time
 import typing
 import warnings
 from dataclasses import MISSING, dataclass, field, fields
@@ -790,6 +791,25 @@ class DaemonUnavailable(ConnectionError):
     """No daemon answers at the socket path."""
 
 
+CONNECT_RETRY_S = 5.0  # how long a full listen backlog (EAGAIN) is retried
+
+
+def _connect_retrying(sock: socket.socket, path: str) -> None:
+    """connect(), retried with backoff while the daemon's listen backlog is full: a local
+    connect flood then delays a client instead of failing it."""
+    deadline = time.monotonic() + CONNECT_RETRY_S
+    delay = 0.005
+    while True:
+        try:
+            sock.connect(path)
+            return
+        except BlockingIOError:  # EAGAIN on a Unix socket: the backlog is full
+            if time.monotonic() + delay > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(0.2, delay * 2)
+
+
 class Connection:
     """A blocking framed connection to the daemon (clients, tests, bench).
 
@@ -803,7 +823,7 @@ class Connection:
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(timeout)
         try:
-            self._sock.connect(str(self.path))
+            _connect_retrying(self._sock, str(self.path))
         except (FileNotFoundError, ConnectionRefusedError) as err:
             self._sock.close()
             raise DaemonUnavailable(

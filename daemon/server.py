@@ -81,6 +81,7 @@ class DaemonConfig:
     idle_timeout_s: float = IDLE_TIMEOUT_S
     slow_client_grace_s: float = SLOW_CLIENT_GRACE_S
     socket_check_s: float = SOCKET_CHECK_S
+    max_outbox_bytes: int = MAX_OUTBOX_BYTES
 
 
 # ----------------------------------------------------------------------------- socket
@@ -299,8 +300,9 @@ def _plain(value: Any) -> Any:
 class Session:
     """One client connection: an outbox drained by a writer task, and its utterances."""
 
-    def __init__(self, number: int, stream: anyio.abc.ByteStream):
+    def __init__(self, number: int, stream: anyio.abc.ByteStream, max_outbox_bytes: int = MAX_OUTBOX_BYTES):
         self.number = number
+        self.max_outbox_bytes = max_outbox_bytes
         self.stream = stream
         self.utterances: dict[str, Utterance] = {}
         self.connected = True
@@ -319,7 +321,7 @@ class Session:
         if not self.connected or (self.slow and not force):
             return False
         frame = p.encode_frame(event)
-        if not force and self.outbox_bytes + len(frame) > MAX_OUTBOX_BYTES:
+        if not force and self.outbox_bytes + len(frame) > self.max_outbox_bytes:
             self.slow = True
             return False
         self.outbox_bytes += len(frame)
@@ -363,6 +365,7 @@ class Daemon:
         self.paused = False
         self._pause_owner: Session | None = None  # a pause is lifted when this client leaves
         self._pending_total = 0  # unfinished-frame bytes over all clients
+        self._ready_at = 0.0
         self.player: Player | None = None
         self.playback_reason = ""
         self.engine: Engine | None = None
@@ -501,7 +504,12 @@ class Daemon:
                     continue
                 if s.frame_started is not None and now - s.frame_started > cfg.frame_timeout_s:
                     self._drop(s, p.E_BAD_FRAME, f"a frame was not completed within {cfg.frame_timeout_s:g} s")
-                elif not s.utterances and s is not self._pause_owner and now - s.last_active > cfg.idle_timeout_s:
+                elif (
+                    self.state == "ready"  # a client waiting for `ready` is not idle
+                    and not s.utterances
+                    and s is not self._pause_owner
+                    and now - max(s.last_active, self._ready_at) > cfg.idle_timeout_s
+                ):
                     self._drop(s, p.E_IDLE, f"no request for {cfg.idle_timeout_s:g} s; closing the connection")
 
     def _drop(self, session: Session, code: str, message: str) -> None:
@@ -600,7 +608,7 @@ class Daemon:
                 pass
 
     async def _connection(self, stream: anyio.abc.ByteStream) -> None:
-        session = Session(next(self._conn_numbers), stream)
+        session = Session(next(self._conn_numbers), stream, self.config.max_outbox_bytes)
         self.sessions.add(session)
         self.counters["connections"] += 1
         log.debug("client %d connected", session.number)
@@ -625,7 +633,16 @@ class Daemon:
 
                 tg.start_soon(read_then_stop)
                 await session.writer()
-                tg.cancel_scope.cancel()
+                if session.dropping:
+                    # The last error is out: end our side and let the reader drain the
+                    # client's input until it closes (or the drop deadline passes).
+                    with anyio.move_on_after(1.0):
+                        try:
+                            await session.stream.send_eof()
+                        except Exception:
+                            pass
+                else:
+                    tg.cancel_scope.cancel()
         except Exception:
             log.exception("client %d: connection failed", session.number)
         finally:
@@ -660,10 +677,17 @@ class Daemon:
             self._account_pending(session, decoder.buffered, decoder.pending)
             if session.slow:
                 self._drop_slow(session)
-                return
-            if self._pending_total > self.config.max_pending_bytes:
+            elif self._pending_total > self.config.max_pending_bytes:
                 self._drop(session, p.E_BUSY, "busy: too many bytes of unfinished frames are buffered; send whole frames")
-                return
+            if session.dropping:
+                self._account_pending(session, 0, 0)
+                # Read and discard until the last error is out: closing with unread input
+                # would reset the connection and lose the error.
+                while True:
+                    try:
+                        await session.stream.receive(1 << 16)
+                    except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                        return
 
     def _handle_frame(self, session: Session, body: bytes) -> None:
         ref = None
@@ -720,7 +744,7 @@ class Daemon:
         log.warning("client %d stopped reading (%d bytes queued); disconnecting it", session.number, session.outbox_bytes)
         for utt in list(session.utterances.values()):
             self._finish(utt, "cancelled", f"{p.E_SLOW_CLIENT}: the client stopped reading")
-        self._drop(session, p.E_SLOW_CLIENT, f"the client stopped reading ({MAX_OUTBOX_BYTES >> 20} MiB of events unread)")
+        self._drop(session, p.E_SLOW_CLIENT, f"the client stopped reading ({session.outbox_bytes} bytes of events unread)")
 
     def _broadcast(self, event: p.Event) -> None:
         for s in list(self.sessions):
@@ -936,6 +960,7 @@ class Daemon:
         if self.state != "loading":
             return
         self.state = "ready"
+        self._ready_at = time.monotonic()
         log.info("ready: %s (load %.1f s, warm-up %.1f s)", self._model_line(), info.load_s, info.warmup_s)
         if info.sample_rate != SAMPLE_RATE and self.player is not None:
             log.warning("model rate %d Hz differs from the player's %d Hz; playback disabled", info.sample_rate, SAMPLE_RATE)

@@ -17,7 +17,7 @@ import pytest
 
 from nightingale.client import protocol as p
 from nightingale.models.stream import Cancelled
-from test_daemon import FAST, TIMEOUT, DaemonThread, assert_idle, connect_when_up, tiny_factory, until_done, wait_for
+from test_daemon import FAST, TIMEOUT, DaemonThread, assert_idle, connect_when_up, request, tiny_factory, until_done, wait_for
 from test_daemon_process import serve
 
 # A 12-token first chunk (its `progress` says the engine is in the utterance), then one
@@ -81,16 +81,20 @@ def test_model_stream_stops_between_t3_steps(tiny_model):
 
 def test_cancel_frees_the_engine_inside_a_long_chunk(daemon):
     with daemon.connect() as conn:
-        conn.send(p.Speak(id="heavy", text=HEAVY_TEXT, output="stream", options=HEAVY))
+        conn.send(p.Speak(id="heavy", text=HEAVY_TEXT, output="stream", options={**HEAVY, "n_timesteps": 40}))
+        wait_for(conn, p.Started, id="heavy")
+        t_started = time.monotonic()
         wait_for(conn, p.Progress, id="heavy")
+        first_chunk_s = time.monotonic() - t_started
         conn.send(p.Cancel(id="heavy"))
         assert wait_for(conn, p.Done, id="heavy").reason == "cancelled"
-        # The engine is free again: the next utterance starts and completes at once instead
-        # of after the rest of the heavy chunk (about 50 s of CFM steps).
+        # The engine is free again: the next (one-step, 6-token) utterance completes at once
+        # instead of after the rest of the second chunk, which has more tokens and the same
+        # steps as the first, so would take longer than the first did (same load either way).
         t0 = time.monotonic()
         conn.send(p.Speak(id="next", text="Hi.", output="stream", options=FAST))
         assert until_done(conn, "next")[-1].reason == "completed"
-        assert time.monotonic() - t0 < 20.0
+        assert time.monotonic() - t0 < first_chunk_s / 2
     assert assert_idle(daemon).current is None
 
 
@@ -214,3 +218,184 @@ def test_clis_refuse_the_same_values(flag, value, cli, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and flag in lines[0] and "must be" in lines[0], result.stderr
     assert not (tmp_path / "f.wav").exists()
+
+
+# ----------------------------------------------------------------------------- files and permissions
+
+
+def test_lock_is_never_a_followed_link_and_goes_away_on_clean_shutdown(tmp_path, tiny_checkpoint):
+    from nightingale.daemon.server import SocketBinding, UnsafeDirectory
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    sock = tmp_path / "l.sock"
+    (tmp_path / "l.sock.lock").symlink_to(victim)
+    with pytest.raises(UnsafeDirectory, match="symbolic link"):
+        SocketBinding(sock).bind()
+    assert victim.read_text() == "precious\n" and not sock.exists()
+    (tmp_path / "l.sock.lock").unlink()
+    # A clean shutdown leaves neither the socket nor a lock holding a dead pid.
+    d = DaemonThread(sock, tiny_factory(tiny_checkpoint)).start(wait_ready=False)
+    assert (tmp_path / "l.sock.lock").read_text().strip() == str(os.getpid())
+    assert d.stop() == 0
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["victim.txt"]
+
+
+def test_socket_directory_writable_by_others_is_refused(tmp_path):
+    from test_nsay import NIGHTINGALE
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    for mode in (0o777, 0o1777, 0o770):
+        shared.chmod(mode)
+        result = subprocess.run(
+            [*NIGHTINGALE, "serve", "--socket", str(shared / "n.sock"), "--model", str(tmp_path / "none"), "--no-playback"],
+            capture_output=True, text=True, timeout=TIMEOUT,
+        )  # fmt: skip
+        lines = [line for line in result.stderr.splitlines() if line.startswith("nightingale: ")]
+        assert result.returncode == 1 and len(lines) == 1, result.stderr
+        assert "other users can write" in lines[0] and str(shared) in lines[0]
+        assert "Traceback" not in result.stderr and list(shared.iterdir()) == []
+
+
+def _wait_until(predicate, timeout: float = TIMEOUT, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+# ----------------------------------------------------------------------------- limits
+
+
+@pytest.fixture(scope="module")
+def strict(tiny_checkpoint, tmp_path_factory):
+    """A daemon with small limits, so each one is reached quickly."""
+    d = DaemonThread(
+        tmp_path_factory.mktemp("strict") / "s.sock",
+        tiny_factory(tiny_checkpoint),
+        max_connections=8,
+        max_pending_bytes=2 << 20,
+        frame_timeout_s=1.0,
+        idle_timeout_s=1.5,
+        slow_client_grace_s=30.0,
+        socket_check_s=0.1,
+        max_outbox_bytes=256 << 10,
+    ).start()
+    yield d
+    assert d.stop() == 0
+
+
+def _raw_client(path) -> tuple[socket.socket, p.FrameDecoder]:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(TIMEOUT)
+    s.connect(str(path))
+    return s, p.FrameDecoder()
+
+
+def _events(s: socket.socket, decoder: p.FrameDecoder, until=None) -> list[p.Event]:
+    """Events until EOF (or until one satisfies `until`)."""
+    out: list[p.Event] = []
+    while True:
+        for body in decoder.frames():
+            out.append(p.decode_event(p.unpack_body(body)))
+            if until is not None and until(out[-1]):
+                return out
+        data = s.recv(1 << 16)
+        if not data:
+            return out
+        decoder.feed(data)
+
+
+def test_connection_cap_answers_busy_and_frees_up(strict):
+    held = [_raw_client(strict.path) for _ in range(8)]
+    for s, dec in held:
+        assert isinstance(_events(s, dec, until=lambda e: True)[0], p.Hello)
+    s, dec = _raw_client(strict.path)
+    events = _events(s, dec)
+    assert len(events) == 1 and events[0].code == p.E_BUSY and "clients are connected" in events[0].message
+    s.close()
+    held.pop()[0].close()
+    _wait_until(lambda: len(strict.daemon.sessions) < 8, what="a slot")
+    with strict.connect() as c:
+        assert request(c, p.Ping(), p.Pong).state == "ready"
+    for s, _ in held:
+        s.close()
+    _wait_until(lambda: not strict.daemon.sessions, what="the clients to be gone")
+
+
+def test_unfinished_frames_are_capped_in_bytes_and_time(strict):
+    # Three clients each hold 0.9 MiB of a 1 MiB frame: together they pass the 2 MiB total,
+    # and the one whose bytes cross it (whichever the daemon reads last) is told `busy`.
+    clients = [_raw_client(strict.path) for _ in range(3)]
+    for s, dec in clients:
+        assert isinstance(_events(s, dec, until=lambda e: True)[0], p.Hello)
+        try:
+            s.sendall(p.HEADER.pack(1 << 20) + b"\x80" * (900 << 10))
+        except BrokenPipeError:  # a dropped client may be closed before all of it is sent
+            pass
+    last = []
+    for s, dec in clients:
+        events = _events(s, dec)
+        assert len(events) == 1 and isinstance(events[0], p.Error), events
+        last.append(events[0])
+        s.close()
+    busy = [e for e in last if e.code == p.E_BUSY]
+    assert len(busy) == 1 and "unfinished frames" in busy[0].message
+    # The others never complete their frames: each is closed after the frame timeout.
+    for e in last:
+        assert e is busy[0] or (e.code == p.E_BAD_FRAME and "not completed within" in e.message), last
+    _wait_until(lambda: strict.daemon._pending_total == 0, what="the buffers to be released")
+    with strict.connect() as c:
+        assert request(c, p.Ping(), p.Pong).state == "ready"
+
+
+def test_idle_connections_time_out_but_busy_ones_do_not(strict):
+    idle, dec = _raw_client(strict.path)
+    events = _events(idle, dec)
+    assert isinstance(events[0], p.Hello) and events[-1].code == p.E_IDLE
+    idle.close()
+    # A client waiting for a long utterance sends nothing for longer than the idle timeout.
+    with strict.connect() as c:
+        c.send(p.Speak(id="w", text="Hi.", output="stream", audio_format="s16le", options={**FAST, "n_timesteps": 30, "max_new_tokens": 20}))
+        assert until_done(c, "w")[-1].reason == "completed"
+
+
+def test_a_client_that_never_reads_gets_slow_client_then_is_dropped(strict):
+    s, dec = _raw_client(strict.path)
+    _events(s, dec, until=lambda e: True)
+    # ~600 tokens of f32 audio: 2.3 MB, far more than the 256 KiB outbox and socket buffers
+    text = " ".join([HEAVY_TEXT + "."] * 3)
+    s.sendall(p.encode_frame(p.Speak(id="flood", text=text, output="stream", options={**FAST, "max_new_tokens": 400})))
+    errors = strict.daemon.counters["errors"]
+    _wait_until(lambda: any(x.dropping for x in strict.daemon.sessions) or strict.daemon.counters["errors"] > errors, what="the drop")
+    events = _events(s, dec)  # read late: what was queued, then the documented error, then EOF
+    assert isinstance(events[-1], p.Error) and events[-1].code == p.E_SLOW_CLIENT
+    assert any(isinstance(e, p.Audio) for e in events)
+    s.close()
+    assert assert_idle(strict).current is None
+
+
+def test_a_deleted_socket_is_recreated(strict):
+    os.unlink(strict.path)
+    _wait_until(lambda: strict.path.exists(), what="the socket to come back")
+    with strict.connect() as c:
+        assert request(c, p.Ping(), p.Pong).state == "ready"
+
+
+def test_pause_is_released_when_its_client_leaves(strict):
+    def paused() -> bool:
+        with strict.connect() as c:
+            return request(c, p.GetStatus(), p.Status).paused
+
+    with strict.connect() as owner:
+        request(owner, p.Pause(), p.Paused)
+        assert paused()
+    _wait_until(lambda: not paused(), what="the pause to be lifted")
+    # A kept pause (nsay --pause) outlives its client until a resume.
+    with strict.connect() as c:
+        request(c, p.Pause(keep=True), p.Paused)
+    assert paused()
+    with strict.connect() as c:
+        request(c, p.Resume(), p.Resumed)
+    assert not paused()
