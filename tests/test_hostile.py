@@ -399,3 +399,80 @@ def test_pause_is_released_when_its_client_leaves(strict):
     with strict.connect() as c:
         request(c, p.Resume(), p.Resumed)
     assert not paused()
+
+
+# ----------------------------------------------------------------------------- conds.pt reader bounds
+
+
+def _pt(path, pkl: bytes, records: dict | None = None):
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("archive/data.pkl", pkl)
+        for name, data in (records or {}).items():
+            z.writestr(f"archive/{name}", data)
+    return path
+
+
+def _tensor_pickle(size: tuple[int, ...], stride: tuple[int, ...]) -> bytes:
+    """Protocol-2 pickle of one tensor on storage "0" (one float), written opcode by opcode."""
+    import struct
+
+    def ints(values):
+        return b"(" + b"".join(b"J" + struct.pack("<i", v) for v in values) + b"t"
+
+    def text(s: str) -> bytes:
+        return b"X" + struct.pack("<I", len(s)) + s.encode()
+
+    pid = b"(" + text("storage") + b"ctorch\nFloatStorage\n" + text("0") + text("cpu") + b"K\x01tQ"
+    return (
+        b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n(" + pid + b"K\x00" + ints(size) + ints(stride)
+        + b"\x89ccollections\nOrderedDict\n)RtR."
+    )  # fmt: skip
+
+
+def test_zero_stride_tensor_is_refused_before_allocating(tmp_path):
+    from nightingale.models import torchpickle as tp
+
+    ok = _pt(tmp_path / "ok.pt", _tensor_pickle((3, 2), (0, 0)), {"data/0": b"\x00\x00\x80\x3f"})
+    assert tp.load(ok).tolist() == [[1.0, 1.0]] * 3  # a legal broadcast view is still read
+    # 2**30 elements from one float: 4 GiB if allocated.
+    bomb = _pt(tmp_path / "bomb.pt", _tensor_pickle((1 << 15, 1 << 15), (0, 0)), {"data/0": b"\x00\x00\x80\x3f"})
+    with pytest.raises(tp.TorchPickleError, match="would need 4294967296 bytes") as err:
+        tp.load(bomb)
+    assert "\n" not in str(err.value)
+
+
+def test_zip_bomb_is_refused_from_its_declared_size(tmp_path, monkeypatch):
+    from nightingale.models import torchpickle as tp
+
+    monkeypatch.setattr(tp, "MAX_ARCHIVE_BYTES", 1 << 20)
+    bomb = _pt(tmp_path / "zip.pt", _tensor_pickle((1,), (1,)), {"data/0": bytes(2 << 20)})
+    assert bomb.stat().st_size < 20_000
+    with pytest.raises(tp.TorchPickleError, match="unpacks to .* more than"):
+        tp.load(bomb)
+
+
+def test_deep_nesting_is_one_line(tmp_path):
+    from nightingale.models import torchpickle as tp
+
+    deep = 100_000
+    nested = _pt(tmp_path / "deep.pt", b"\x80\x02" + b"]" * deep + b"a" * (deep - 1) + b".")
+    with pytest.raises(tp.TorchPickleError, match="nested more than") as err:
+        tp.load(nested)
+    assert "\n" not in str(err.value)
+
+
+def test_synth_with_a_refused_conds_pt_is_one_line(tmp_path, tiny_checkpoint):
+    from test_nsay import NIGHTINGALE
+
+    deep = 100_000
+    bad = _pt(tmp_path / "bad.pt", b"\x80\x02" + b"]" * deep + b"a" * (deep - 1) + b".")
+    out = tmp_path / "out.wav"
+    result = subprocess.run(
+        [*NIGHTINGALE, "synth", "hi", "-o", str(out), "--model", str(tiny_checkpoint), "--quantize", "none", "--voice", str(bad)],
+        capture_output=True, text=True, timeout=TIMEOUT,
+    )  # fmt: skip
+    lines = [line for line in result.stderr.splitlines() if "nightingale:" in line or "Traceback" in line]
+    assert result.returncode == 2 and len(lines) == 1 and "nested" in lines[0], result.stderr
+    assert not out.exists()
