@@ -1115,6 +1115,8 @@ def serve_main(args: Any) -> int:
         path = p.socket_path(args.socket)
     except ValueError as err:
         raise CliError(str(err), EXIT_USAGE) from None
+    except OSError as err:
+        raise CliError(f"cannot find the socket directory: {err}", EXIT_FAILURE) from None
     if getattr(args, "max_queue", 1) < 1:
         raise CliError("--max-queue must be at least 1", EXIT_USAGE)
     if getattr(args, "drain_timeout", 0.0) < 0:
@@ -1136,7 +1138,16 @@ def serve_main(args: Any) -> int:
     daemon = Daemon(config, factory)
     log.info("nightingale %s (pid %d), model %s, quantize %s", __version__, os.getpid(), args.model or "default", args.quantize)
     try:
-        return anyio.run(partial(daemon.run, handle_signals=True), backend="asyncio")
+        code = anyio.run(partial(daemon.run, handle_signals=True), backend="asyncio")
+        if daemon.engine_left_behind:
+            # The engine thread is inside a model load, which cannot be interrupted; MLX's
+            # teardown at interpreter exit would then abort the process (exit 134). The
+            # drain is done and the socket removed, so leave without that teardown.
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
     except SocketInUse as err:
         raise CliError(str(err), EXIT_FAILURE) from None
     except DeviceNotFound as err:
