@@ -476,3 +476,21 @@ def test_synth_with_a_refused_conds_pt_is_one_line(tmp_path, tiny_checkpoint):
     lines = [line for line in result.stderr.splitlines() if "nightingale:" in line or "Traceback" in line]
     assert result.returncode == 2 and len(lines) == 1 and "nested" in lines[0], result.stderr
     assert not out.exists()
+
+
+def test_nsay_pause_and_resume(strict):
+    from test_nsay import NSAY
+
+    def nsay(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*NSAY, "--socket", str(strict.path), *args], capture_output=True, text=True, timeout=TIMEOUT)
+
+    def paused() -> bool:
+        with strict.connect() as c:
+            return request(c, p.GetStatus(), p.Status).paused
+
+    assert nsay("--pause").returncode == 0
+    assert paused()  # kept after nsay has left
+    result = nsay("--pause", "some text")
+    assert result.returncode == 2 and "take no text" in result.stderr
+    assert nsay("--resume").returncode == 0
+    assert not paused()
