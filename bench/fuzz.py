@@ -73,7 +73,8 @@ def mutate(msg: dict, rng: random.Random) -> dict:
         elif r < 0.55:
             msg[rng.choice(["v", "type", "id", "text", "priority", "output", "audio_format", "stream", "voice", "all", "ref", "keep"])] = rng.choice(NASTY_VALUES)
         elif r < 0.65:
-            msg.pop(rng.choice(list(msg)), None)
+            if msg:
+                msg.pop(rng.choice(list(msg)), None)
         elif r < 0.75:
             depth = rng.choice([10, 100, 1000])
             value: object = 0
