@@ -820,23 +820,33 @@ class Connection:
 
     def __init__(self, path: str | os.PathLike[str] | None = None, *, timeout: float | None = 10.0):
         self.path = socket_path(path)
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.settimeout(timeout)
-        try:
-            _connect_retrying(self._sock, str(self.path))
-        except (FileNotFoundError, ConnectionRefusedError) as err:
-            self._sock.close()
-            raise DaemonUnavailable(
-                f"no nightingale daemon at {self.path} ({err.strerror}); start one with `nightingale serve`"
-            ) from None
-        except OSError:
-            self._sock.close()
-            raise
-        self._decoder = FrameDecoder()
-        self._frames: Iterator[bytes | ProtocolError] = iter(())
-        first = self.recv(timeout)
-        if not isinstance(first, Hello):
+        deadline = time.monotonic() + CONNECT_RETRY_S
+        delay = 0.05
+        while True:
+            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._sock.settimeout(timeout)
+            try:
+                _connect_retrying(self._sock, str(self.path))
+            except (FileNotFoundError, ConnectionRefusedError) as err:
+                self._sock.close()
+                raise DaemonUnavailable(
+                    f"no nightingale daemon at {self.path} ({err.strerror}); start one with `nightingale serve`"
+                ) from None
+            except OSError:
+                self._sock.close()
+                raise
+            self._decoder = FrameDecoder()
+            self._frames: Iterator[bytes | ProtocolError] = iter(())
+            first = self.recv(timeout)
+            if isinstance(first, Hello):
+                break
             self.close()
+            if isinstance(first, Error) and first.code == E_BUSY and time.monotonic() + delay < deadline:
+                time.sleep(delay)  # the daemon is at its connection cap: a flood, usually brief
+                delay = min(0.5, delay * 2)
+                continue
+            if isinstance(first, Error):
+                raise ProtocolError(first.code, first.message)
             raise ProtocolError(E_BAD_FRAME, f"expected hello from the daemon, got {first!r}")
         self.hello: Hello = first
 
