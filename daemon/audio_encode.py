@@ -26,8 +26,13 @@ FORMATS: dict[str, tuple[str, bool]] = {
 _SOUNDFILE = {"opus": ("OGG", "OPUS"), "flac": ("FLAC", "PCM_16"), "mp3": ("MP3", "MPEG_LAYER_III")}
 
 
+def s16(samples: np.ndarray) -> np.ndarray:
+    """float32 -> int16 exactly as the daemon's s16le stream (engine.encode_pcm) rounds."""
+    return (np.clip(samples, -1.0, 1.0) * 32767.0).round().astype("<i2")
+
+
 def s16le(samples: np.ndarray) -> bytes:
-    return (np.clip(samples, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()
+    return s16(samples).tobytes()
 
 
 def wav_header(sample_rate: int, data_bytes: int = 0xFFFFFFFF) -> bytes:
@@ -94,7 +99,7 @@ class Encoder:
     def push(self, samples: np.ndarray) -> bytes:
         if self._file is not None:
             if len(samples):
-                self._file.write(samples.astype(np.float32, copy=False))
+                self._file.write(s16(samples))  # the same integers as pcm/wav: FLAC is exact
             if isinstance(self._sink, _Sink):
                 self._file.flush()
                 return self._sink.take()

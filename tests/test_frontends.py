@@ -223,22 +223,30 @@ def test_non_loopback_needs_a_token():
 
 
 def test_client_that_never_reads_then_leaves(served, oai):
-    """A client that stops reading does not hold up others; when it leaves, its request is
-    cancelled and the daemon returns to idle."""
+    """A client that never reads its audio holds up nobody: the request queued behind it is
+    served in full; when it leaves, the daemon returns to idle and nothing is lost."""
     with served.connect() as c:
         before = request(c, p.GetStatus(), p.Status).counters
     sock = socket.create_connection(("127.0.0.1", served.http))
-    body = speech_body(input=LONG_TEXT, response_format="pcm", options=LONG, priority="text")
+    body = speech_body(input=LONG_TEXT, response_format="pcm", options=LONG)
     sock.sendall(b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)  # fmt: skip
-    # It never reads. An important request from another client is still served in full.
-    want = native_s16(served)
-    data = oai.audio.speech.create(model="nightingale", voice="default", input=TEXT, response_format="pcm", extra_body={"priority": "important"}).content
-    assert data == want
+    want = native_s16(served)  # queued behind the reader-less request, at the same priority
+    assert oai.audio.speech.create(model="nightingale", voice="default", input=TEXT, response_format="pcm").content == want
     sock.close()
     st = assert_idle(served, timeout=60)
-    assert st.counters["cancelled"] + st.counters["preempted"] + st.counters["completed"] > before["completed"]
+    ended = lambda c: c["completed"] + c["cancelled"]  # noqa: E731
+    assert ended(st.counters) - ended(before) == 3 and st.counters["failed"] == before["failed"]
     assert st.clients == 1  # only the status connection: the HTTP request is gone
+
+
+def test_cli_refuses_http_off_loopback_without_token(tmp_path):
+    import sys
+
+    cmd = [sys.executable, "-m", "nightingale.daemon.cli", "serve", "--no-playback", "--socket", str(tmp_path / "s"), "--http", "0.0.0.0:8880"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env={**__import__("os").environ, "NIGHTINGALE_HTTP_TOKEN": ""})
+    assert res.returncode == 2
+    assert res.stderr.strip().count("\n") == 0 and "token" in res.stderr
 
 
 def test_disconnect_cancels_the_request(served):
