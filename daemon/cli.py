@@ -145,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
             _add_model_args(sp)
             _add_socket_arg(sp)
             sp.add_argument("--device", default=None, help="audio output device for the service")
+            sp.add_argument("--http", default=None, metavar="HOST:PORT", help="the service also serves the OpenAI-compatible API")
+            sp.add_argument("--wyoming", default=None, metavar="tcp://HOST:PORT", help="the service also serves Wyoming (Home Assistant)")
     service.set_defaults(handler="nightingale.client.service:service_main")
 
     dev = sub.add_parser("dev", help="developer tools")
