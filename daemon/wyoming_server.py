@@ -204,7 +204,11 @@ class _Connection:
         return Info(tts=[program])
 
     async def begin(self, text: str | None, voice: str | None) -> None:
-        """Start one request (text None: a stream); waits for the previous one to finish."""
+        """Start one request (text None: a stream); waits for the previous one to finish
+        (a stream left open by a new request is closed with what it has)."""
+        if self.streaming and self.handle is not None:
+            self.streaming = False
+            self.handle.end()
         if self.speaker is not None:
             await asyncio.gather(self.speaker, return_exceptions=True)
         if self.door.state == "loading":

@@ -199,6 +199,11 @@ def test_bad_http_requests_get_openai_errors(served, oai):
         err = api_error(got_status, reply)
         if code is not None:
             assert err["code"] == code, (body[:80], err)
+    conn = http.client.HTTPConnection("127.0.0.1", served.http, timeout=30)
+    conn.request("GET", "/v1/nothing")
+    resp = conn.getresponse()
+    assert resp.status == 404 and api_error(404, resp.read())["type"] == "invalid_request_error"
+    conn.close()
     with pytest.raises(openai.BadRequestError) as exc:
         oai.audio.speech.create(model="nightingale", voice="nobody", input=TEXT)
     assert exc.value.body["code"] == "unknown_voice"
