@@ -1,15 +1,15 @@
 """Time to first audio byte through each front end of one daemon: native socket, HTTP
 (OpenAI-compatible) and Wyoming.
 
-Starts `nightingale serve --http ... --wyoming ...` as a process (local playback off), then
-for each round asks each protocol in turn (rotating the order) for the same sentence with
-default options, and measures from the request's first byte sent to the first audio byte
-received: native, the first `audio` event; HTTP, the first body byte (`response_format`
-pcm, chunked); Wyoming, the first `audio-chunk`. The request is then withdrawn the way each
-protocol's clients do it (native `cancel`; HTTP and Wyoming close the connection) and the
-next one waits until the daemon is idle plus --settle seconds (a cancelled utterance leaves
-the queue at once, but the engine finishes the chunk in hand), so every measurement starts
-from an idle engine.
+Starts `nightingale serve --http ... --wyoming ... --frontend-options OPTIONS` as a process
+(local playback off), then for each round asks each protocol in turn (rotating the order)
+for the same sentence with the same speak options, and measures from the request's first
+byte sent to the first audio byte received: native, the first `audio` event; HTTP, the
+first body byte (`response_format` pcm, chunked); Wyoming, the first `audio-chunk`. Each
+response is read to its end, and the next request waits until the daemon is idle, so every
+measurement starts from an idle engine. The table gives each protocol's median and p90 and
+the median of its per-round difference to the native socket (the rounds share the
+machine's load, so the paired difference is the steadier figure).
 All three clients are plain blocking sockets in this process.
 
     python bench/frontends.py                     # tiny random checkpoint, 30 rounds
@@ -36,6 +36,8 @@ from wyoming.tts import Synthesize
 from nightingale.client import protocol as p
 
 TEXT = "Hello there, how are you today?"
+# Small utterances of several chunks: the first chunk after 4 speech tokens.
+OPTIONS = {"seed": 1, "max_new_tokens": 16, "n_timesteps": 2, "chunk_schedule": "4,2,8"}
 
 
 def free_port() -> int:
@@ -49,7 +51,9 @@ def pct(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, int(round(q / 100.0 * len(s) + 0.5)) - 1))]
 
 
-def wait_idle(path: Path) -> None:
+def wait_idle(path: Path) -> float | None:
+    """Wait until nothing is queued or synthesized; the last utterance's first_audio_ms
+    as the daemon measured it (request received to first audio chunk)."""
     with p.Connection(path, timeout=60) as c:
         while True:
             c.send(p.GetStatus(ref="b"))
@@ -57,22 +61,23 @@ def wait_idle(path: Path) -> None:
             while not isinstance(ev, p.Status):
                 ev = c.recv(60)
             if ev.current is None and ev.queue_depth == 0:
-                return
+                return ev.metrics["first_audio_ms"]["last"]
             time.sleep(0.02)
 
 
 def native(path: Path) -> float:
     with p.Connection(path, timeout=120) as c:
         t0 = time.perf_counter()
-        c.send(p.Speak(id="b", text=TEXT, output="stream", audio_format="s16le"))
+        c.send(p.Speak(id="b", text=TEXT, output="stream", audio_format="s16le", options=OPTIONS))
+        t = None
         while True:
             ev = c.recv(120)
-            if isinstance(ev, p.Audio):
+            if isinstance(ev, p.Audio) and t is None:
                 t = time.perf_counter() - t0
-                c.send(p.Cancel(id="b"))
-                return t
-            if isinstance(ev, (p.Error, p.Done)):
+            elif isinstance(ev, p.Error) or isinstance(ev, p.Done) and (ev.reason != "completed" or t is None):
                 raise RuntimeError(f"native: {ev}")
+            elif isinstance(ev, p.Done):
+                return t
 
 
 def http(port: int) -> float:
@@ -93,7 +98,13 @@ def http(port: int) -> float:
             raise RuntimeError(f"http: {head[:200]!r}")
         while not rest.partition(b"\r\n")[2]:  # chunk size line, then at least one audio byte
             rest += s.recv(1 << 16)
-        return time.perf_counter() - t0
+        t = time.perf_counter() - t0
+        while not rest.endswith(b"0\r\n\r\n"):  # the last chunk
+            data = s.recv(1 << 16)
+            if not data:
+                raise RuntimeError("http: the response was cut short")
+            rest += data
+        return t
 
 
 def wyoming(port: int) -> float:
@@ -102,12 +113,15 @@ def wyoming(port: int) -> float:
         t0 = time.perf_counter()
         write_event(Synthesize(text=TEXT).event(), f)
         f.flush()
+        t = None
         while True:
             ev = read_event(f)
             if ev is None or ev.type == "error":
                 raise RuntimeError(f"wyoming: {ev}")
-            if ev.type == "audio-chunk":
-                return time.perf_counter() - t0
+            if ev.type == "audio-chunk" and t is None:
+                t = time.perf_counter() - t0
+            if ev.type == "audio-stop":
+                return t
 
 
 def main() -> int:
@@ -116,7 +130,6 @@ def main() -> int:
     ap.add_argument("--quantize", default="none", choices=("8", "4", "none"))
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3, help="rounds not counted")
-    ap.add_argument("--settle", type=float, default=1.5, help="seconds after idle before the next request")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -128,7 +141,8 @@ def main() -> int:
         path = tmp_path / "n.sock"
         hport, wport = free_port(), free_port()
         cmd = [sys.executable, "-m", "nightingale.daemon.cli", "serve", "--model", str(args.model), "--socket", str(path),
-               "--no-playback", "--quantize", args.quantize, "--http", f"127.0.0.1:{hport}", "--wyoming", f"tcp://127.0.0.1:{wport}"]  # fmt: skip
+               "--no-playback", "--quantize", args.quantize, "--http", f"127.0.0.1:{hport}", "--wyoming", f"tcp://127.0.0.1:{wport}",
+               "--frontend-options", json.dumps(OPTIONS)]  # fmt: skip
         log = open(tmp_path / "daemon.log", "w")
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         try:
@@ -146,15 +160,16 @@ def main() -> int:
             clients = {"native socket": lambda: native(path), "HTTP (OpenAI)": lambda: http(hport), "Wyoming": lambda: wyoming(wport)}
             names = list(clients)
             times: dict[str, list[float]] = {n: [] for n in names}
+            inside: dict[str, list[float]] = {n: [] for n in names}  # the daemon's own first_audio_ms
+            wait_idle(path)
             for r in range(args.warmup + args.rounds):
                 order = names[r % 3 :] + names[: r % 3]
                 for name in order:
-                    wait_idle(path)
-                    time.sleep(args.settle)
                     t = clients[name]()
+                    daemon_ms = wait_idle(path)
                     if r >= args.warmup:
                         times[name].append(t * 1000.0)
-            wait_idle(path)
+                        inside[name].append(daemon_ms)
         finally:
             proc.terminate()
             proc.wait(30)
@@ -162,12 +177,14 @@ def main() -> int:
 
     print(f"# {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}")
     print(f"# model {args.model}, quantize {args.quantize}, {args.rounds} rounds (+{args.warmup} warm-up), text {TEXT!r}")
-    base = statistics.median(times["native socket"])
-    print("| protocol | median ms | p90 ms | median - native ms |")
-    print("|---|---|---|---|")
+    print(f"# options {json.dumps(OPTIONS)}")
+    print("| protocol | median ms | p90 ms | median of (protocol - native) per round, ms | in the daemon: median ms | client - daemon: median ms |")
+    print("|---|---|---|---|---|---|")
     for name in names:
         med = statistics.median(times[name])
-        print(f"| {name} | {med:.1f} | {pct(times[name], 90):.1f} | {med - base:+.1f} |")
+        diff = statistics.median(a - b for a, b in zip(times[name], times["native socket"]))
+        transport = statistics.median(a - b for a, b in zip(times[name], inside[name]))
+        print(f"| {name} | {med:.1f} | {pct(times[name], 90):.1f} | {diff:+.1f} | {statistics.median(inside[name]):.1f} | {transport:+.1f} |")
     return 0
 
 

@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--http", default=None, metavar="HOST:PORT", help="also serve the OpenAI-compatible speech API (e.g. 127.0.0.1:8880; needs the server extra)")
     serve.add_argument("--http-token", default=None, metavar="TOKEN", help="bearer token for --http (env NIGHTINGALE_HTTP_TOKEN; required off loopback)")
     serve.add_argument("--wyoming", default=None, metavar="tcp://HOST:PORT", help="also serve Wyoming for Home Assistant (e.g. tcp://127.0.0.1:10200)")
+    serve.add_argument("--frontend-options", default=None, metavar="JSON", help='default speak options for HTTP and Wyoming requests, e.g. \'{"n_timesteps": 5}\'')
     serve.set_defaults(handler="nightingale.daemon.server:serve_main")
 
     synth = sub.add_parser("synth", help="synthesize text to a file in-process (no daemon)")

@@ -212,11 +212,25 @@ class Frontdoor:
         return list(result["value"])
 
 
-def build_frontends(http: str | None, http_token: str | None, wyoming: str | None, options: dict | None = None) -> list:
+def build_frontends(http: str | None, http_token: str | None, wyoming: str | None, options_json: str | None = None) -> list:
     """The front ends `nightingale serve --http/--wyoming` asked for. Raises ValueError for a
-    bad address or a missing token, ImportError when the `server` extra is not installed."""
+    bad address, a missing token or bad --frontend-options (checked as a speak's options),
+    ImportError when the `server` extra is not installed."""
+    import json
     import os
 
+    options: dict = {}
+    if options_json:
+        try:
+            options = json.loads(options_json)
+        except ValueError as err:
+            raise ValueError(f"--frontend-options is not JSON: {err}") from None
+        if not isinstance(options, dict):
+            raise ValueError("--frontend-options must be a JSON object")
+        try:
+            p.Speak(text="", options=options).validate()
+        except p.ProtocolError as err:
+            raise ValueError(f"--frontend-options: {err.message}") from None
     out: list = []
     if http:
         try:

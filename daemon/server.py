@@ -938,7 +938,9 @@ def serve_main(args: Any) -> int:
     if getattr(args, "latency", None) is not None and args.latency <= 0:
         raise CliError("--latency must be positive", EXIT_USAGE)
     try:
-        frontends = build_frontends(getattr(args, "http", None), getattr(args, "http_token", None), getattr(args, "wyoming", None))
+        frontends = build_frontends(
+            getattr(args, "http", None), getattr(args, "http_token", None), getattr(args, "wyoming", None), getattr(args, "frontend_options", None)
+        )
     except ValueError as err:
         raise CliError(str(err), EXIT_USAGE) from None
     except ImportError as err:

@@ -252,6 +252,11 @@ def test_cli_refuses_http_off_loopback_without_token(tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env={**__import__("os").environ, "NIGHTINGALE_HTTP_TOKEN": ""})
     assert res.returncode == 2
     assert res.stderr.strip().count("\n") == 0 and "token" in res.stderr
+    for bad, words in (('{"bogus": 1}', "unknown option"), ("[1]", "JSON object"), ("{", "not JSON")):
+        cmd = [sys.executable, "-m", "nightingale.daemon.cli", "serve", "--no-playback", "--socket", str(tmp_path / "s"),
+               "--wyoming", "tcp://127.0.0.1:0", "--frontend-options", bad]  # fmt: skip
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        assert res.returncode == 2 and words in res.stderr and res.stderr.strip().count("\n") == 0, res.stderr
 
 
 def test_disconnect_cancels_the_request(served):
