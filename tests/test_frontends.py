@@ -410,3 +410,24 @@ def test_concurrent_clients_of_every_protocol(served, oai):
     assert len(results) == len(texts)
     st = assert_idle(served)
     assert st.clients == 1
+
+
+def test_drain_finishes_the_http_stream_then_stops(tiny_checkpoint, tmp_path):
+    """SIGTERM-style shutdown while an HTTP response streams: the utterance is finished
+    (within --drain-timeout), the response completes, and the daemon exits cleanly."""
+    front = HttpFrontend("127.0.0.1", 0)
+    d = DaemonThread(tmp_path / "n.sock", tiny_factory(tiny_checkpoint), frontends=[front], drain_timeout_s=60.0).start()
+    try:
+        want = native_s16(d, LONG_TEXT, MEDIUM)
+        conn = http.client.HTTPConnection("127.0.0.1", front.bound_port, timeout=120)
+        conn.request("POST", "/v1/audio/speech", body=speech_body(input=LONG_TEXT, response_format="pcm", options=MEDIUM),
+                     headers={"Content-Type": "application/json"})  # fmt: skip
+        resp = conn.getresponse()
+        first = resp.read1(1 << 16)
+        assert resp.status == 200 and first
+        d.daemon.request_shutdown()
+        data = first + resp.read()
+        conn.close()
+        assert data == want  # the whole utterance
+    finally:
+        assert d.stop() == 0
