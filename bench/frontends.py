@@ -30,10 +30,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from nightingale.client import protocol as p
 from wyoming.event import read_event, write_event
 from wyoming.tts import Synthesize
-
-from nightingale.client import protocol as p
 
 TEXT = "Hello there, how are you today?"
 # Small utterances of several chunks: the first chunk after 4 speech tokens.
@@ -178,13 +177,17 @@ def main() -> int:
     print(f"# {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}")
     print(f"# model {args.model}, quantize {args.quantize}, {args.rounds} rounds (+{args.warmup} warm-up), text {TEXT!r}")
     print(f"# options {json.dumps(OPTIONS)}")
-    print("| protocol | median ms | p90 ms | median of (protocol - native) per round, ms | in the daemon: median ms | client - daemon: median ms |")
+    print(
+        "| protocol | median ms | p90 ms | median of (protocol - native) per round, ms | in the daemon: median ms | client - daemon: median ms |"
+    )
     print("|---|---|---|---|---|---|")
     for name in names:
         med = statistics.median(times[name])
         diff = statistics.median(a - b for a, b in zip(times[name], times["native socket"]))
         transport = statistics.median(a - b for a, b in zip(times[name], inside[name]))
-        print(f"| {name} | {med:.1f} | {pct(times[name], 90):.1f} | {diff:+.1f} | {statistics.median(inside[name]):.1f} | {transport:+.1f} |")
+        print(
+            f"| {name} | {med:.1f} | {pct(times[name], 90):.1f} | {diff:+.1f} | {statistics.median(inside[name]):.1f} | {transport:+.1f} |"
+        )
     return 0
 
 

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
 
 import anyio
-
 from nightingale.client import protocol as p
 
 if TYPE_CHECKING:
@@ -32,7 +32,7 @@ class _Drop:
     """Stands in for a connection's cancel scope: the daemon cancels it to drop a client
     that stopped reading (server.Daemon._drop_slow)."""
 
-    def __init__(self, session: "LocalSession"):
+    def __init__(self, session: LocalSession):
         self._session = session
         self.cancel_called = False
 
@@ -85,7 +85,7 @@ class SpeechHandle:
     after an `error` or `loading` that refused the request, or when the daemon drains.
     `cancel()` (or leaving `async with`) withdraws the request like a client disconnect."""
 
-    def __init__(self, daemon: "Daemon", session: LocalSession, uid: str):
+    def __init__(self, daemon: Daemon, session: LocalSession, uid: str):
         self._daemon = daemon
         self._session = session
         self.id = uid
@@ -155,7 +155,7 @@ class SpeechHandle:
         self._daemon.detach(self._session)
         self._session.close_outbox()
 
-    async def __aenter__(self) -> "SpeechHandle":
+    async def __aenter__(self) -> SpeechHandle:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -165,7 +165,7 @@ class SpeechHandle:
 class Frontdoor:
     """What a front end may ask of the daemon: submit speech, list voices, read state."""
 
-    def __init__(self, daemon: "Daemon"):
+    def __init__(self, daemon: Daemon):
         self._daemon = daemon
 
     @property

@@ -23,7 +23,6 @@ import anyio
 import anyio.abc
 import numpy as np
 from aiohttp import web
-
 from nightingale.client import protocol as p
 
 from .audio_encode import FORMATS, Encoder
@@ -58,7 +57,9 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def error_response(status: int, message: str, *, kind: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> web.Response:
+def error_response(
+    status: int, message: str, *, kind: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> web.Response:
     body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
     return web.json_response(body, status=status)
 
@@ -319,4 +320,3 @@ def parse_address(value: str) -> tuple[str, int]:
     if not port.isdigit() or not 0 <= int(port) < 65536:
         raise ValueError(f"bad address {value!r}: expected HOST:PORT")
     return host, int(port)
-

@@ -18,11 +18,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import Any
 from urllib.parse import urlparse
 
 import anyio
 import anyio.abc
+from nightingale.client import protocol as p
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.error import Error
 from wyoming.event import Event, async_write_event
@@ -30,7 +30,6 @@ from wyoming.info import Attribution, Describe, Info, TtsProgram, TtsVoice
 from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeStopped
 
 from nightingale import __version__
-from nightingale.client import protocol as p
 
 from .frontend import Frontdoor, SpeechHandle
 
@@ -196,7 +195,9 @@ class _Connection:
             description=f"Nightingale streaming text-to-speech ({description})",
             version=__version__,
             voices=[
-                TtsVoice(name=v, attribution=ATTRIBUTION, installed=True, description=f"Chatterbox voice {v}", version=None, languages=LANGUAGES)
+                TtsVoice(
+                    name=v, attribution=ATTRIBUTION, installed=True, description=f"Chatterbox voice {v}", version=None, languages=LANGUAGES
+                )
                 for v in voices
             ],
             supports_synthesize_streaming=True,

@@ -11,26 +11,26 @@ import base64
 import http.client
 import io
 import json
+import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
-import time
 
 import numpy as np
 import openai
 import pytest
 import soundfile as sf
+from nightingale.client import protocol as p
+from nightingale.daemon.openai_api import HttpFrontend
+from nightingale.daemon.wyoming_server import WyomingFrontend
+from test_daemon import FAST, LONG, LONG_TEXT, DaemonThread, assert_idle, request, tiny_factory, until_done
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.client import AsyncTcpClient
 from wyoming.error import Error as WyError
 from wyoming.info import Describe, Info
 from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeStopped, SynthesizeVoice
-
-from nightingale.client import protocol as p
-from nightingale.daemon.openai_api import HttpFrontend
-from nightingale.daemon.wyoming_server import WyomingFrontend
-from test_daemon import FAST, LONG, LONG_TEXT, DaemonThread, assert_idle, request, tiny_factory, until_done
 
 TOKEN = "s3cret"
 MEDIUM = {**LONG, "max_new_tokens": 40}  # ten 4-token chunks
@@ -196,7 +196,7 @@ def test_bad_http_requests_get_openai_errors(served, oai):
         (b"x" * (2 << 20), 413, "request_too_large"),
     ]
     for body, status, code in cases:
-        got_status, headers, reply = post(served.http, body)
+        got_status, _, reply = post(served.http, body)
         assert got_status == status, (body[:80], got_status, reply[:200])
         err = api_error(got_status, reply)
         if code is not None:
@@ -242,16 +242,24 @@ def test_client_that_never_reads_then_leaves(served, oai):
     assert oai.audio.speech.create(model="nightingale", voice="default", input=TEXT, response_format="pcm").content == want
     sock.close()
     st = assert_idle(served, timeout=60)
-    ended = lambda c: c["completed"] + c["cancelled"]  # noqa: E731
+    ended = lambda c: c["completed"] + c["cancelled"]
     assert ended(st.counters) - ended(before) == 3 and st.counters["failed"] == before["failed"]
     assert st.clients == 1  # only the status connection: the HTTP request is gone
 
 
 def test_cli_refuses_http_off_loopback_without_token(tmp_path):
-    import sys
-
-    cmd = [sys.executable, "-m", "nightingale.daemon.cli", "serve", "--no-playback", "--socket", str(tmp_path / "s"), "--http", "0.0.0.0:8880"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env={**__import__("os").environ, "NIGHTINGALE_HTTP_TOKEN": ""})
+    cmd = [
+        sys.executable,
+        "-m",
+        "nightingale.daemon.cli",
+        "serve",
+        "--no-playback",
+        "--socket",
+        str(tmp_path / "s"),
+        "--http",
+        "0.0.0.0:8880",
+    ]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env={**os.environ, "NIGHTINGALE_HTTP_TOKEN": ""})
     assert res.returncode == 2
     assert res.stderr.strip().count("\n") == 0 and "token" in res.stderr
     for bad, words in (('{"bogus": 1}', "unknown option"), ("[1]", "JSON object"), ("{", "not JSON")):
@@ -331,7 +339,12 @@ def test_wyoming_streaming_speaks_before_the_text_ends(served):
             await client.write_event(SynthesizeStop().event())
 
     events = asyncio.run(
-        _wyoming_session(served.wyoming, [SynthesizeStart(voice=SynthesizeVoice(name="default")), SynthesizeChunk(text=first)], SynthesizeStopped, on_audio)
+        _wyoming_session(
+            served.wyoming,
+            [SynthesizeStart(voice=SynthesizeVoice(name="default")), SynthesizeChunk(text=first)],
+            SynthesizeStopped,
+            on_audio,
+        )
     )
     assert sent and events[-1].type == "synthesize-stopped"
     audio = _wyoming_audio(events[:-1])
@@ -356,7 +369,12 @@ def test_wyoming_bad_requests(served):
         events = asyncio.run(_wyoming_session(served.wyoming, send, AudioStop))
         err = WyError.from_event(events[-1])
         assert err.text and "\n" not in err.text
-    assert WyError.from_event(asyncio.run(_wyoming_session(served.wyoming, [Synthesize(text="x" * (p.MAX_TEXT_BYTES + 1))], AudioStop))[-1]).code == "text_too_long"
+    assert (
+        WyError.from_event(
+            asyncio.run(_wyoming_session(served.wyoming, [Synthesize(text="x" * (p.MAX_TEXT_BYTES + 1))], AudioStop))[-1]
+        ).code
+        == "text_too_long"
+    )
 
     async def oversized() -> list:
         reader, writer = await asyncio.open_connection("127.0.0.1", served.wyoming)
@@ -367,7 +385,7 @@ def test_wyoming_bad_requests(served):
         writer.close()
         return [json.loads(line), rest]
 
-    header, rest = asyncio.run(oversized())
+    header, _ = asyncio.run(oversized())
     assert header["type"] == "error"
     assert asyncio.run(_wyoming_session(served.wyoming, [Synthesize(text=TEXT)], AudioStop))[0].type == "audio-start"
     assert_idle(served)
