@@ -359,6 +359,24 @@ def test_wyoming_streaming_speaks_before_the_text_ends(served):
     assert len(audio) == len(b"".join(e.pcm for e in native if isinstance(e, p.Audio)))
 
 
+def test_wyoming_client_that_never_reads(served):
+    """A Wyoming client that sends a request and never reads holds up nobody; leaving
+    ends its request; the status counters see both requests."""
+    with served.connect() as c:
+        before = request(c, p.GetStatus(), p.Status)
+    sock = socket.create_connection(("127.0.0.1", served.wyoming))
+    sock.sendall(b'{"type": "synthesize", "data": {"text": "Nobody will read this."}}\n')
+    events = asyncio.run(_wyoming_session(served.wyoming, [Synthesize(text=TEXT)], AudioStop))
+    assert _wyoming_audio(events) == native_s16(served)
+    sock.close()
+    st = assert_idle(served, timeout=60)
+    ended = lambda c: c["completed"] + c["cancelled"]  # noqa: E731
+    assert ended(st.counters) - ended(before.counters) == 3 and st.counters["failed"] == before.counters["failed"]
+    assert st.counters["connections"] - before.counters["connections"] >= 3  # front-end requests count as clients
+    assert st.metrics["utterances"] >= min(50, before.metrics["utterances"] + 2)
+    assert st.clients == 1
+
+
 def test_wyoming_bad_requests(served):
     cases = [
         [Synthesize(text=TEXT, voice=SynthesizeVoice(name="nobody"))],
