@@ -162,6 +162,16 @@ class SpeechHandle:
         self.close()
 
 
+def network_voice(name: str | None) -> str | None:
+    """A voice asked for over the network: a stored voice's name or "default" (None), never
+    a file path (the socket protocol accepts a conds.pt path from local users only)."""
+    if name is None or name == "default":
+        return None
+    if "/" in name or "\\" in name or name.endswith(".pt") or name.startswith("."):
+        raise ValueError(f"unknown voice {name!r}: over HTTP and Wyoming a voice is a stored voice's name, not a path")
+    return name
+
+
 class Frontdoor:
     """What a front end may ask of the daemon: submit speech, list voices, read state."""
 

@@ -26,7 +26,7 @@ from aiohttp import web
 from nightingale.client import protocol as p
 
 from .audio_encode import FORMATS, Encoder
-from .frontend import Frontdoor
+from .frontend import Frontdoor, network_voice
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,10 @@ def parse_speech_request(body: Any, default_options: dict) -> tuple[p.Speak, str
         voice = voice.get("id")
         if not isinstance(voice, str):
             raise BadRequest("'voice.id' must be a string", "voice", "invalid_type")
+    try:
+        voice = network_voice(voice)
+    except ValueError as err:
+        raise BadRequest(str(err), "voice", p.E_UNKNOWN_VOICE) from None
     fmt = field("response_format", (str,), "mp3")
     if fmt not in FORMATS:
         raise BadRequest(f"'response_format' must be one of {', '.join(FORMATS)} (got {fmt!r})", "response_format")
@@ -117,7 +121,7 @@ def parse_speech_request(body: Any, default_options: dict) -> tuple[p.Speak, str
     speak = p.Speak(
         id="http",
         text=text,
-        voice=None if voice == "default" else voice,
+        voice=voice,
         priority=field("priority", (str,), p.DEFAULT_PRIORITY),
         output="stream",
         audio_format="f32le",

@@ -31,7 +31,7 @@ from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, Synthesize
 
 from nightingale import __version__
 
-from .frontend import Frontdoor, SpeechHandle
+from .frontend import Frontdoor, SpeechHandle, network_voice
 
 log = logging.getLogger(__name__)
 
@@ -218,11 +218,16 @@ class _Connection:
         if text is not None and not text.strip():
             await self.send(Error(text="synthesize needs non-empty text", code=p.E_BAD_FIELD).event())
             return
+        try:
+            voice = network_voice(voice)
+        except ValueError as err:
+            await self.send(Error(text=str(err), code=p.E_UNKNOWN_VOICE).event())
+            return
         speak = p.Speak(
             id="wyoming",
             text=text,
             stream=text is None,
-            voice=None if voice in (None, "default") else voice,
+            voice=voice,
             audio_format="s16le",
             options=dict(self.options),
         )

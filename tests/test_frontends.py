@@ -180,6 +180,8 @@ def test_models_and_voices(served, oai):
 def test_bad_http_requests_get_openai_errors(served, oai):
     cases = [
         (speech_body(voice="nobody"), 400, "unknown_voice"),
+        (speech_body(voice="/etc/hostname"), 400, "unknown_voice"),
+        (speech_body(voice="x.pt"), 400, "unknown_voice"),
         (speech_body(input=""), 400, None),
         (speech_body(input="   "), 400, None),
         (speech_body(input=5), 400, "invalid_type"),
@@ -380,6 +382,7 @@ def test_wyoming_client_that_never_reads(served):
 def test_wyoming_bad_requests(served):
     cases = [
         [Synthesize(text=TEXT, voice=SynthesizeVoice(name="nobody"))],
+        [Synthesize(text=TEXT, voice=SynthesizeVoice(name="../conds.pt"))],
         [SynthesizeChunk(text="no start")],
         [Synthesize(text="  ")],
     ]
