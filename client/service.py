@@ -37,6 +37,7 @@ PLATFORMS = ("macos", "linux")
 PASSTHROUGH_ENV = (
     "HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE",
     "NIGHTINGALE_SOCKET", "NIGHTINGALE_DATA_DIR", "NIGHTINGALE_CACHE_DIR",
+    "NIGHTINGALE_HTTP_TOKEN",  # the --http bearer token: in the unit's environment, not its command line
 )  # fmt: skip
 # launchd starts agents with PATH=/usr/bin:/bin:/usr/sbin:/sbin; Homebrew and our venv come first.
 MACOS_PATH = ("/opt/homebrew/bin", "/usr/local/bin", "/usr/bin", "/bin", "/usr/sbin", "/sbin")
@@ -111,7 +112,8 @@ def nightingale_program() -> tuple[str, ...]:
 
 
 def serve_arguments(
-    model: str | None, quantize: str | None, socket: str | None, device: str | None
+    model: str | None, quantize: str | None, socket: str | None, device: str | None,
+    http: str | None = None, wyoming: str | None = None,
 ) -> tuple[str, ...]:
     """The `serve` options baked into the service. Local paths become absolute: launchd and
     systemd start the daemon from another working directory."""
@@ -124,6 +126,10 @@ def serve_arguments(
         out += ["--socket", os.path.abspath(socket)]
     if device is not None:
         out += ["--device", device]
+    if http:
+        out += ["--http", http]
+    if wyoming:
+        out += ["--wyoming", wyoming]
     return tuple(out)
 
 
@@ -419,7 +425,9 @@ def service_main(args: argparse.Namespace) -> int:
         program = nightingale_program()
         spec = ServeSpec(
             program=program,
-            serve_args=serve_arguments(args.model, args.quantize, args.socket, args.device),
+            serve_args=serve_arguments(
+                args.model, args.quantize, args.socket, args.device, getattr(args, "http", None), getattr(args, "wyoming", None)
+            ),
             environment=service_environment(platform, program),
         )
     try:

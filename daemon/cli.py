@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="audio output latency (default: the device's high latency on macOS, 0.1 elsewhere)",
     )
+    serve.add_argument("--http", default=None, metavar="HOST:PORT", help="also serve the OpenAI-compatible speech API (e.g. 127.0.0.1:8880; needs the server extra)")
+    serve.add_argument("--http-token", default=None, metavar="TOKEN", help="bearer token for --http (env NIGHTINGALE_HTTP_TOKEN; required off loopback)")
+    serve.add_argument("--wyoming", default=None, metavar="tcp://HOST:PORT", help="also serve Wyoming for Home Assistant (e.g. tcp://127.0.0.1:10200)")
+    serve.add_argument("--frontend-options", default=None, metavar="JSON", help='default speak options for HTTP and Wyoming requests, e.g. \'{"n_timesteps": 5}\'')
     serve.set_defaults(handler="nightingale.daemon.server:serve_main")
 
     synth = sub.add_parser("synth", help="synthesize text to a file in-process (no daemon)")
@@ -142,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
             _add_model_args(sp)
             _add_socket_arg(sp)
             sp.add_argument("--device", default=None, help="audio output device for the service")
+            sp.add_argument("--http", default=None, metavar="HOST:PORT", help="the service also serves the OpenAI-compatible API")
+            sp.add_argument("--wyoming", default=None, metavar="tcp://HOST:PORT", help="the service also serves Wyoming (Home Assistant)")
     service.set_defaults(handler="nightingale.client.service:service_main")
 
     dev = sub.add_parser("dev", help="developer tools")

@@ -26,7 +26,7 @@ import stat
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -38,6 +38,7 @@ from nightingale import __version__
 from nightingale.client import protocol as p
 
 from .engine import Engine, EngineInfo
+from .frontend import Frontdoor, build_frontends
 from .playback import DeviceNotFound, Player, ProbeResult, probe_output
 from .queue import DEFAULT_MAX_QUEUE, SpeechQueue
 from .utterance import Utterance
@@ -82,6 +83,9 @@ class DaemonConfig:
     slow_client_grace_s: float = SLOW_CLIENT_GRACE_S
     socket_check_s: float = SOCKET_CHECK_S
     max_outbox_bytes: int = MAX_OUTBOX_BYTES
+    # In-process front ends (openai_api.HttpFrontend, wyoming_server.WyomingFrontend): each has
+    # `async serve(door, *, task_status)`, binds, reports started, and serves until cancelled.
+    frontends: list = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- socket
@@ -434,6 +438,8 @@ class Daemon:
                 tg.start_soon(self._accept_loop, listener)
                 tg.start_soon(self._watch_socket, listener)
                 tg.start_soon(self._reap_idle)
+                for frontend in self.config.frontends:
+                    await tg.start(frontend.serve, Frontdoor(self))
                 if handle_signals:
                     tg.start_soon(self._watch_signals)
                 await self._shutdown.wait()
@@ -749,6 +755,32 @@ class Daemon:
     def _broadcast(self, event: p.Event) -> None:
         for s in list(self.sessions):
             s.post(event)
+
+    # ------------------------------------------------------------------ in-process front ends (frontend.py)
+
+    def attach(self, session: Any) -> None:
+        """Register an in-process peer (frontend.LocalSession) as a connected client."""
+        self.sessions.add(session)
+        self.counters["connections"] += 1
+
+    def detach(self, session: Any) -> None:
+        """The peer went away: as a socket disconnect (its stream utterances are cancelled)."""
+        if session not in self.sessions:
+            return
+        session.connected = False
+        self.sessions.discard(session)
+        self._on_disconnect(session)
+        self._dispatch()
+        if self._no_clients is not None and not self.sessions:
+            self._no_clients.set()
+
+    def handle(self, session: Any, msg: p.Request) -> None:
+        """Perform a validated request for a peer, as if it had arrived on a socket."""
+        try:
+            self._dispatch_request(session, msg)
+        except Exception as err:
+            log.exception("client %s: %s failed", session.number, msg.TYPE)
+            self._send_error(session, p.Error(code=p.E_INTERNAL, message=f"internal error: {err}", request=msg.TYPE, ref=msg.ref))
 
     # ------------------------------------------------------------------ requests
 
@@ -1123,6 +1155,14 @@ def serve_main(args: Any) -> int:
         raise CliError("--drain-timeout must not be negative", EXIT_USAGE)
     if getattr(args, "latency", None) is not None and args.latency <= 0:
         raise CliError("--latency must be positive", EXIT_USAGE)
+    try:
+        frontends = build_frontends(
+            getattr(args, "http", None), getattr(args, "http_token", None), getattr(args, "wyoming", None), getattr(args, "frontend_options", None)
+        )
+    except ValueError as err:
+        raise CliError(str(err), EXIT_USAGE) from None
+    except ImportError as err:
+        raise CliError(str(err), EXIT_FAILURE) from None
     device = args.device
     if isinstance(device, str) and device.isdigit():
         device = int(device)
@@ -1133,6 +1173,7 @@ def serve_main(args: Any) -> int:
         max_queue=getattr(args, "max_queue", DEFAULT_MAX_QUEUE),
         drain_timeout_s=getattr(args, "drain_timeout", DRAIN_TIMEOUT_S),
         latency=getattr(args, "latency", None),
+        frontends=frontends,
     )
     factory = partial(_load_model, args.model, parse_quantize(args.quantize), args.dtype)
     daemon = Daemon(config, factory)

@@ -224,3 +224,21 @@ def test_install_status_uninstall_linux(tmp_path, fake_systemctl):
     assert result.returncode == 0, result.stderr
     assert not unit_path.exists()
     assert log.read_text().splitlines()[-2:] == ["--user disable --now nightingale.service", "--user daemon-reload"]
+
+
+def test_install_can_enable_the_http_and_wyoming_front_ends(tmp_path):
+    env = dict(os.environ, XDG_CONFIG_HOME=str(tmp_path / "cfg"), NIGHTINGALE_HTTP_TOKEN="tok en")
+    result = nightingale(
+        "service", "install", "--dry-run", "--platform", "linux", "--http", "0.0.0.0:8880", "--wyoming", "tcp://0.0.0.0:10200", env=env
+    )
+    assert result.returncode == 0, result.stderr
+    unit = parse_unit(result.stdout)
+    argv = shlex.split(unit["Service"]["ExecStart"][0].replace("%%", "%").replace("$$", "$"))
+    assert argv[argv.index("--http") + 1] == "0.0.0.0:8880"
+    assert argv[argv.index("--wyoming") + 1] == "tcp://0.0.0.0:10200"
+    assert "tok en" not in unit["Service"]["ExecStart"][0]  # the token stays out of the command line
+    assert "NIGHTINGALE_HTTP_TOKEN=tok en" in [shlex.split(v)[0] for v in unit["Service"]["Environment"]]
+    result = nightingale("service", "install", "--dry-run", "--platform", "macos", "--wyoming", "tcp://0.0.0.0:10200", env=env)
+    assert result.returncode == 0, result.stderr
+    args = plistlib.loads(result.stdout.encode())["ProgramArguments"]
+    assert args[args.index("--wyoming") + 1] == "tcp://0.0.0.0:10200"
