@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +53,12 @@ class LocalSession:
         self.slow = False
         self.outbox_bytes = 0
         self.scope = _Drop(self)
+        # Read by the daemon's limits (reaper, frame accounting, drops): a local peer has no frames
+        # in flight, and it is active whenever it posts (its front end times out its own transport).
+        self.frame_started: float | None = None
+        self.pending_bytes = 0
+        self.dropping = False
+        self.last_active = time.monotonic()
         self._send, self._recv = anyio.create_memory_object_stream[p.Event](math.inf)
 
     def post(self, event: p.Event) -> bool:
@@ -62,6 +69,7 @@ class LocalSession:
             self.slow = True
             return False
         self.outbox_bytes += size
+        self.last_active = time.monotonic()
         try:
             self._send.send_nowait(event)
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):

@@ -470,3 +470,19 @@ def test_drain_finishes_the_http_stream_then_stops(tiny_checkpoint, tmp_path):
         assert data == want  # the whole utterance
     finally:
         assert d.stop() == 0
+
+
+def test_reaper_ticks_while_front_end_requests_run(tiny_checkpoint, tmp_path):
+    """The daemon's idle/frame reaper walks every session, front-end peers included: with it
+    ticking every 50 ms, an HTTP request that outlasts many ticks still completes, and the
+    daemon stays up and exits cleanly (a peer missing an attribute the reaper reads used to
+    kill the daemon's task group)."""
+    front = HttpFrontend("127.0.0.1", 0, options=FAST)
+    d = DaemonThread(tmp_path / "n.sock", tiny_factory(tiny_checkpoint), frontends=[front], frame_timeout_s=0.2).start()
+    try:
+        want = native_s16(d, LONG_TEXT, MEDIUM)
+        status, _, body = post(front.bound_port, speech_body(input=LONG_TEXT, response_format="pcm", options=MEDIUM))
+        assert status == 200 and body == want
+        assert_idle(d)
+    finally:
+        assert d.stop() == 0
