@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import queue
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import numpy as np
@@ -97,6 +99,27 @@ def memory_stats() -> dict:
         }
     except Exception:
         return {}
+
+
+def voice_file_stamp(name: str) -> tuple | None:
+    """Identity of the file a voice name or path loads from (inode, size, mtime), or None when
+    there is none (the built-in voice, a missing file). A stored voice is replaced by renaming
+    a new record over the old one, so any change gives a new stamp."""
+    from nightingale.models import voices
+
+    if name == "default":
+        return ("default",)
+    path = Path(name)
+    if path.suffix != ".pt" and os.sep not in name:
+        try:
+            path = voices.voices_dir() / f"{voices.normalize_name(name)}.json"
+        except voices.VoiceError:
+            return None
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 class Engine:
@@ -217,16 +240,20 @@ class Engine:
             self._post(on_result, value, error)
 
     def _voice(self, name: str | None) -> Any:
-        """Conditionals for a voice name or conds.pt path, cached (None = model default)."""
+        """Conditionals for a voice name or conds.pt path (None = model default), cached while
+        the file behind it is unchanged: a removed or replaced voice is noticed at once."""
         if name is None:
             return None
-        if name not in self._voices:
+        stamp = voice_file_stamp(name)
+        cached = self._voices.get(name)
+        if cached is None or cached[0] != stamp or stamp is None:
             try:
-                self._voices[name] = self.model.load_voice(name)
+                self._voices[name] = (stamp, self.model.load_voice(name))
             except (KeyError, ValueError, FileNotFoundError) as err:
+                self._voices.pop(name, None)
                 msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
                 raise UnknownVoice(str(msg)) from None
-        return self._voices[name]
+        return self._voices[name][1]
 
     def _stream_kwargs(self, utt: Utterance, segment: int) -> dict:
         kwargs = dict(utt.options)

@@ -34,7 +34,11 @@ def test_synth_writes_24k_mono_wav_of_960_samples_per_token(tiny_checkpoint, tin
     tokens = filter_speech_tokens(list(tiny_model.generate_tokens("Hello there.", seed=7, max_new_tokens=12)))
     assert len(audio) == 960 * len(tokens) > 0
     expected = tiny_model.synthesize("Hello there.", seed=7, max_new_tokens=12)
-    assert np.abs(audio - expected).max() < 1e-4 + 1 / 32768  # PCM_16 rounding
+    # Two float32 runs of the same model agree to float32 rounding scaled by the signal (the
+    # order of BLAS sums depends on threads and load: ~1e-4 relative through the vocoder),
+    # and the file holds 16-bit samples (half a step of rounding).
+    peak = float(np.abs(expected).max())
+    assert np.abs(audio - expected).max() <= 1e-3 * peak + 0.5 / 32768
 
 
 def test_synth_streamed_reports_ttfa_and_rtf(tiny_checkpoint, tmp_path):
@@ -67,6 +71,14 @@ def test_synth_bad_input_is_one_line_without_traceback(tiny_checkpoint, tmp_path
     lines = [l for l in res.stderr.splitlines() if l.startswith("nightingale:")]
     assert len(lines) == 1 and message in lines[0], res.stderr
     assert not any(p.name.endswith(".wav") for p in tmp_path.iterdir())
+
+
+def test_synth_messages_name_the_voice_and_no_missing_option(tiny_checkpoint, tmp_path):
+    res = run_cli("synth", "Hi.", "--voice", "zelda", "-o", str(tmp_path / "z.wav"), "--model", str(tiny_checkpoint))
+    assert res.returncode == 2 and "no voice named 'zelda'" in res.stderr, res.stderr
+    res = run_cli("synth", "Hi.", "-o", str(tmp_path / "z.mp3"), "--model", str(tiny_checkpoint))
+    assert res.returncode == 2 and ".wav" in res.stderr, res.stderr
+    assert "--file-format" not in res.stderr  # synth has no such option
 
 
 def test_unwritable_output_leaves_nothing(tiny_checkpoint, tmp_path):
