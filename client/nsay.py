@@ -123,6 +123,8 @@ def check_args(args: argparse.Namespace) -> None:
         args.speed = 1.0
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise NsayError("--max-new-tokens must be at least 1", EXIT_USAGE)
+    if args.voice and (args.voice.endswith(".pt") or os.sep in args.voice):
+        args.voice = os.path.abspath(args.voice)  # a file path: the daemon runs in another directory
     args.file_text = None
     if args.input_file not in (None, "-"):
         try:

@@ -344,3 +344,72 @@ def test_spawn_starts_a_daemon(tiny_checkpoint, pulse, tmp_path):
                 time.sleep(0.1)
         except p.DaemonUnavailable:
             pass
+
+
+# ----------------------------------------------------------------------------- voices and the daemon
+
+CLIP = Path(__file__).parent / "fixtures" / "ref_clip.wav"
+
+
+def _voices_cli(daemon: Daemon, *args: str) -> subprocess.CompletedProcess:
+    """`nightingale voices ...` on the daemon's voice store, finding the daemon by its socket."""
+    env = _env(daemon.socket.parent, NIGHTINGALE_SOCKET=str(daemon.socket))
+    return subprocess.run([*NIGHTINGALE, "voices", *args], capture_output=True, text=True, env=env, timeout=180)
+
+
+def _read_audio(path: Path) -> np.ndarray:
+    return soundfile.read(path, dtype="float32")[0]
+
+
+def test_daemon_notices_removed_and_replaced_voices(daemon, tiny_checkpoint, tmp_path):
+    clip, rate = soundfile.read(CLIP, dtype="float32")
+    other = tmp_path / "other.wav"  # a second speaker: the clip played backwards
+    soundfile.write(other, clip[::-1].copy(), rate)
+    model = ["--model", str(tiny_checkpoint)]
+
+    def speak(voice: str, name: str) -> np.ndarray:
+        result = nsay(daemon, "-v", voice, *SHORT, "-o", str(tmp_path / name), "Which voice is this?")
+        assert result.returncode == 0, result.stderr
+        return _read_audio(tmp_path / name)
+
+    assert _voices_cli(daemon, "add", "carol", str(CLIP), *model).returncode == 0
+    first = speak("carol", "first.wav")
+    replaced = _voices_cli(daemon, "add", "carol", str(other), "--force", *model)
+    assert replaced.returncode == 0, replaced.stderr
+    second = speak("carol", "second.wav")
+    assert _voices_cli(daemon, "add", "dave", str(other), *model).returncode == 0
+    fresh = speak("dave", "fresh.wav")  # the new timbre, loaded for the first time
+    assert np.array_equal(second, fresh)
+    assert not np.array_equal(first, second)
+
+    assert _voices_cli(daemon, "remove", "carol").returncode == 0
+    gone = nsay(daemon, "-v", "carol", *SHORT, "-o", str(tmp_path / "gone.wav"), "Still here?")
+    assert gone.returncode == 2 and "carol" in one_line(gone.stderr)
+    assert not (tmp_path / "gone.wav").exists()
+
+
+def test_voices_add_and_synth_use_the_running_daemons_model(daemon, tmp_path):
+    # No --model and no NIGHTINGALE_MODEL: the default repo is not reachable offline, the
+    # daemon's checkpoint is.
+    added = _voices_cli(daemon, "add", "erin", str(CLIP))
+    assert added.returncode == 0, added.stderr
+    env = _env(daemon.socket.parent, NIGHTINGALE_SOCKET=str(daemon.socket))
+    out = tmp_path / "erin.wav"
+    synth = subprocess.run(
+        [*NIGHTINGALE, "synth", "Hello.", "--voice", "erin", "--max-new-tokens", "4", "--quantize", "none", "-o", str(out)],
+        capture_output=True, text=True, env=env, timeout=180,
+    )  # fmt: skip
+    assert synth.returncode == 0, synth.stderr
+    assert len(_read_audio(out)) > 0
+    assert _voices_cli(daemon, "remove", "erin").returncode == 0
+
+
+def test_relative_voice_path_is_resolved_by_the_client(daemon, tiny_checkpoint, tmp_path):
+    relative = subprocess.run(
+        [*NSAY, "--socket", str(daemon.socket), "-v", "conds.pt", *SHORT, "-o", str(tmp_path / "rel.wav"), "Here."],
+        capture_output=True, timeout=60, cwd=tiny_checkpoint,
+    )  # fmt: skip
+    assert relative.returncode == 0, relative.stderr
+    absolute = nsay(daemon, "-v", str(tiny_checkpoint / "conds.pt"), *SHORT, "-o", str(tmp_path / "abs.wav"), "Here.")
+    assert absolute.returncode == 0, absolute.stderr
+    assert np.array_equal(_read_audio(tmp_path / "rel.wav"), _read_audio(tmp_path / "abs.wav"))
