@@ -135,6 +135,7 @@ class MonitorRecorder:
             ],
             stdout=self._file,
             stderr=subprocess.PIPE,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # stop() ends it with SIGINT
         )
         # parec is ready once it has written its first bytes (silence from the monitor is
         # only delivered while something plays, so wait on the process being alive instead).

@@ -283,6 +283,9 @@ def test_interrupt_cancels_own_speech(daemon):
     proc = subprocess.Popen(
         [*NSAY, "--socket", str(daemon.socket), "--progress", "--max-new-tokens", "2000", "Interrupted."],
         stderr=subprocess.PIPE,
+        # Ctrl-C reaches nsay as from a terminal, whatever this process inherited (a background
+        # job of a non-interactive shell starts with SIGINT ignored, and children keep that).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         while b"s of audio" not in (line := proc.stderr.readline()):
