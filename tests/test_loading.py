@@ -123,6 +123,29 @@ def test_converted_cache_is_reused_and_redone_when_the_source_changes(tiny_check
     assert changed.quantize == 8
 
 
+def test_converted_cache_key_holds_the_code_version_and_device(tiny_checkpoint, tmp_path, monkeypatch):
+    import nightingale
+
+    monkeypatch.setenv("NIGHTINGALE_CACHE_DIR", str(tmp_path / "cache"))
+
+    def entries() -> set:
+        return {p for p in (tmp_path / "cache").iterdir() if cache.is_converted(p)}
+
+    load_model(tiny_checkpoint, quantize=8)
+    first = entries()
+    assert len(first) == 1
+    assert json.loads((next(iter(first)) / "config.json").read_text())["device"] == cache.device_kind()
+
+    monkeypatch.setattr(nightingale, "__version__", "999.0")  # a new release converts again ...
+    load_model(tiny_checkpoint, quantize=8)
+    assert entries() != first and len(entries()) == 1  # ... and the old release's entry goes
+
+    before = entries()
+    monkeypatch.setattr(cache, "device_kind", lambda: "gpu")  # another device: its own entry
+    load_model(tiny_checkpoint, quantize=8)
+    assert before < entries() and len(entries()) == 2
+
+
 def test_explicit_convert_directory_loads(tiny_checkpoint, tmp_path):
     out = cache.convert(str(tiny_checkpoint), str(tmp_path / "conv"), quantize=8)
     model = load_model(out)
