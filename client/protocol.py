@@ -21,6 +21,7 @@ import os
 import socket
 import struct
 import sys
+import threading
 import typing
 import warnings
 from dataclasses import MISSING, dataclass, field, fields
@@ -745,6 +746,7 @@ class Connection:
             raise
         self._decoder = FrameDecoder()
         self._frames: Iterator[bytes | ProtocolError] = iter(())
+        self._send_lock = threading.Lock()  # whole frames when threads share the connection
         first = self.recv(timeout)
         if not isinstance(first, Hello):
             self.close()
@@ -752,11 +754,15 @@ class Connection:
         self.hello: Hello = first
 
     def send(self, message: Message | dict[str, Any]) -> None:
-        self._sock.sendall(encode_frame(message))
+        """Thread-safe: a frame is written whole before another thread's frame starts."""
+        frame = encode_frame(message)
+        with self._send_lock:
+            self._sock.sendall(frame)
 
     def send_raw(self, data: bytes) -> None:
         """Bytes as they are (for tests of malformed input)."""
-        self._sock.sendall(data)
+        with self._send_lock:
+            self._sock.sendall(data)
 
     def recv(self, timeout: float | None = None) -> Event | None:
         body = self._next_body(timeout)
