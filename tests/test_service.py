@@ -199,6 +199,20 @@ def fake_systemctl(tmp_path):
 
 
 @pytest.mark.skipif(service.current_platform() != "linux", reason="executes the Linux install path")
+def test_install_without_a_user_bus_is_one_line_and_leaves_no_unit(tmp_path, fake_systemctl):
+    env, log = fake_systemctl
+    script = Path(env["PATH"].split(":")[0]) / "systemctl"  # answers as on a machine with no user session
+    script.write_text('#!/bin/sh\necho "Failed to connect to bus: No medium found" >&2\nexit 1\n')
+    unit_path = tmp_path / "home" / ".config" / "systemd" / "user" / "nightingale.service"
+
+    result = nightingale("service", "install", env=env)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("nightingale: "), result.stderr
+    assert "Failed to connect to bus" in result.stderr and "nightingale serve" in result.stderr
+    assert not unit_path.exists() and not list(unit_path.parent.glob("*"))
+
+
+@pytest.mark.skipif(service.current_platform() != "linux", reason="executes the Linux install path")
 def test_install_status_uninstall_linux(tmp_path, fake_systemctl):
     env, log = fake_systemctl
     unit_path = tmp_path / "home" / ".config" / "systemd" / "user" / "nightingale.service"
