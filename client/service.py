@@ -442,14 +442,12 @@ def service_main(args: argparse.Namespace) -> int:
         )
     try:
         service_plan = plan(action, platform, spec)
-        if args.dry_run:
+        if getattr(args, "dry_run", False):  # status has no --dry-run
             print_dry_run(service_plan)
             return 0
         if platform != current_platform():
-            raise ServiceError(
-                f"cannot {action} a {platform} service on {current_platform()}; add --dry-run to only render it",
-                code=2,
-            )
+            hint = "" if action == "status" else "; add --dry-run to only render it"
+            raise ServiceError(f"cannot {action} a {platform} service on {current_platform()}{hint}", code=2)
         return execute(service_plan)
     except ServiceError as err:
         raise CliError(str(err), code=err.code) from None

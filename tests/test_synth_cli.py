@@ -97,3 +97,41 @@ def test_unwritable_output_leaves_nothing(tiny_checkpoint, tmp_path):
         assert not out.exists()
     finally:
         locked.chmod(0o700)
+
+
+def _parsers(parser, path=("nightingale",)):
+    """Every (command path, parser) of the `nightingale` CLI, sub-commands included."""
+    import argparse
+
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _parsers(sub, (*path, name))
+
+
+def test_every_command_and_option_is_described():
+    import argparse
+
+    from nightingale.daemon.cli import build_parser
+
+    undescribed = []
+    for path, parser in _parsers(build_parser()):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                undescribed += [f"{' '.join(path)} {c.dest}" for c in action._choices_actions if not c.help]
+            elif not action.help:
+                undescribed.append(f"{' '.join(path)} {'/'.join(action.option_strings) or action.dest}")
+    assert undescribed == []
+
+
+def test_service_help_lists_its_actions_and_status_has_no_dry_run():
+    listing = run_cli("service", "--help")
+    assert listing.returncode == 0
+    described = " ".join(listing.stdout.split())
+    for action, what in (("install", "write the service file"), ("uninstall", "stop the service"), ("status", "whether")):
+        assert action in described and what in described, listing.stdout
+    status = run_cli("service", "status", "--help")
+    assert status.returncode == 0 and "--dry-run" not in status.stdout
+    models = run_cli("models", "--help")
+    assert "inspect" not in models.stdout  # there is no inspect action
