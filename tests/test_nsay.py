@@ -330,6 +330,9 @@ def test_spawn_starts_a_daemon(tiny_checkpoint, pulse, tmp_path):
         assert "started the daemon" in stderr
         log = Path(stderr.split("log ", 1)[1].split(")", 1)[0])
         assert log.is_file() and str(log).startswith(str(tmp_path))  # XDG_STATE_HOME honoured
+        loading = [line for line in stderr.splitlines() if "loading the model" in line]
+        assert loading, stderr  # progress shows the daemon's messages, not its log records
+        assert not any(" INFO " in line or "nightingale.daemon" in line for line in loading), loading
     finally:
         try:
             with p.Connection(sock, timeout=5) as conn:
@@ -347,6 +350,17 @@ def test_spawn_starts_a_daemon(tiny_checkpoint, pulse, tmp_path):
                 time.sleep(0.1)
         except p.DaemonUnavailable:
             pass
+
+
+def test_spawn_that_cannot_load_says_how_in_one_line(tmp_path):
+    sock = tmp_path / "spawned.sock"
+    env = _env(tmp_path)  # no NIGHTINGALE_MODEL, offline: the default repo cannot be had
+    env.pop("NIGHTINGALE_MODEL", None)
+    result = nsay(None, "--socket", str(sock), "--spawn", *SHORT, "Hello.", env=env, timeout=120)
+    assert result.returncode == 1
+    line = one_line(result.stderr)
+    assert "could not be loaded" not in line and "Error:" not in line  # no repeated prefix, no class name
+    assert "NIGHTINGALE_MODEL=DIR" in line and "pass --model" not in line  # nsay has no --model
 
 
 # ----------------------------------------------------------------------------- voices and the daemon
