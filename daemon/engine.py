@@ -122,6 +122,13 @@ def voice_file_stamp(name: str) -> tuple | None:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
+def _user_fixable(err: BaseException) -> bool:
+    """A load failure the user fixes (no checkpoint there, a damaged one), not a bug."""
+    from nightingale.models import hub, loading
+
+    return isinstance(err, (hub.CheckpointNotFoundError, loading.CheckpointError))
+
+
 class Engine:
     """Owns the model on its own thread.
 
@@ -175,7 +182,8 @@ class Engine:
             try:
                 self._load()
             except BaseException as err:  # report any failure, then end the thread
-                log.exception("model load failed")
+                if not _user_fixable(err):  # the listener reports those, once and without a traceback
+                    log.exception("model load failed")
                 self._post(self._listener.on_load_failed, err)
                 return
             self._post(self._listener.on_loaded, self.info)

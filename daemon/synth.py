@@ -193,8 +193,8 @@ def models_main(args: argparse.Namespace) -> int:
             group_size=args.group_size,
             dtype=args.dtype,
         )
-    except hub.CheckpointNotFoundError as err:
-        raise CliError(str(err), EXIT_USAGE) from None
+    except hub.CheckpointNotFoundError as err:  # its hint names --model: convert takes SRC instead
+        raise CliError(str(err).replace("pass --model DIR, a directory", "give SRC as a directory"), EXIT_USAGE) from None
     except loading.CheckpointError as err:
         raise CliError(f"bad checkpoint: {err}", EXIT_FAILURE) from None
     print(out)

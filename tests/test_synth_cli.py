@@ -135,3 +135,11 @@ def test_service_help_lists_its_actions_and_status_has_no_dry_run():
     assert status.returncode == 0 and "--dry-run" not in status.stdout
     models = run_cli("models", "--help")
     assert "inspect" not in models.stdout  # there is no inspect action
+
+
+def test_models_convert_hint_names_its_own_arguments(tmp_path):
+    res = run_cli("models", "convert", "ResembleAI/chatterbox", str(tmp_path / "out"),
+                  env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "--model" not in res.stderr and "give SRC as a directory" in res.stderr, res.stderr
+    assert not (tmp_path / "out").exists()
