@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -152,3 +154,20 @@ def test_explicit_convert_directory_loads(tiny_checkpoint, tmp_path):
     assert model.quantize == 8
     audio = model.synthesize("Hello.", seed=0, max_new_tokens=6)
     assert audio.dtype == np.float32 and np.isfinite(audio).all()
+
+
+def test_a_test_run_removes_its_converted_model_cache(tmp_path):
+    """tests/conftest.py makes a cache directory for the run (NIGHTINGALE_CACHE_DIR); the run
+    removes it at the end, also when the run re-executes itself with OpenBLAS."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "NIGHTINGALE_CACHE_DIR"}
+    env["TMPDIR"] = str(tmp_path)
+    tests = Path(__file__).parent
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{tests / 'test_dsp.py'}::test_hann_window_is_periodic"],
+        capture_output=True, text=True, env=env, cwd=tests.parent, timeout=120,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert not list(tmp_path.glob("nightingale-cache-*"))
