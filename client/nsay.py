@@ -635,7 +635,12 @@ class Session:
         self.reporter.close()
         if error is None:
             raise NsayError(f"speech failed{f' ({done.detail})' if done and done.detail else ''}")
-        raise NsayError(error.message, EXIT_USAGE if error.code in USAGE_ERROR_CODES else EXIT_FAILURE)
+        message = error.message
+        if error.code == p.E_NO_PLAYBACK:  # the daemon's wording is for protocol clients; say what nsay can do
+            reason = message.split("; ask for output", 1)[0]
+            message = (f"{reason}; write to a file with -o FILE, or give the daemon an audio output "
+                       "(Linux: apt-get install libportaudio2, then restart it)")
+        raise NsayError(message, EXIT_USAGE if error.code in USAGE_ERROR_CODES else EXIT_FAILURE)
 
     def cancel(self) -> None:
         """Ctrl-C: cancel our utterance (a play request would otherwise go on)."""

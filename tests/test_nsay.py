@@ -430,3 +430,28 @@ def test_relative_voice_path_is_resolved_by_the_client(daemon, tiny_checkpoint, 
     absolute = nsay(daemon, "-v", str(tiny_checkpoint / "conds.pt"), *SHORT, "-o", str(tmp_path / "abs.wav"), "Here.")
     assert absolute.returncode == 0, absolute.stderr
     assert np.array_equal(_read_audio(tmp_path / "rel.wav"), _read_audio(tmp_path / "abs.wav"))
+
+
+def test_no_playback_daemon_tells_nsay_users_what_to_do(tiny_checkpoint, tmp_path):
+    sock, log = tmp_path / "quiet.sock", tmp_path / "quiet.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [*NIGHTINGALE, "serve", "--model", str(tiny_checkpoint), "--quantize", "none", "--socket", str(sock), "--no-playback"],
+            stdout=out, stderr=subprocess.STDOUT, env=_env(tmp_path),
+        )  # fmt: skip
+    try:
+        _wait_ready(sock, proc, log)
+        result = subprocess.run([*NSAY, "--socket", str(sock), *SHORT, "Hello."], capture_output=True, timeout=60)
+        assert result.returncode != 0
+        line = one_line(result.stderr)
+        assert "ask for output" not in line  # protocol wording no nsay user can act on
+        assert "-o FILE" in line and "libportaudio2" in line
+        written = subprocess.run([*NSAY, "--socket", str(sock), *SHORT, "-o", str(tmp_path / "x.wav"), "Hello."], capture_output=True, timeout=60)
+        assert written.returncode == 0, written.stderr  # and what it suggests works
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
