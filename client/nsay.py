@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import threading
 import time
@@ -129,6 +130,8 @@ def check_args(args: argparse.Namespace) -> None:
             p.check_option(name, value)
         except p.OptionError as err:
             raise NsayError(f"--{name.replace('_', '-')}: {err}", EXIT_USAGE) from None
+    if args.voice and (args.voice.endswith(".pt") or os.sep in args.voice):
+        args.voice = os.path.abspath(args.voice)  # a file path: the daemon runs in another directory
     args.file_text = None
     if args.input_file not in (None, "-"):
         try:
@@ -263,7 +266,7 @@ def wait_ready(conn: p.Connection, reporter: Reporter, timeout_s: float, log_pat
                 sys.stderr.flush()
             return event
         if isinstance(event, p.Error) and event.code == p.E_LOAD_FAILED:
-            raise NsayError(f"the daemon could not load the model: {event.message}")
+            raise NsayError(load_failure(event.message, log_path))
         if isinstance(event, p.ShuttingDown):
             raise NsayError("the daemon is shutting down")
         if process is not None and process.poll() is not None:
@@ -278,6 +281,22 @@ def wait_ready(conn: p.Connection, reporter: Reporter, timeout_s: float, log_pat
         last_line = line
 
 
+def load_failure(message: str, log_path=None) -> str:
+    """The daemon's load error as one line a user of nsay can act on (nsay has no --model:
+    the daemon's model comes from NIGHTINGALE_MODEL or `nightingale serve --model`)."""
+    lines = message.strip().splitlines() or ["no reason given"]
+    reason = re.sub(r"^the model could not be loaded: (\w+Error: )?", "", lines[0]).rstrip(".")
+    hint = ""
+    if "checkpoint" in reason.lower():
+        hint = "; set NIGHTINGALE_MODEL=DIR (a checkpoint directory) or start the daemon with `nightingale serve --model DIR`"
+    details = f" (details in {log_path})" if log_path and len(lines) > 1 else ""
+    return f"the daemon could not load the model: {reason}{hint}{details}"
+
+
+# A line of the daemon's log: "2026-01-02 03:04:05,678 INFO nightingale.daemon.server: message".
+_LOG_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(,\d+)? [A-Z]+ [\w.]+: ")
+
+
 def _last_log_line(path) -> str | None:
     try:
         with open(path, "rb") as f:
@@ -289,7 +308,7 @@ def _last_log_line(path) -> str | None:
         return None
     # tqdm redraws with carriage returns: the text after the last one is the current state.
     lines = [s.strip() for s in tail.replace("\r", "\n").splitlines() if s.strip()]
-    return lines[-1][:150] if lines else None
+    return _LOG_RECORD.sub("", lines[-1])[:150] if lines else None  # the message, not the record
 
 
 def spawn_log_path() -> str:
@@ -629,7 +648,12 @@ class Session:
         self.reporter.close()
         if error is None:
             raise NsayError(f"speech failed{f' ({done.detail})' if done and done.detail else ''}")
-        raise NsayError(error.message, EXIT_USAGE if error.code in USAGE_ERROR_CODES else EXIT_FAILURE)
+        message = error.message
+        if error.code == p.E_NO_PLAYBACK:  # the daemon's wording is for protocol clients; say what nsay can do
+            reason = message.split("; ask for output", 1)[0]
+            message = (f"{reason}; write to a file with -o FILE, or give the daemon an audio output "
+                       "(Linux: apt-get install libportaudio2, then restart it)")
+        raise NsayError(message, EXIT_USAGE if error.code in USAGE_ERROR_CODES else EXIT_FAILURE)
 
     def cancel(self) -> None:
         """Ctrl-C: cancel our utterance (a play request would otherwise go on)."""

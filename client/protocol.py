@@ -22,6 +22,7 @@ import os
 import socket
 import struct
 import sys
+import threading
 import time
 import typing
 import warnings
@@ -837,6 +838,7 @@ class Connection:
                 raise
             self._decoder = FrameDecoder()
             self._frames: Iterator[bytes | ProtocolError] = iter(())
+            self._send_lock = threading.Lock()  # whole frames when threads share the connection
             first = self.recv(timeout)
             if isinstance(first, Hello):
                 break
@@ -851,11 +853,15 @@ class Connection:
         self.hello: Hello = first
 
     def send(self, message: Message | dict[str, Any]) -> None:
-        self._sock.sendall(encode_frame(message))
+        """Thread-safe: a frame is written whole before another thread's frame starts."""
+        frame = encode_frame(message)
+        with self._send_lock:
+            self._sock.sendall(frame)
 
     def send_raw(self, data: bytes) -> None:
         """Bytes as they are (for tests of malformed input)."""
-        self._sock.sendall(data)
+        with self._send_lock:
+            self._sock.sendall(data)
 
     def recv(self, timeout: float | None = None) -> Event | None:
         body = self._next_body(timeout)
