@@ -195,6 +195,10 @@ class Frontdoor:
         info = self._daemon.info
         return info.sample_rate if info is not None else 24000
 
+    def languages(self) -> list[str]:
+        """The loaded model's language codes ([] while loading)."""
+        return self._daemon._languages()
+
     def model_line(self) -> str:
         return self._daemon._model_line()
 

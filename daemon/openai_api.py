@@ -40,6 +40,7 @@ _STATUS = {
     p.E_BAD_FIELD: (400, "invalid_request_error"),
     p.E_TEXT_TOO_LONG: (400, "invalid_request_error"),
     p.E_UNKNOWN_VOICE: (400, "invalid_request_error"),
+    p.E_UNSUPPORTED_LANGUAGE: (400, "invalid_request_error"),
     p.E_BUSY: (429, "rate_limit_error"),
     p.E_SHUTTING_DOWN: (503, "server_error"),
     "loading": (503, "server_error"),
@@ -66,7 +67,7 @@ def error_response(
 
 def _daemon_error(code: str, message: str) -> web.Response:
     status, kind = _STATUS.get(code, (500, "server_error"))
-    param = {p.E_UNKNOWN_VOICE: "voice", p.E_TEXT_TOO_LONG: "input"}.get(code)
+    param = {p.E_UNKNOWN_VOICE: "voice", p.E_TEXT_TOO_LONG: "input", p.E_UNSUPPORTED_LANGUAGE: "language"}.get(code)
     return error_response(status, message, kind=kind, param=param, code=code)
 
 
@@ -79,7 +80,7 @@ class BadRequest(Exception):
 
 def parse_speech_request(body: Any, default_options: dict) -> tuple[p.Speak, str, float, str]:
     """OpenAI's JSON body -> (Speak, response_format, speed, stream_format). Raises BadRequest
-    for OpenAI's own fields; Nightingale's (`priority`, `options`) are checked by p.Speak."""
+    for OpenAI's own fields; Nightingale's (`priority`, `options`, `language`) are checked by p.Speak."""
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
 
@@ -122,6 +123,7 @@ def parse_speech_request(body: Any, default_options: dict) -> tuple[p.Speak, str
         id="http",
         text=text,
         voice=voice,
+        language=field("language", (str,)),  # Nightingale's: e.g. "fr" for the multilingual model
         priority=field("priority", (str,), p.DEFAULT_PRIORITY),
         output="stream",
         audio_format="f32le",

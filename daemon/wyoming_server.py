@@ -164,7 +164,7 @@ class _Connection:
                 await self.send((await self.info()).event())
             elif SynthesizeStart.is_type(event.type):
                 start = SynthesizeStart.from_event(event)
-                await self.begin(None, start.voice.name if start.voice else None)
+                await self.begin(None, start.voice.name if start.voice else None, start.voice.language if start.voice else None)
             elif SynthesizeChunk.is_type(event.type):
                 chunk = SynthesizeChunk.from_event(event)
                 if not self.streaming or self.handle is None:
@@ -179,7 +179,8 @@ class _Connection:
                 if self.streaming:
                     return  # the full text a streaming client also sends for older servers
                 synth = Synthesize.from_event(event)
-                await self.begin(str(synth.text), synth.voice.name if synth.voice else None)
+                await self.begin(str(synth.text), synth.voice.name if synth.voice else None,
+                                 synth.voice.language if synth.voice else None)
             else:
                 log.debug("wyoming: ignoring %s", event.type)
         except (KeyError, TypeError, AttributeError, ValueError) as err:
@@ -196,7 +197,8 @@ class _Connection:
             version=__version__,
             voices=[
                 TtsVoice(
-                    name=v, attribution=ATTRIBUTION, installed=True, description=f"Chatterbox voice {v}", version=None, languages=LANGUAGES
+                    name=v, attribution=ATTRIBUTION, installed=True, description=f"Chatterbox voice {v}", version=None,
+                    languages=self.door.languages() or LANGUAGES
                 )
                 for v in voices
             ],
@@ -204,7 +206,7 @@ class _Connection:
         )
         return Info(tts=[program])
 
-    async def begin(self, text: str | None, voice: str | None) -> None:
+    async def begin(self, text: str | None, voice: str | None, language: str | None = None) -> None:
         """Start one request (text None: a stream); waits for the previous one to finish
         (a stream left open by a new request is closed with what it has)."""
         if self.streaming and self.handle is not None:
@@ -228,6 +230,7 @@ class _Connection:
             text=text,
             stream=text is None,
             voice=voice,
+            language=language.split("_")[0].split("-")[0].lower() if language else None,  # "fr_FR" -> "fr"
             audio_format="s16le",
             options=dict(self.options),
         )

@@ -107,3 +107,56 @@ def test_nsay_language_and_progress_show_the_words(mtl_daemon):
         capture_output=True, text=True, timeout=TIMEOUT,
     )
     assert bad.returncode != 0 and "supported: ar, da" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------- HTTP and Wyoming
+
+
+@pytest.fixture(scope="module")
+def mtl_served(tiny_mtl_checkpoint, tmp_path_factory):
+    from nightingale.daemon.openai_api import HttpFrontend
+    from nightingale.daemon.wyoming_server import WyomingFrontend
+
+    http, wyoming = HttpFrontend("127.0.0.1", 0, options=OPTIONS), WyomingFrontend("127.0.0.1", 0, options=OPTIONS)
+    d = DaemonThread(tmp_path_factory.mktemp("mtl-fe") / "n.sock", tiny_factory(tiny_mtl_checkpoint), frontends=[http, wyoming]).start()
+    d.http, d.wyoming = http.bound_port, wyoming.bound_port
+    yield d
+    assert d.stop() == 0
+
+
+def _native(daemon, text: str, language: str) -> bytes:
+    with daemon.connect() as conn:
+        conn.send(p.Speak(id="n", text=text, language=language, output="stream", audio_format="s16le", options=OPTIONS))
+        events = until_done(conn, "n")
+    assert events[-1].reason == "completed"
+    return b"".join(e.pcm for e in events if isinstance(e, p.Audio))
+
+
+def test_http_speech_takes_a_language(mtl_served):
+    import json
+
+    from test_frontends import api_error, post
+
+    text = "Guten Morgen."
+    body = {"model": "nightingale", "voice": "default", "input": text, "response_format": "pcm", "language": "de"}
+    status, _, audio = post(mtl_served.http, json.dumps(body).encode())
+    assert status == 200 and audio == _native(mtl_served, text, "de")
+    status, _, answer = post(mtl_served.http, json.dumps({**body, "language": "xx"}).encode())
+    err = api_error(status, answer)
+    assert status == 400 and err["param"] == "language" and err["message"].endswith("tr, zh")
+
+
+def test_wyoming_lists_and_takes_languages(mtl_served):
+    import asyncio
+
+    from test_frontends import _wyoming_audio, _wyoming_session
+    from wyoming.audio import AudioStop
+    from wyoming.info import Describe, Info
+    from wyoming.tts import Synthesize, SynthesizeVoice
+
+    info = Info.from_event(asyncio.run(_wyoming_session(mtl_served.wyoming, [Describe()], Info))[-1])
+    assert all(len(v.languages) == 23 and "ko" in v.languages for v in info.tts[0].voices)
+    text = "안녕하세요."
+    events = asyncio.run(_wyoming_session(
+        mtl_served.wyoming, [Synthesize(text=text, voice=SynthesizeVoice(language="ko_KR"))], AudioStop))  # wyoming sends name or language
+    assert _wyoming_audio(events) == _native(mtl_served, text, "ko")
