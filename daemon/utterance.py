@@ -22,8 +22,12 @@ FORCE_SEGMENT_CHARS = 200
 _POLL_S = 0.05  # how often a blocked engine re-checks cancellation
 
 # The end of a sentence: terminal punctuation (plus closing quotes/brackets) followed by
-# white space, or a line break.
-_BOUNDARY = re.compile(r"[.!?;:\u2026]+[\"'\u201d\u2019)\]]*(?=\s)|\n")
+# white space (CJK full-width ends need none; models/punctuation.py), or a line break.
+_BOUNDARY = re.compile(
+    r"[.!?;:\u2026\u061f\u06d4\u0964\u0965]+[\"'\u201d\u2019\u00bb)\]]*(?=\s)"  # Latin, Arabic, Devanagari
+    r"|[\u3002\uff01\uff1f]+[\u300d\u300f\u201d\u2019\uff09)\]]*"  # CJK: no space follows
+    r"|\n"
+)
 
 
 def last_boundary(text: str, limit: int | None = None) -> int:

@@ -36,6 +36,7 @@ import numpy as np
 from . import dsp
 from .conds import Conditionals
 from .s3gen.flow import fixed_noise
+from .punctuation import CLAUSE_END, SENTENCE_END, join
 from .positions import SegmentPositions, segment_origins, tracked_tokens
 from .stream import SAMPLE_RATE, SAMPLES_PER_TOKEN, AudioChunk, check_cancel
 
@@ -107,8 +108,8 @@ class StreamOptions:
 
 # -- text ------------------------------------------------------------------------------
 
-_SENTENCE_END = re.compile(r"(?<=[.!?…])[\"'”’)\]]*\s+")
-_CLAUSE_END = re.compile(r"(?<=[,;:—–])\s+")
+_SENTENCE_END = SENTENCE_END  # models/punctuation.py: Latin, Arabic, Devanagari and CJK ends
+_CLAUSE_END = CLAUSE_END
 
 
 def split_text(text: str, max_chars: int = MAX_SEGMENT_CHARS) -> list[str]:
@@ -127,7 +128,7 @@ def split_text(text: str, max_chars: int = MAX_SEGMENT_CHARS) -> list[str]:
                 segments.append(current)
                 current = piece
             else:
-                current = f"{current} {piece}".strip()
+                current = join(current, piece).strip()
         if current:
             segments.append(current)
     return segments

@@ -381,3 +381,41 @@ def test_aligned_decode_stops_on_cancel(mtl_model):
     cancel.set()
     with pytest.raises(Cancelled):
         next(tokens)
+
+
+# ---------------------------------------------------------------------------------------
+# Sentence splitting in every script
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("你好。我是中国人！今天天气很好？好的", ["你好。", "我是中国人！", "今天天气很好？", "好的"]),
+    ("東京へ行きます。「はい」と言った。", ["東京へ行きます。", "「はい」と言った。"]),
+    ("مرحبا بالعالم؟ كيف حالك. جيد", ["مرحبا بالعالم؟", "كيف حالك.", "جيد"]),
+    ("नमस्ते दुनिया। आप कैसे हैं? ठीक॥ हाँ", ["नमस्ते दुनिया।", "आप कैसे हैं?", "ठीक॥", "हाँ"]),
+    ("Hello there. How are you?", ["Hello there.", "How are you?"]),
+])
+def test_sentences_end_in_every_script(text, expected):
+    from nightingale.models.streaming import split_text
+
+    assert split_text(text) == expected
+
+
+def test_long_cjk_and_arabic_sentences_split_at_clauses_without_inventing_spaces():
+    from nightingale.models.streaming import split_text
+
+    pieces = split_text("你好，" * 80, max_chars=100)
+    assert all(len(p) <= 100 for p in pieces) and "".join(pieces) == "你好，" * 80
+    arabic = "، ".join(["كلمة طويلة جدا"] * 30)
+    pieces = split_text(arabic, max_chars=100)
+    assert all(len(p) <= 100 for p in pieces) and " ".join(pieces) == arabic
+
+
+def test_streamed_cjk_text_is_spoken_sentence_by_sentence():
+    from nightingale.daemon.utterance import TextFeed
+
+    feed = TextFeed()
+    feed.push("你好。我是中国人！今天")
+    assert feed.next_segment(timeout=0.1) == "你好。我是中国人！"
+    feed.push("天气很好。")
+    feed.end()
+    assert feed.next_segment(timeout=0.1) == "今天天气很好。" and feed.next_segment(timeout=0.1) is None
