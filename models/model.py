@@ -10,10 +10,11 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import mlx.core as mx
 import numpy as np
@@ -31,17 +32,6 @@ STOP_SPEECH_TOKEN = 6562
 DEFAULT_VOICE = "default"
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-
-
-def filter_speech_tokens(tokens: list[int]) -> list[int]:
-    """The reference's post-filter: keep ids < 6561 (generate_tokens already stops at EOS).
-
-    drop_invalid_tokens also discards everything up to a stray SOS (6561) in the middle;
-    T3 feeds SOS back like any token, so that rule is kept.
-    """
-    if START_SPEECH_TOKEN in tokens:
-        tokens = tokens[len(tokens) - tokens[::-1].index(START_SPEECH_TOKEN):]
-    return [t for t in tokens if t < START_SPEECH_TOKEN]
 
 
 @dataclass
@@ -135,8 +125,10 @@ class ChatterboxModel:
         top_p: float = 1.0,
         max_new_tokens: int = 1000,
         seed: int | None = None,
+        cancel: threading.Event | None = None,
     ) -> Iterator[int]:
-        """Yield every token T3 samples, as soon as it is sampled (EOS excluded)."""
+        """Yield every token T3 samples, as soon as it is sampled (EOS excluded); stops
+        once `cancel` is set."""
         conds = self.resolve_voice(voice)
         cond = conds.t3
         if float(cond.emotion_adv.reshape(-1)[0].item()) != exaggeration:
@@ -152,6 +144,7 @@ class ChatterboxModel:
             top_p=top_p,
             max_new_tokens=max_new_tokens,
             seed=seed,
+            cancel=cancel,
         )
 
     # -- audio -------------------------------------------------------------------------
@@ -174,15 +167,17 @@ class ChatterboxModel:
         seed = secrets.randbits(62) if seed is None else seed
         return render_tokens(self, tokens, conds.gen, seed, StreamOptions(n_timesteps=n_timesteps))
 
-    def synthesize(self, text: str, *, voice: Conditionals | str | None = None, seed: int | None = None, **sampling) -> np.ndarray:
-        """One-shot: text -> float32 samples at 24 kHz (T3, post-filter, S3Gen, trim fade)."""
-        conds = self.resolve_voice(voice)
-        seed = secrets.randbits(63) if seed is None else seed
-        tokens = filter_speech_tokens(list(self.generate_tokens(text, voice=conds, seed=seed, **sampling)))
-        return self.tokens_to_audio(tokens, voice=conds, seed=seed + 1)
+    def synthesize(self, text: str, *, voice: Conditionals | str | None = None, seed: int | None = None, **options) -> np.ndarray:
+        """Text -> float32 samples at 24 kHz: the concatenation of `stream` with the same
+        arguments (the same segments, token budget, repeat guard, tokens and samples), so a
+        rendered file and a stream of one request are one utterance."""
+        seed = secrets.randbits(62) if seed is None else seed
+        chunks = [chunk.samples for chunk in self.stream(text, voice=voice, seed=seed, **options)]
+        return np.concatenate(chunks).astype(np.float32, copy=False) if chunks else np.zeros(0, dtype=np.float32)
 
-    def stream(self, text: str, *, voice: Conditionals | str | None = None, seed: int | None = None, **options) -> Iterator[AudioChunk]:
-        """Streaming synthesis (see models/streaming.py)."""
+    def stream(self, text: str | Iterable[str], *, voice: Conditionals | str | None = None, seed: int | None = None,
+               **options) -> Iterator[AudioChunk]:
+        """Streaming synthesis (see models/streaming.stream_text for the options)."""
         from .streaming import stream_text
 
         yield from stream_text(self, text, voice=voice, seed=seed, **options)

@@ -10,6 +10,10 @@ SAMPLE_RATE = 24000  # Hz, S3Gen output
 SAMPLES_PER_TOKEN = 960  # 40 ms per speech token at 24 kHz
 
 
+class Cancelled(Exception):
+    """Raised inside the model when a caller's cancel Event is set mid-computation."""
+
+
 @dataclass
 class AudioChunk:
     """One piece of a streamed utterance.
