@@ -61,7 +61,7 @@ def worker_ours(ckpt: Path | None, dtype_name: str, inputs: dict, tokens: int, b
     import numpy as np
 
     from nightingale.models.conds import T3Cond
-    from nightingale.models.t3 import T3, T3Config, generate_tokens, upstream_shapes
+    from nightingale.models.t3 import T3, T3Config, convert_weights, generate_tokens, upstream_shapes
 
     dims_file = ckpt / "dims.json" if ckpt else None
     cfg = T3Config.from_dict(json.loads(dims_file.read_text())["t3"]) if dims_file and dims_file.exists() else T3Config.full()
@@ -71,7 +71,7 @@ def worker_ours(ckpt: Path | None, dtype_name: str, inputs: dict, tokens: int, b
         weights = mx.load(str(ckpt / "t3_cfg.safetensors"))  # straight into MLX: no numpy copy
         shapes = upstream_shapes(cfg)
         assert set(weights) == set(shapes) and all(tuple(weights[k].shape) == shapes[k] for k in shapes)
-        model.load_weights(list(weights.items()), strict=True)
+        model.load_weights(list(convert_weights(weights, cfg).items()), strict=True)
         del weights
     # else (--random-init): the layers' own random initialisation; values do not matter for speed.
     model.set_dtype(getattr(mx, dtype_name))
