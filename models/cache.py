@@ -29,7 +29,7 @@ from mlx.utils import tree_flatten
 logger = logging.getLogger(__name__)
 
 FORMAT = "nightingale-mlx"
-FORMAT_VERSION = 2  # 2: T3 q/k/v and gate/up merged (models/t3.py MERGED_PROJECTIONS)
+FORMAT_VERSION = 2  # 2: merged projections (MERGED_PROJECTIONS in models/t3.py and s3gen/flow.py)
 CONFIG_FILE = "config.json"
 COMPONENT_FILES = {"t3": "t3.safetensors", "s3gen": "s3gen.safetensors", "ve": "ve.safetensors"}
 COPIED_FILES = ("tokenizer.json", "conds.pt")

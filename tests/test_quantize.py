@@ -108,7 +108,7 @@ def test_predicate_rules():
     assert not t3p("text_head", nn.Linear(128, 256)), "not in the list"
     assert not t3p("speech_emb", nn.Embedding(256, 128)), "embeddings stay float"
     assert not t3p("cond_enc.emotion_adv_fc", nn.Linear(1, 256)), "one input column cannot be grouped"
-    assert flowp("decoder.estimator.mid_blocks.0.1.0.attn1.to_q", nn.Linear(256, 512))
+    assert flowp("decoder.estimator.mid_blocks.0.1.0.attn1.to_qkv", nn.Linear(256, 512))
     assert not flowp("encoder_proj", nn.Linear(512, 80)), "outside the encoder and estimator"
     assert flowp("encoder.encoders.0.feed_forward.w_1", nn.Linear(512, 2048))
     assert not flowp("encoder.encoders.0.feed_forward.w_1", nn.Linear(512, 2048).to_quantized(group_size=64, bits=8))

@@ -211,24 +211,36 @@ def upstream_shapes(cfg: FlowConfig) -> dict[str, tuple[int, ...]]:
     return s
 
 
+# The estimator's attention q/k/v are stacked into one projection at conversion (fewer
+# launches in every CFM step; rows stack along the output axis, so quantization groups and
+# values are unchanged).
+MERGED_PROJECTIONS = {"attn1.to_qkv": ("attn1.to_q", "attn1.to_k", "attn1.to_v")}
+
+
 def convert_weights(weights: dict[str, np.ndarray], cfg: FlowConfig) -> dict[str, mx.array]:
     """Upstream `flow.`-relative keys (torch layout) -> Flow parameter names (MLX layout).
 
-    Names are unchanged (the module mirrors the checkpoint); every 3-D tensor is a Conv1d
-    weight and changes layout. Strict: the key set must equal upstream_shapes(cfg).
+    Names are unchanged (the module mirrors the checkpoint) except the merged projections
+    (MERGED_PROJECTIONS); every 3-D tensor is a Conv1d weight and changes layout. Strict:
+    the key set must equal upstream_shapes(cfg).
     """
     expected = upstream_shapes(cfg)
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
     if missing or unexpected:
         raise ValueError(f"flow weights mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    out: dict[str, mx.array] = {}
+    arrays: dict[str, np.ndarray] = {}
     for key, value in weights.items():
         if tuple(value.shape) != tuple(expected[key]):
             raise ValueError(f"{key}: shape {tuple(value.shape)}, expected {expected[key]}")
         value = np.asarray(value, dtype=np.float32)
-        out[key] = mx.array(conv1d_from_torch(value) if value.ndim == 3 else value)
-    return out
+        arrays[key] = conv1d_from_torch(value) if value.ndim == 3 else value
+    for merged, parts in MERGED_PROJECTIONS.items():
+        first = "." + parts[0] + ".weight"
+        for key in [k for k in arrays if k.endswith(first)]:
+            prefix = key[: -len(first)]
+            arrays[f"{prefix}.{merged}.weight"] = np.concatenate([arrays.pop(f"{prefix}.{p}.weight") for p in parts])
+    return {key: mx.array(value) for key, value in arrays.items()}
 
 
 def cosine_t_span(n_timesteps: int) -> np.ndarray:
