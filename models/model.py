@@ -183,13 +183,24 @@ class ChatterboxModel:
         yield from stream_text(self, text, voice=voice, seed=seed, **options)
 
     def warmup(self) -> None:
-        """One short synthesis so kernels are compiled before the first real request."""
+        """Short syntheses so kernels are built before the first real request: one full
+        first chunk (its shapes are the first request's) and the final flush; where CFM
+        steps are compiled (GPUs), twice, with two steady chunks, so the repeating window
+        shapes are traced too (flow.COMPILE_STEP)."""
+        from .s3gen.flow import compile_steps
         from .streaming import LOOKAHEAD_TOKENS, ChunkSchedule
 
         t0 = time.perf_counter()
-        # one full first chunk (its shapes are the first request's) plus the final flush
-        for _ in self.stream("Hello.", seed=0, max_new_tokens=ChunkSchedule().first + LOOKAHEAD_TOKENS + 4):
-            pass
+        schedule = ChunkSchedule()
+        if compile_steps():
+            budget = schedule.first + 2 * schedule.max_tokens + LOOKAHEAD_TOKENS + 4
+            rounds = 2
+        else:
+            budget, rounds = schedule.first + LOOKAHEAD_TOKENS + 4, 1
+        text = "Hello there, this sentence warms the model up." if rounds > 1 else "Hello."
+        for _ in range(rounds):
+            for _ in self.stream(text, seed=0, max_new_tokens=budget):
+                pass
         logger.info("warm-up took %.2f s", time.perf_counter() - t0)
 
     def describe(self) -> dict:

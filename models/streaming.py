@@ -395,14 +395,15 @@ def stream_tokens(
     t_start: float | None = None,
     first_index: int = 0,
     cancel: threading.Event | None = None,
-    t3_rate: Callable[[], float] | None = None,
+    pump: "TokenPump | None" = None,
     renderer: SegmentRenderer | None = None,
 ) -> Iterator[AudioChunk]:
     """Stream one segment: speech tokens in (any iterable, consumed lazily) -> AudioChunks.
 
     Ids >= 6561 are dropped as they arrive (the reference drops them after generation).
-    Stops without a last chunk once `cancel` is set. t3_rate() reports T3's tokens/s when
-    T3 runs elsewhere (the pipelined stream); `renderer` may be passed to inspect it.
+    Stops without a last chunk once `cancel` is set. `pump` is the TokenPump when T3 runs
+    on its own thread (its rate and progress go into the timings); `renderer` may be
+    passed to inspect it.
     """
     t_start = time.perf_counter() if t_start is None else t_start
     renderer = renderer or SegmentRenderer(model, conds.gen, seed, options, cancel)
@@ -429,6 +430,7 @@ def stream_tokens(
             continue
         t_s3 = time.perf_counter()
         t3_seconds += t_s3 - t_mark
+        t3_at_start = pump.generated if pump else n_generated
         try:
             samples = renderer.render(None if exhausted else size, final=exhausted)
         except Cancelled:
@@ -438,7 +440,11 @@ def stream_tokens(
         timings = {
             "t3_ms": (t_s3 - t_mark) * 1000,  # waiting for tokens (T3's own time when not pipelined)
             "s3gen_ms": (t_done - t_s3) * 1000,
-            "t3_tokens_per_s": t3_rate() if t3_rate else (n_generated / t3_seconds if t3_seconds > 0 else 0.0),
+            "t3_tokens_per_s": pump.rate() if pump else (n_generated / t3_seconds if t3_seconds > 0 else 0.0),
+            # T3's progress (tokens of the whole utterance) when this render started and ended:
+            # with the pump they differ, which is the overlap
+            "t3_tokens_at_render": [t3_at_start, pump.generated if pump else n_generated],
+            "render_start_ms": (t_s3 - t_start) * 1000,
             "audio_ms": len(samples) / SAMPLE_RATE * 1000,
             "elapsed_ms": (t_done - t_start) * 1000,
             **renderer.timings(),
@@ -613,7 +619,7 @@ def stream_text(
             while pump.next_segment() is not None:
                 last = n_segments is not None and number == n_segments - 1
                 for chunk in stream_tokens(model, pump.tokens(), conds, seed=seed + 2 * number + 1, options=options,
-                                           t_start=t_start, first_index=index, cancel=cancel, t3_rate=pump.rate):
+                                           t_start=t_start, first_index=index, cancel=cancel, pump=pump):
                     chunk.is_last = chunk.is_last and last
                     chunk.timings["segment"] = number
                     index = chunk.index + 1

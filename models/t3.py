@@ -22,6 +22,7 @@ per-step host overhead on a GPU, so the step function builds as small a graph as
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import secrets
@@ -585,12 +586,35 @@ def process_logits(logits: mx.array, seen: mx.array | None, params: SamplingPara
     return x
 
 
-def sample_token(logits: mx.array, seen: mx.array | None, params: SamplingParams, key: mx.array | None) -> mx.array:
-    """Model logits (B, V) -> next token id, (1,) int32 (lazy). Greedy when temperature is 0."""
+def _sample(logits: mx.array, seen: mx.array | None, params: SamplingParams, key: mx.array | None) -> mx.array:
     x = process_logits(logits, seen, params)
     if params.temperature == 0:
         return mx.argmax(x, axis=-1).astype(mx.int32)
     return mx.random.categorical(x, axis=-1, key=key).astype(mx.int32)
+
+
+# The sampler is ~20 small ops per decode step; on GPU backends (launch-bound at batch 2)
+# it runs as one mx.compile'd function per set of sampling parameters: "auto" = on where
+# the default device is a GPU, off on the CPU backend (compiling shells out to a C++
+# compiler there); "on" / "off" force it.
+COMPILE_SAMPLER = "auto"
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_sampler(params: SamplingParams, with_seen: bool):
+    if with_seen:
+        return mx.compile(lambda logits, seen, key: _sample(logits, seen, params, key))
+    return mx.compile(lambda logits, key: _sample(logits, None, params, key))
+
+
+def sample_token(logits: mx.array, seen: mx.array | None, params: SamplingParams, key: mx.array | None) -> mx.array:
+    """Model logits (B, V) -> next token id, (1,) int32 (lazy). Greedy when temperature is 0."""
+    compiled = mx.default_device() != mx.cpu if COMPILE_SAMPLER == "auto" else COMPILE_SAMPLER == "on"
+    if not compiled or key is None:
+        return _sample(logits, seen, params, key)
+    if seen is None:
+        return _compiled_sampler(params, False)(logits, key)
+    return _compiled_sampler(params, True)(logits, seen, key)
 
 
 def generate_tokens(

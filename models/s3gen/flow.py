@@ -37,6 +37,14 @@ from .estimator import ConditionalDecoder
 logger = logging.getLogger(__name__)
 
 L2_NORM_EPS = 1e-12  # F.normalize default
+# Whether each CFM step (estimator batch + guidance + Euler update) runs as one mx.compile'd
+# function: "auto" = on GPU backends (Metal, CUDA), where per-op launch and host overhead
+# dominate a step and compiling fuses the elementwise ops and replays the graph without
+# Python; off on the CPU backend (compiling shells out to a C++ compiler there, seconds per
+# new kernel, for no measured gain). "on" / "off" force it. A window shape is compiled the
+# second time it is seen (tracing costs about one eager call): shapes that repeat (first
+# and steady streaming chunks) run compiled, one-off shapes (a segment's last chunk) eager.
+COMPILE_STEP = "auto"
 NOISE_BLOCK_FRAMES = 1024  # fixed_noise draws noise in blocks of this many frames
 
 
@@ -273,6 +281,14 @@ def fixed_noise(num_frames: int, seed: int = 0, start: int = 0, mel_bins: int = 
     return mx.array(blocks[:, offset : offset + num_frames])[None]
 
 
+def compile_steps() -> bool:
+    if COMPILE_STEP == "auto":
+        return mx.default_device() != mx.cpu
+    if COMPILE_STEP not in ("on", "off"):
+        raise ValueError(f"COMPILE_STEP must be 'auto', 'on' or 'off', not {COMPILE_STEP!r}")
+    return COMPILE_STEP == "on"
+
+
 class CausalConditionalCFM(nn.Module):
     """The CFM sampler around the estimator (`flow.decoder`; holds `estimator`)."""
 
@@ -280,6 +296,32 @@ class CausalConditionalCFM(nn.Module):
         super().__init__()
         self.estimator = estimator
         self.inference_cfg_rate = inference_cfg_rate
+        # mx.compile of `euler_step`, made on first use (after the weights are loaded: it
+        # captures them), and how often each window shape was seen; the leading underscores
+        # keep both out of the parameters
+        self._compiled_step = None
+        self._shapes_seen: dict[tuple[int, ...], int] = {}
+
+    def euler_step(self, x: mx.array, t: mx.array, dt: mx.array, mu_in: mx.array, spks_in: mx.array,
+                   cond_in: mx.array) -> mx.array:
+        """One guided Euler step without a mask: x (B, 80, T) float32 at time t (2B,) -> x + dt v."""
+        b = x.shape[0]
+        rate = self.inference_cfg_rate
+        v = self.estimator(mx.concatenate([x, x], axis=0), None, mu_in, t, spks_in, cond_in)
+        v = ((1.0 + rate) * v[:b] - rate * v[b:]).astype(mx.float32)
+        return x + dt * v
+
+    def step_function(self, shape: tuple[int, ...]):
+        """The Euler step for inputs of `shape`: compiled once the shape repeats (COMPILE_STEP)."""
+        if not compile_steps():
+            return self.euler_step
+        seen = self._shapes_seen.get(shape, 0)
+        self._shapes_seen[shape] = seen + 1
+        if not seen:
+            return self.euler_step
+        if self._compiled_step is None:
+            self._compiled_step = mx.compile(self.euler_step)
+        return self._compiled_step
 
     def solve_euler(
         self,
@@ -308,13 +350,17 @@ class CausalConditionalCFM(nn.Module):
         mask_in = None if mask is None else mx.concatenate([mask, mask], axis=0)
         t_span = cosine_t_span(n_timesteps)
         x = z.astype(mx.float32)
+        step = self.step_function(tuple(z.shape)) if mask is None else None
         for t, r in zip(t_span[:-1], t_span[1:]):
             if cancel is not None and cancel.is_set():
                 raise Cancelled("CFM cancelled")
             t_in = mx.full((2 * b,), float(t), dtype=mx.float32)
-            v = self.estimator(mx.concatenate([x, x], axis=0), mask_in, mu_in, t_in, spks_in, cond_in)
-            v = ((1.0 + rate) * v[:b] - rate * v[b:]).astype(mx.float32)
-            x = x + float(r - t) * v
+            if step is not None:
+                x = step(x, t_in, mx.array(float(r - t), dtype=mx.float32), mu_in, spks_in, cond_in)
+            else:
+                v = self.estimator(mx.concatenate([x, x], axis=0), mask_in, mu_in, t_in, spks_in, cond_in)
+                v = ((1.0 + rate) * v[:b] - rate * v[b:]).astype(mx.float32)
+                x = x + float(r - t) * v
             # start this step while Python builds the next one
             mx.async_eval(x)
         return x
