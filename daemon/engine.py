@@ -5,9 +5,10 @@ It loads and warms the model, then runs one utterance at a time: the utterance's
 goes through one model.stream() call, and each AudioChunk goes to the player
 (local playback) and/or back to the event loop as PCM (streaming clients). Everything the
 loop must learn crosses through `post(fn, *args)`, which schedules fn on the loop thread
-(loop.call_soon_threadsafe); the loop never calls the model. Cancellation (the
-utterance's `cancelled` Event, passed to model.stream) stops T3 at its next token and
-S3Gen at its next CFM step, and is checked again before each chunk is delivered.
+(loop.call_soon_threadsafe); the loop never calls the model. The utterance's `cancelled`
+event is handed to model.stream(cancel=...), which checks it between T3 steps and between
+CFM steps, so a cancel (or a shutdown) stops synthesis within about one step even inside
+a long chunk; it is also checked before each chunk is delivered.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any, Callable, Protocol
 import numpy as np
 
 from nightingale.client.protocol import MAX_AUDIO_FRAME_SAMPLES
+from nightingale.models.stream import Cancelled
 
 from .playback import PlaybackError
 from .utterance import Utterance
@@ -68,6 +70,7 @@ class EngineInfo:
     load_s: float = 0.0
     warmup_s: float = 0.0
     stream_kwargs: frozenset = frozenset()  # keyword arguments model.stream() accepts (None = any)
+    takes_cancel: bool = False  # model.stream(cancel=threading.Event) stops inside a chunk
 
 
 def _find_malloc_trim() -> Callable[[int], int] | None:
@@ -194,6 +197,7 @@ class Engine:
             params = inspect.signature(self.model.stream).parameters
             if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
                 self.info.stream_kwargs = frozenset(params)
+            self.info.takes_cancel = "cancel" in params
         except (TypeError, ValueError):
             pass
         if self._warmup:
@@ -236,6 +240,8 @@ class Engine:
             unknown = sorted(set(kwargs) - allowed)
             if unknown:
                 raise BadOption(f"this model does not take option(s) {', '.join(unknown)}")
+        if self.info.takes_cancel:
+            kwargs["cancel"] = utt.cancelled
         return kwargs
 
     def _run_utterance(self, utt: Utterance) -> None:
@@ -257,8 +263,7 @@ class Engine:
             # One stream over the whole feed: the model splits the text (models/text.py),
             # seeds each segment and runs T3 ahead of S3Gen on its own thread; `cancel`
             # stops both at their next step.
-            gen = self.model.stream(utt.feed.segments(utt.cancelled), voice=conds, cancel=utt.cancelled,
-                                    **self._stream_kwargs(utt))
+            gen = self.model.stream(utt.feed.segments(utt.cancelled), voice=conds, **self._stream_kwargs(utt))
             try:
                 for chunk in gen:
                     if utt.cancelled.is_set():
@@ -304,6 +309,8 @@ class Engine:
                 gen.close()
             if utt.cancelled.is_set():
                 outcome = "cancelled"
+        except Cancelled:
+            outcome = "cancelled"
         except UnknownVoice as err:
             outcome, error = "failed", ("unknown_voice", f"unknown voice {utt.voice!r}: {err}")
         except BadOption as err:

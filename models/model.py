@@ -127,8 +127,9 @@ class ChatterboxModel:
         seed: int | None = None,
         cancel: threading.Event | None = None,
     ) -> Iterator[int]:
-        """Yield every token T3 samples, as soon as it is sampled (EOS excluded); stops
-        once `cancel` is set."""
+        """Yield every token T3 samples, as soon as it is sampled (EOS excluded).
+
+        `cancel` (threading.Event or None): checked before each T3 step; raises Cancelled."""
         conds = self.resolve_voice(voice)
         cond = conds.t3
         if float(cond.emotion_adv.reshape(-1)[0].item()) != exaggeration:
@@ -176,11 +177,16 @@ class ChatterboxModel:
         return np.concatenate(chunks).astype(np.float32, copy=False) if chunks else np.zeros(0, dtype=np.float32)
 
     def stream(self, text: str | Iterable[str], *, voice: Conditionals | str | None = None, seed: int | None = None,
-               **options) -> Iterator[AudioChunk]:
-        """Streaming synthesis (see models/streaming.stream_text for the options)."""
+               cancel: threading.Event | None = None, **options) -> Iterator[AudioChunk]:
+        """Streaming synthesis (see models/streaming.stream_text for the options).
+
+        cancel: a threading.Event (or None). It is checked between T3 steps and between CFM
+        steps; once it is set the generator raises models.stream.Cancelled within about one
+        step, even in the middle of a long chunk, and T3's thread stops with it.
+        """
         from .streaming import stream_text
 
-        yield from stream_text(self, text, voice=voice, seed=seed, **options)
+        yield from stream_text(self, text, voice=voice, seed=seed, cancel=cancel, **options)
 
     def warmup(self) -> None:
         """Short syntheses so kernels are built before the first real request: one full

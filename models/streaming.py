@@ -38,7 +38,7 @@ import numpy as np
 from . import dsp
 from .conds import Conditionals
 from .s3gen.flow import fixed_noise
-from .stream import SAMPLE_RATE, SAMPLES_PER_TOKEN, AudioChunk, Cancelled
+from .stream import SAMPLE_RATE, SAMPLES_PER_TOKEN, AudioChunk, check_cancel
 from .text import split_text
 
 logger = logging.getLogger(__name__)
@@ -401,9 +401,10 @@ def stream_tokens(
     """Stream one segment: speech tokens in (any iterable, consumed lazily) -> AudioChunks.
 
     Ids >= 6561 are dropped as they arrive (the reference drops them after generation).
-    Stops without a last chunk once `cancel` is set. `pump` is the TokenPump when T3 runs
-    on its own thread (its rate and progress go into the timings); `renderer` may be
-    passed to inspect it.
+    `cancel` (threading.Event or None) is checked before each token is taken and between
+    CFM steps; once set, Cancelled (models/stream.py) is raised. `pump` is the TokenPump
+    when T3 runs on its own thread (its rate and progress go into the timings); `renderer`
+    may be passed to inspect it.
     """
     t_start = time.perf_counter() if t_start is None else t_start
     renderer = renderer or SegmentRenderer(model, conds.gen, seed, options, cancel)
@@ -417,8 +418,7 @@ def stream_tokens(
     iterator = iter(tokens)
     exhausted = False
     while not exhausted:
-        if cancel is not None and cancel.is_set():
-            return
+        check_cancel(cancel)
         try:
             token = next(iterator)
             n_generated += 1
@@ -431,10 +431,7 @@ def stream_tokens(
         t_s3 = time.perf_counter()
         t3_seconds += t_s3 - t_mark
         t3_at_start = pump.generated if pump else n_generated
-        try:
-            samples = renderer.render(None if exhausted else size, final=exhausted)
-        except Cancelled:
-            return
+        samples = renderer.render(None if exhausted else size, final=exhausted)
         t_done = time.perf_counter()
         token_end = renderer.rendered_tokens
         timings = {
@@ -526,8 +523,7 @@ class TokenPump:
 
     def _get(self):
         while True:
-            if self._cancel is not None and self._cancel.is_set():
-                return None
+            check_cancel(self._cancel)
             try:
                 item = self._queue.get(timeout=0.05)
             except queue.Empty:
@@ -584,7 +580,9 @@ def stream_text(
     the same text in runs that end at sentence ends give the same audio. Chunk indices run
     across segments; the last chunk has is_last (for an iterable, an empty final chunk).
     With `pipeline`, T3 runs on its own thread (TokenPump) ahead of rendering; the audio is
-    the same either way. Setting `cancel` stops T3 and S3Gen at their next step.
+    the same either way. `cancel` (threading.Event or None) is checked between T3 steps
+    and between CFM steps (and before each token is taken); once set, the generator raises
+    models.stream.Cancelled within about one step, and T3's thread ends with it.
     """
     t_start = time.perf_counter()
     conds = model.resolve_voice(voice)
@@ -636,8 +634,7 @@ def stream_text(
                 chunk.timings["segment"] = number
                 index = chunk.index + 1
                 yield chunk
-    if cancel is not None and cancel.is_set():
-        return
+    check_cancel(cancel)
     if not known or index == 0:
         # an iterable's end is known only now; blank text still ends with one (empty) last chunk
         yield AudioChunk(np.zeros(0, dtype=np.float32), index, 0, 0, {"elapsed_ms": (time.perf_counter() - t_start) * 1000},

@@ -30,7 +30,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..convert import conv1d_from_torch
-from ..stream import Cancelled
+from ..stream import check_cancel
 from .encoder import UpsampleConformerEncoder
 from .estimator import ConditionalDecoder
 
@@ -338,8 +338,8 @@ class CausalConditionalCFM(nn.Module):
         z, mu, cond: (B, 80, T); mask (B, 1, T) or None (all valid); spks (B, 80).
         v = (1 + r) v(x | mu, spks, cond) - r v(x | 0, 0, 0) with r = inference_cfg_rate;
         both rows go through the estimator as one batch of 2B. Returns (B, 80, T) float32:
-        the state x stays float32 whatever the estimator's dtype. Raises Cancelled between
-        steps once `cancel` is set.
+        the state x stays float32 whatever the estimator's dtype. `cancel` (a
+        threading.Event or None) is checked before each step; when set, Cancelled is raised.
         """
         b = mu.shape[0]
         rate = self.inference_cfg_rate
@@ -351,9 +351,13 @@ class CausalConditionalCFM(nn.Module):
         t_span = cosine_t_span(n_timesteps)
         x = z.astype(mx.float32)
         step = self.step_function(tuple(z.shape)) if mask is None else None
+        previous = None
         for t, r in zip(t_span[:-1], t_span[1:]):
-            if cancel is not None and cancel.is_set():
-                raise Cancelled("CFM cancelled")
+            check_cancel(cancel)
+            if cancel is not None and previous is not None:
+                # at most two steps in flight, so a cancel acts within about one step
+                mx.eval(previous)
+            previous = x
             t_in = mx.full((2 * b,), float(t), dtype=mx.float32)
             if step is not None:
                 x = step(x, t_in, mx.array(float(r - t), dtype=mx.float32), mu_in, spks_in, cond_in)
@@ -457,6 +461,7 @@ class Flow(nn.Module):
 
         For streaming, pass as `token` [left context | new tokens | lookahead] and the
         matching slice of `fixed_noise`; `frames` then picks the new tokens' frames.
+        `cancel` (threading.Event or None) is checked between CFM steps (raises Cancelled).
         """
         n_timesteps = self.cfg.n_timesteps if n_timesteps is None else n_timesteps
         tokens = mx.concatenate([prompt_token.astype(mx.int32), token.astype(mx.int32)], axis=1)
