@@ -48,10 +48,13 @@ for w in $what; do
     oldstream)
       old python3 /tmp/gpu/old/bench/stream.py --model $CKPT --configs "${OLD_CONFIGS:-int8}" --skip-deviation 2>&1 \
           | tee "$OUT/stream-old.log" | tail -5 ;;
-    daemon)
-      (cd /tmp && python3 $REPO/bench/daemon.py --model $CKPT --clients 1 --utterances ${DAEMON_N:-20} --warmup 4 \
-          --options "$DOPTS" 2>&1 | tee "$OUT/daemon.md" | grep -E "first audio|TTFA|RTF|errors|model:")
+    daemon)  # new code once per options set in DAEMON_RUNS (';'-separated JSON), then the old code
+      IFS=';' read -ra runs <<< "${DAEMON_RUNS:-$DOPTS}"
+      n=0; for o in "${runs[@]}"; do n=$((n+1))
+        (cd /tmp && python3 $REPO/bench/daemon.py --model $CKPT --clients 1 --utterances ${DAEMON_N:-20} --warmup 4 \
+            --options "$o" 2>&1 | tee "$OUT/daemon$n.md" | grep -E "first audio|TTFA|RTF|errors|options:")
+      done
       old python3 /tmp/gpu/old/bench/daemon.py --model $CKPT --clients 1 --utterances ${DAEMON_N:-20} --warmup 4 \
-          --options '{"max_new_tokens": 75}' 2>&1 | tee "$OUT/daemon-old.md" | grep -E "first audio|TTFA|RTF|errors|model:" ;;
+          --options "$DOPTS" 2>&1 | tee "$OUT/daemon-old.md" | grep -E "first audio|TTFA|RTF|errors|options:" ;;
   esac
 done
