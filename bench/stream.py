@@ -58,7 +58,8 @@ def run_config(args) -> dict:
     conds = model.resolve_voice(None)
     schedule = ChunkSchedule.parse(spec["schedule"] or args.chunk_schedule)
     n_timesteps, prompt_tokens, pipeline = spec["steps"], spec["prompt"], spec["pipeline"]
-    stream_opts = dict(chunk_schedule=schedule, n_timesteps=n_timesteps, prompt_tokens=prompt_tokens, pipeline=pipeline)
+    stream_opts = dict(chunk_schedule=schedule, n_timesteps=n_timesteps, prompt_tokens=prompt_tokens, pipeline=pipeline,
+                       first_chunk_timesteps=spec["first_steps"])
     # warm-up: build kernels (and trace compiled steps) for the shapes used below: first and
     # steady chunks, twice (a shape is compiled the second time it is seen)
     t0 = time.perf_counter()
@@ -132,7 +133,7 @@ def run_config(args) -> dict:
                      for c in chunks if "s3gen_ms" in c.timings],
     }
     result["schedule"] = f"{schedule.first},{schedule.growth:g},{schedule.max_tokens}"
-    result["n_timesteps"] = n_timesteps or 10
+    result["n_timesteps"] = f"{n_timesteps or 10}" + (f" (first {spec['first_steps']})" if spec["first_steps"] else "")
     result["prompt_tokens"] = prompt_tokens or "all"
     if args.skip_deviation:
         result["peak_memory_gb"] = mx.get_peak_memory() / 1e9
@@ -162,12 +163,16 @@ def run_config(args) -> dict:
 
 
 def parse_run(spec: str) -> dict:
-    """"int8" or "int8:16,2,48:s5:p50:seq:c1" -> config, schedule, CFM steps, prompt tokens,
-    pipeline (seq = T3 and S3Gen one after the other), compile (c0 / c1; default: auto)."""
+    """"int8" or "int8:16,2,48:s5:f4:p50:seq:c1" -> config, schedule, CFM steps, first-chunk CFM
+    steps, prompt tokens, pipeline (seq = T3 and S3Gen one after the other), compile (c0 / c1;
+    default: auto)."""
     name, *rest = spec.split(":")
-    out = {"name": name, "schedule": None, "steps": None, "prompt": None, "pipeline": True, "compile": None}
+    out = {"name": name, "schedule": None, "steps": None, "prompt": None, "pipeline": True, "compile": None,
+           "first_steps": None}
     for part in rest:
-        if part == "seq":
+        if part.startswith("f"):
+            out["first_steps"] = int(part[1:])
+        elif part == "seq":
             out["pipeline"] = False
         elif part in ("c0", "c1"):
             out["compile"] = part == "c1"

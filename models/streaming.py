@@ -104,6 +104,9 @@ class StreamOptions:
     # (104 dB). The decoder reaches ~14 frames each way, the F0 predictor 5.
     hift_holdback_frames: int = 16
     n_timesteps: int | None = None  # CFM steps (None: the model's 10)
+    # CFM steps of the utterance's first chunk only (None: n_timesteps): first audio sooner,
+    # at the cost of a rougher first chunk (bench/cfm.py measures the mel SNR of k steps)
+    first_chunk_timesteps: int | None = None
     prompt_tokens: int | None = None  # shorten the S3Gen prompt to its last K tokens (None: all)
 
 
@@ -214,7 +217,9 @@ class MelWindows:
     Flow.inference signature (Turbo swaps in its own decoder).
     """
 
-    def __init__(self, flow, gen: dict, seed: int, options: StreamOptions, cancel: threading.Event | None = None):
+    def __init__(self, flow, gen: dict, seed: int, options: StreamOptions, cancel: threading.Event | None = None,
+                 first_in_utterance: bool = True):
+        self.first_in_utterance = first_in_utterance  # the utterance's first chunk may use fewer CFM steps
         self.flow = flow
         self.gen = gen
         self.seed = seed
@@ -248,13 +253,17 @@ class MelWindows:
             self.prompt_feat,
             self.gen["embedding"],
             noise=mx.concatenate([self.prompt_noise, speech_noise(self.seed, c0, len(window))], axis=2),
-            n_timesteps=self.options.n_timesteps,
+            n_timesteps=self._timesteps(n0),
             frames=(MEL_FRAMES_PER_TOKEN * (n0 - c0), MEL_FRAMES_PER_TOKEN * (n1 - c0)),
             cancel=self.cancel,
         )
         self.rendered_tokens = n1
         self.last_window_tokens = len(window)
         return mel
+
+    def _timesteps(self, n0: int) -> int | None:
+        first = self.options.first_chunk_timesteps
+        return first if first is not None and n0 == 0 and self.first_in_utterance else self.options.n_timesteps
 
 
 class HiftStream:
@@ -354,8 +363,8 @@ class SegmentRenderer:
     flow stage produced is kept in `mel_chunks` (tests compare it with one-shot vocoding)."""
 
     def __init__(self, model, gen: dict, seed: int, options: StreamOptions, cancel: threading.Event | None = None,
-                 keep_mel: bool = False):
-        self.mel_stage = MelWindows(model.s3gen.flow, gen, seed, options, cancel)
+                 keep_mel: bool = False, first_in_utterance: bool = True):
+        self.mel_stage = MelWindows(model.s3gen.flow, gen, seed, options, cancel, first_in_utterance)
         self.hift_stage = HiftStream(model.s3gen.mel2wav, seed, options)
         self.mel_chunks: list[mx.array] | None = [] if keep_mel else None
 
@@ -407,7 +416,7 @@ def stream_tokens(
     may be passed to inspect it.
     """
     t_start = time.perf_counter() if t_start is None else t_start
-    renderer = renderer or SegmentRenderer(model, conds.gen, seed, options, cancel)
+    renderer = renderer or SegmentRenderer(model, conds.gen, seed, options, cancel, first_in_utterance=first_index == 0)
     sizes = options.chunk_schedule.sizes()
     size = next(sizes)
     index = first_index
@@ -566,6 +575,7 @@ def stream_text(
     chunk_schedule=None,
     context_tokens: int | None = None,
     n_timesteps: int | None = None,
+    first_chunk_timesteps: int | None = None,
     prompt_tokens: int | None = None,
     max_new_tokens: int = 1000,
     max_repeat_run: int = MAX_REPEAT_RUN,
@@ -591,6 +601,7 @@ def stream_text(
         chunk_schedule=ChunkSchedule.parse(chunk_schedule),
         context_tokens=StreamOptions.context_tokens if context_tokens is None else context_tokens,
         n_timesteps=n_timesteps,
+        first_chunk_timesteps=first_chunk_timesteps,
         prompt_tokens=prompt_tokens,
     )
     known = isinstance(text, str)

@@ -332,3 +332,14 @@ def test_cancel_stops_the_cfm_between_steps(tiny_model):
     renderer.add(_tokens(20))
     with pytest.raises(Cancelled):
         renderer.render(None, final=True)
+
+
+def test_first_chunk_timesteps_change_only_the_start(tiny_model):
+    """Fewer CFM steps for the utterance's first chunk: same length, a different first chunk."""
+    options = dict(seed=2, max_new_tokens=40, chunk_schedule="12,2,16", pipeline=False)
+    base = list(tiny_model.stream("First chunk policy.", **options))
+    fast = list(tiny_model.stream("First chunk policy.", first_chunk_timesteps=2, **options))
+    same = list(tiny_model.stream("First chunk policy.", first_chunk_timesteps=10, **options))
+    assert [len(c.samples) for c in fast] == [len(c.samples) for c in base]
+    assert not np.allclose(fast[0].samples, base[0].samples)
+    np.testing.assert_array_equal(np.concatenate([c.samples for c in same]), np.concatenate([c.samples for c in base]))
