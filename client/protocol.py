@@ -64,6 +64,7 @@ SPEAK_OPTIONS: dict[str, type] = {
     "repetition_penalty": float,
     "max_new_tokens": int,
     "n_timesteps": int,  # CFM steps of S3Gen's flow (fewer: faster, rougher)
+    "first_chunk_timesteps": int,  # CFM steps of the utterance's first chunk only
     "chunk_schedule": str,  # "first,growth,max" speech tokens per audio chunk
 }
 
