@@ -1,7 +1,8 @@
-"""The engine thread: the only thread that touches the model (and so MLX).
+"""The engine thread: the only thread that calls the model (model.stream runs T3 on a
+helper thread of its own, which it starts and stops).
 
-It loads and warms the model, then runs one utterance at a time: text segments from the
-utterance's feed go through model.stream(), and each AudioChunk goes to the player
+It loads and warms the model, then runs one utterance at a time: the utterance's text feed
+goes through one model.stream() call, and each AudioChunk goes to the player
 (local playback) and/or back to the event loop as PCM (streaming clients). Everything the
 loop must learn crosses through `post(fn, *args)`, which schedules fn on the loop thread
 (loop.call_soon_threadsafe); the loop never calls the model. The utterance's `cancelled`
@@ -267,11 +268,8 @@ class Engine:
                 raise UnknownVoice(str(msg)) from None
         return self._voices[name][1]
 
-    def _stream_kwargs(self, utt: Utterance, segment: int) -> dict:
+    def _stream_kwargs(self, utt: Utterance) -> dict:
         kwargs = dict(utt.options)
-        if "seed" in kwargs and segment:
-            # Each text segment gets its own, still reproducible, seed.
-            kwargs["seed"] = int(kwargs["seed"]) + segment
         allowed = self.info.stream_kwargs
         if allowed:
             unknown = sorted(set(kwargs) - allowed)
@@ -297,51 +295,53 @@ class Engine:
         played_any = False
         try:
             conds = self._voice(utt.voice)
-            for segment, text in enumerate(utt.feed.segments(utt.cancelled)):
-                gen = self.model.stream(text, voice=conds, **self._stream_kwargs(utt, segment))
-                try:
-                    for chunk in gen:
-                        if utt.cancelled.is_set():
-                            break
-                        samples = np.asarray(chunk.samples, dtype=np.float32).reshape(-1)
-                        now = time.monotonic()
-                        if stats["ttfa_ms"] is None:
-                            stats["ttfa_ms"] = (now - t_start) * 1000.0
-                            stats["model_ttfa_ms"] = chunk.timings.get("ttfa_ms")
-                        start_s = stats["audio_s"]
-                        stats["chunks"] += 1
-                        stats["tokens"] += max(0, int(chunk.token_end) - int(chunk.token_start))
-                        stats["audio_s"] += len(samples) / sr
-                        stats["t3_ms"] += float(chunk.timings.get("t3_ms", 0.0))
-                        stats["s3gen_ms"] += float(chunk.timings.get("s3gen_ms", 0.0))
-                        if utt.streams:
-                            fmt = utt.audio_format
-                            for off in range(0, len(samples), MAX_AUDIO_FRAME_SAMPLES):
-                                part = samples[off : off + MAX_AUDIO_FRAME_SAMPLES]
-                                self._post(self._listener.on_audio, utt, seq, encode_pcm(part, fmt), start_s + off / sr)
-                                seq += 1
-                        info = {
-                            "chunk": stats["chunks"] - 1,
-                            "segment": segment,
-                            "tokens": stats["tokens"],
-                            "audio_s": stats["audio_s"],
-                            "t3_ms": chunk.timings.get("t3_ms"),
-                            "s3gen_ms": chunk.timings.get("s3gen_ms"),
-                            "t3_tokens_per_s": chunk.timings.get("t3_tokens_per_s"),
-                            "first": stats["chunks"] == 1,
-                        }
-                        self._post(self._listener.on_chunk, utt, info)
-                        if utt.plays and self.player is not None:
-                            # Blocks only when the buffer is full (paused, or far ahead).
-                            stats["blocked_s"] += self.player.write(utt, samples, utt.cancelled)
-                            played_any = True
-                        self._run_calls()
-                        if utt.cancelled.is_set():
-                            break
-                finally:
-                    gen.close()
-                if utt.cancelled.is_set():
-                    break
+            # One stream over the whole feed: the model splits the text (models/text.py),
+            # seeds each segment and runs T3 ahead of S3Gen on its own thread; `cancel`
+            # stops both at their next step.
+            gen = self.model.stream(utt.feed.segments(utt.cancelled), voice=conds, **self._stream_kwargs(utt))
+            try:
+                for chunk in gen:
+                    if utt.cancelled.is_set():
+                        break
+                    samples = np.asarray(chunk.samples, dtype=np.float32).reshape(-1)
+                    if not len(samples):
+                        continue
+                    now = time.monotonic()
+                    if stats["ttfa_ms"] is None:
+                        stats["ttfa_ms"] = (now - t_start) * 1000.0
+                        stats["model_ttfa_ms"] = chunk.timings.get("ttfa_ms")
+                    start_s = stats["audio_s"]
+                    stats["chunks"] += 1
+                    stats["tokens"] += max(0, int(chunk.token_end) - int(chunk.token_start))
+                    stats["audio_s"] += len(samples) / sr
+                    stats["t3_ms"] += float(chunk.timings.get("t3_ms", 0.0))
+                    stats["s3gen_ms"] += float(chunk.timings.get("s3gen_ms", 0.0))
+                    if utt.streams:
+                        fmt = utt.audio_format
+                        for off in range(0, len(samples), MAX_AUDIO_FRAME_SAMPLES):
+                            part = samples[off : off + MAX_AUDIO_FRAME_SAMPLES]
+                            self._post(self._listener.on_audio, utt, seq, encode_pcm(part, fmt), start_s + off / sr)
+                            seq += 1
+                    info = {
+                        "chunk": stats["chunks"] - 1,
+                        "segment": chunk.timings.get("segment", 0),
+                        "tokens": stats["tokens"],
+                        "audio_s": stats["audio_s"],
+                        "t3_ms": chunk.timings.get("t3_ms"),
+                        "s3gen_ms": chunk.timings.get("s3gen_ms"),
+                        "t3_tokens_per_s": chunk.timings.get("t3_tokens_per_s"),
+                        "first": stats["chunks"] == 1,
+                    }
+                    self._post(self._listener.on_chunk, utt, info)
+                    if utt.plays and self.player is not None:
+                        # Blocks only when the buffer is full (paused, or far ahead).
+                        stats["blocked_s"] += self.player.write(utt, samples, utt.cancelled)
+                        played_any = True
+                    self._run_calls()
+                    if utt.cancelled.is_set():
+                        break
+            finally:
+                gen.close()
             if utt.cancelled.is_set():
                 outcome = "cancelled"
         except Cancelled:

@@ -29,7 +29,7 @@ from mlx.utils import tree_flatten
 logger = logging.getLogger(__name__)
 
 FORMAT = "nightingale-mlx"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: merged projections (MERGED_PROJECTIONS in models/t3.py and s3gen/flow.py)
 CONFIG_FILE = "config.json"
 COMPONENT_FILES = {"t3": "t3.safetensors", "s3gen": "s3gen.safetensors", "ve": "ve.safetensors"}
 COPIED_FILES = ("tokenizer.json", "conds.pt")

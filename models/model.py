@@ -10,10 +10,11 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import mlx.core as mx
 import numpy as np
@@ -31,17 +32,6 @@ STOP_SPEECH_TOKEN = 6562
 DEFAULT_VOICE = "default"
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-
-
-def filter_speech_tokens(tokens: list[int]) -> list[int]:
-    """The reference's post-filter: keep ids < 6561 (generate_tokens already stops at EOS).
-
-    drop_invalid_tokens also discards everything up to a stray SOS (6561) in the middle;
-    T3 feeds SOS back like any token, so that rule is kept.
-    """
-    if START_SPEECH_TOKEN in tokens:
-        tokens = tokens[len(tokens) - tokens[::-1].index(START_SPEECH_TOKEN):]
-    return [t for t in tokens if t < START_SPEECH_TOKEN]
 
 
 @dataclass
@@ -135,7 +125,7 @@ class ChatterboxModel:
         top_p: float = 1.0,
         max_new_tokens: int = 1000,
         seed: int | None = None,
-        cancel=None,
+        cancel: threading.Event | None = None,
     ) -> Iterator[int]:
         """Yield every token T3 samples, as soon as it is sampled (EOS excluded).
 
@@ -178,34 +168,45 @@ class ChatterboxModel:
         seed = secrets.randbits(62) if seed is None else seed
         return render_tokens(self, tokens, conds.gen, seed, StreamOptions(n_timesteps=n_timesteps))
 
-    def synthesize(self, text: str, *, voice: Conditionals | str | None = None, seed: int | None = None, **sampling) -> np.ndarray:
-        """One-shot: text -> float32 samples at 24 kHz (T3, post-filter, S3Gen, trim fade)."""
-        conds = self.resolve_voice(voice)
-        seed = secrets.randbits(63) if seed is None else seed
-        tokens = filter_speech_tokens(list(self.generate_tokens(text, voice=conds, seed=seed, **sampling)))
-        return self.tokens_to_audio(tokens, voice=conds, seed=seed + 1)
+    def synthesize(self, text: str, *, voice: Conditionals | str | None = None, seed: int | None = None, **options) -> np.ndarray:
+        """Text -> float32 samples at 24 kHz: the concatenation of `stream` with the same
+        arguments (the same segments, token budget, repeat guard, tokens and samples), so a
+        rendered file and a stream of one request are one utterance."""
+        seed = secrets.randbits(62) if seed is None else seed
+        chunks = [chunk.samples for chunk in self.stream(text, voice=voice, seed=seed, **options)]
+        return np.concatenate(chunks).astype(np.float32, copy=False) if chunks else np.zeros(0, dtype=np.float32)
 
-    def stream(
-        self, text: str, *, voice: Conditionals | str | None = None, seed: int | None = None, cancel=None, **options
-    ) -> Iterator[AudioChunk]:
-        """Streaming synthesis (see models/streaming.py).
+    def stream(self, text: str | Iterable[str], *, voice: Conditionals | str | None = None, seed: int | None = None,
+               cancel: threading.Event | None = None, **options) -> Iterator[AudioChunk]:
+        """Streaming synthesis (see models/streaming.stream_text for the options).
 
         cancel: a threading.Event (or None). It is checked between T3 steps and between CFM
         steps; once it is set the generator raises models.stream.Cancelled within about one
-        step, even in the middle of a long chunk.
+        step, even in the middle of a long chunk, and T3's thread stops with it.
         """
         from .streaming import stream_text
 
         yield from stream_text(self, text, voice=voice, seed=seed, cancel=cancel, **options)
 
     def warmup(self) -> None:
-        """One short synthesis so kernels are compiled before the first real request."""
+        """Short syntheses so kernels are built before the first real request: one full
+        first chunk (its shapes are the first request's) and the final flush; where CFM
+        steps are compiled (GPUs), twice, with two steady chunks, so the repeating window
+        shapes are traced too (flow.COMPILE_STEP)."""
+        from .s3gen.flow import compile_steps
         from .streaming import LOOKAHEAD_TOKENS, ChunkSchedule
 
         t0 = time.perf_counter()
-        # one full first chunk (its shapes are the first request's) plus the final flush
-        for _ in self.stream("Hello.", seed=0, max_new_tokens=ChunkSchedule().first + LOOKAHEAD_TOKENS + 4):
-            pass
+        schedule = ChunkSchedule()
+        if compile_steps():
+            budget = schedule.first + 2 * schedule.max_tokens + LOOKAHEAD_TOKENS + 4
+            rounds = 2
+        else:
+            budget, rounds = schedule.first + LOOKAHEAD_TOKENS + 4, 1
+        text = "Hello there, this sentence warms the model up." if rounds > 1 else "Hello."
+        for _ in range(rounds):
+            for _ in self.stream(text, seed=0, max_new_tokens=budget):
+                pass
         logger.info("warm-up took %.2f s", time.perf_counter() - t0)
 
     def describe(self) -> dict:

@@ -6,7 +6,8 @@ small to matter, stay float, as do embeddings (they are 2-3% of T3's weights and
 indexed, not multiplied, so quantizing them saves little and was not measured safe) and
 everything that is not a Linear (norms, convolutions, Snake alphas, STFT windows).
 
-* T3: attention q/k/v/o and MLP gate/up/down of every layer, the speech head, the
+* T3: attention qkv/o and MLP gate_up/down of every layer (q/k/v and gate/up are merged
+  at conversion, models/t3.py), the speech head, the
   perceiver's projections and the speaker projection. The emotion projection is
   Linear(1 -> 1024): one input column cannot be grouped, so it stays float. The text head
   (unused at inference) stays float.
@@ -53,7 +54,7 @@ MIN_OUTPUT_FEATURES = 64  # smaller Linears cost more in scales than they save
 CPU_DEQUANTIZE_MIN_ROWS = 4
 
 T3_QUANTIZED = re.compile(
-    r"^(tfmr\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+    r"^(tfmr\.layers\.\d+\.(self_attn\.(qkv|o)_proj|mlp\.(gate_up|down)_proj)"
     r"|speech_head|cond_enc\.spkr_enc|cond_enc\.emotion_adv_fc"
     r"|cond_enc\.perceiver\.attn\.(to_q|to_k|to_v|proj_out))$"
 )

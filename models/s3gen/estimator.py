@@ -189,25 +189,25 @@ class CausalResnetBlock1D(nn.Module):
 
 
 class Attention(nn.Module):
-    """diffusers Attention as BasicTransformerBlock builds it: bias-free q/k/v, biased out."""
+    """diffusers Attention as BasicTransformerBlock builds it: bias-free q/k/v, biased out.
+
+    The checkpoint's to_q, to_k and to_v are stacked into one `to_qkv` at conversion
+    (flow.MERGED_PROJECTIONS): one matmul instead of three, 56 times per CFM step.
+    """
 
     def __init__(self, dim: int, heads: int, dim_head: int):
         super().__init__()
         inner = heads * dim_head
         self.heads = heads
         self.scale = dim_head**-0.5
-        self.to_q = nn.Linear(dim, inner, bias=False)
-        self.to_k = nn.Linear(dim, inner, bias=False)
-        self.to_v = nn.Linear(dim, inner, bias=False)
+        self.to_qkv = nn.Linear(dim, 3 * inner, bias=False)
         self.to_out = [nn.Linear(inner, dim)]  # to_out.1 is a Dropout
 
     def __call__(self, x: mx.array, bias: mx.array | None) -> mx.array:
         """x (B, T, dim), bias (B, 1, 1, T) additive or None -> (B, T, dim)."""
         b, t, _ = x.shape
-        # (B, T, H*D) -> (B, H, T, D)
-        q = self.to_q(x).reshape(b, t, self.heads, -1).transpose(0, 2, 1, 3)
-        k = self.to_k(x).reshape(b, t, self.heads, -1).transpose(0, 2, 1, 3)
-        v = self.to_v(x).reshape(b, t, self.heads, -1).transpose(0, 2, 1, 3)
+        qkv = self.to_qkv(x).reshape(b, t, 3 * self.heads, -1).transpose(0, 2, 1, 3)  # (B, 3H, T, D)
+        q, k, v = qkv[:, : self.heads], qkv[:, self.heads : 2 * self.heads], qkv[:, 2 * self.heads :]
         o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=bias)
         return self.to_out[0](o.transpose(0, 2, 1, 3).reshape(b, t, -1))
 
