@@ -885,10 +885,10 @@ class Daemon:
 # ----------------------------------------------------------------------------- CLI entry
 
 
-def _load_model(model: str | None, quantize: int | None, dtype: str | None) -> Any:
+def _load_model(model: str | None, quantize: int | None, dtype: str | None, decoder: str | None = None) -> Any:
     from nightingale import models
 
-    return models.load_model(model, quantize=quantize, dtype=dtype)
+    return models.load_model(model, quantize=quantize, dtype=dtype, decoder=decoder)
 
 
 def serve_main(args: Any) -> int:
@@ -916,7 +916,7 @@ def serve_main(args: Any) -> int:
         drain_timeout_s=getattr(args, "drain_timeout", DRAIN_TIMEOUT_S),
         latency=getattr(args, "latency", None),
     )
-    factory = partial(_load_model, args.model, parse_quantize(args.quantize), args.dtype)
+    factory = partial(_load_model, args.model, parse_quantize(args.quantize), args.dtype, getattr(args, "decoder", None))
     daemon = Daemon(config, factory)
     log.info("nightingale %s (pid %d), model %s, quantize %s", __version__, os.getpid(), args.model or "default", args.quantize)
     try:
