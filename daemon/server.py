@@ -660,7 +660,8 @@ class Daemon:
             if error is not None:
                 self._send_error(session, p.Error(code=p.E_INTERNAL, message=f"listing voices failed: {error}", request="voices", ref=msg.ref))
             else:
-                session.post(p.Voices(voices=[str(v) for v in value], ref=msg.ref))
+                family = str((self.info.describe if self.info else {}).get("family", ""))
+                session.post(p.Voices(voices=[str(v) for v in value], family=family, ref=msg.ref))
 
         self.engine.call(lambda model: list(model.list_voices()), answer)  # answer runs on the loop
 

@@ -25,6 +25,9 @@ Fixtures:
   2-step `basic_euler` solve, and `flow.inference(meanflow=True, n_timesteps=2)` with
   injected noise.
 - turbo_tokenizer.npz: Turbo `punc_norm` and the tokenizer on texts with tags.
+- turbo_voice.npz: the gain of the reference's `norm_loudness` (-27 LUFS, pyloudnorm) on the
+  spoken test clip (tests/fixtures/voice_audio.npz), and the first second of the normalised
+  clip and of its librosa 16 kHz copy.
 - turbo_layout.json: the full upstream key -> shape maps of t3_turbo_v1 and s3gen_meanflow.
 """
 
@@ -254,6 +257,18 @@ def make(ckpt: Path, out: Path) -> None:
         token=token, prompt_token=prompt_token, prompt_feat=prompt_feat, embedding=embedding, noise=noise,
         mel=feat.numpy(),
     )
+
+    # -- voice prompt: the reference's loudness normalisation and 16 kHz copy ------------------
+    import librosa
+
+    from chatterbox.tts_turbo import ChatterboxTurboTTS
+
+    wav24 = np.load(REPO / "tests" / "fixtures" / "voice_audio.npz")["wav24"]
+    normed24 = ChatterboxTurboTTS.norm_loudness(None, wav24, 24000)
+    normed16 = librosa.resample(normed24, orig_sr=24000, target_sr=16000)
+    peak = int(np.argmax(np.abs(wav24)))
+    np.savez_compressed(out / "turbo_voice.npz", gain=np.float64(normed24[peak] / wav24[peak]),
+                        normed24_head=normed24[:24000].astype(np.float32), normed16_head=normed16[:16000].astype(np.float32))
 
     # -- full layout ----------------------------------------------------------------------------
     (out / "turbo_layout.json").write_text(json.dumps(layout(), sort_keys=True) + "\n")
