@@ -103,7 +103,7 @@ def run_config(args) -> dict:
         "stall_ms": playback_stall_ms(chunks),
     }
     result["schedule"] = f"{schedule.first},{schedule.growth:g},{schedule.max_tokens}"
-    result["n_timesteps"] = n_timesteps or 10
+    result["n_timesteps"] = n_timesteps or model.s3gen.flow.cfg.n_timesteps  # 10; Turbo's MeanFlow: 2
     result["prompt_tokens"] = prompt_tokens or "all"
     if args.skip_deviation:
         result["peak_memory_gb"] = mx.get_peak_memory() / 1e9
