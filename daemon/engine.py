@@ -4,9 +4,10 @@ It loads and warms the model, then runs one utterance at a time: text segments f
 utterance's feed go through model.stream(), and each AudioChunk goes to the player
 (local playback) and/or back to the event loop as PCM (streaming clients). Everything the
 loop must learn crosses through `post(fn, *args)`, which schedules fn on the loop thread
-(loop.call_soon_threadsafe); the loop never calls the model. Cancellation is checked
-before each chunk is delivered, so a cancelled utterance stops within one chunk; closing
-the generator stops T3/S3Gen at their next token.
+(loop.call_soon_threadsafe); the loop never calls the model. The utterance's `cancelled`
+event is handed to model.stream(cancel=...), which checks it between T3 steps and between
+CFM steps, so a cancel (or a shutdown) stops synthesis within about one step even inside
+a long chunk; it is also checked before each chunk is delivered.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any, Callable, Protocol
 import numpy as np
 
 from nightingale.client.protocol import MAX_AUDIO_FRAME_SAMPLES
+from nightingale.models.stream import Cancelled
 
 from .playback import PlaybackError
 from .utterance import Utterance
@@ -67,6 +69,7 @@ class EngineInfo:
     load_s: float = 0.0
     warmup_s: float = 0.0
     stream_kwargs: frozenset = frozenset()  # keyword arguments model.stream() accepts (None = any)
+    takes_cancel: bool = False  # model.stream(cancel=threading.Event) stops inside a chunk
 
 
 def _find_malloc_trim() -> Callable[[int], int] | None:
@@ -193,6 +196,7 @@ class Engine:
             params = inspect.signature(self.model.stream).parameters
             if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
                 self.info.stream_kwargs = frozenset(params)
+            self.info.takes_cancel = "cancel" in params
         except (TypeError, ValueError):
             pass
         if self._warmup:
@@ -238,6 +242,8 @@ class Engine:
             unknown = sorted(set(kwargs) - allowed)
             if unknown:
                 raise BadOption(f"this model does not take option(s) {', '.join(unknown)}")
+        if self.info.takes_cancel:
+            kwargs["cancel"] = utt.cancelled
         return kwargs
 
     def _run_utterance(self, utt: Utterance) -> None:
@@ -303,6 +309,8 @@ class Engine:
                     break
             if utt.cancelled.is_set():
                 outcome = "cancelled"
+        except Cancelled:
+            outcome = "cancelled"
         except UnknownVoice as err:
             outcome, error = "failed", ("unknown_voice", f"unknown voice {utt.voice!r}: {err}")
         except BadOption as err:

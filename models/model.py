@@ -137,8 +137,11 @@ class ChatterboxModel:
         top_p: float = 1.0,
         max_new_tokens: int = 1000,
         seed: int | None = None,
+        cancel=None,
     ) -> Iterator[int]:
-        """Yield every token T3 samples, as soon as it is sampled (EOS excluded)."""
+        """Yield every token T3 samples, as soon as it is sampled (EOS excluded).
+
+        `cancel` (threading.Event or None): checked before each T3 step; raises Cancelled."""
         conds = self.resolve_voice(voice)
         cond = conds.t3
         if float(cond.emotion_adv.reshape(-1)[0].item()) != exaggeration:
@@ -154,6 +157,7 @@ class ChatterboxModel:
             top_p=top_p,
             max_new_tokens=max_new_tokens,
             seed=seed,
+            cancel=cancel,
         )
 
     # -- audio -------------------------------------------------------------------------
@@ -183,11 +187,18 @@ class ChatterboxModel:
         tokens = filter_speech_tokens(list(self.generate_tokens(text, voice=conds, seed=seed, **sampling)))
         return self.tokens_to_audio(tokens, voice=conds, seed=seed + 1)
 
-    def stream(self, text: str, *, voice: Conditionals | str | None = None, seed: int | None = None, **options) -> Iterator[AudioChunk]:
-        """Streaming synthesis (see models/streaming.py)."""
+    def stream(
+        self, text: str, *, voice: Conditionals | str | None = None, seed: int | None = None, cancel=None, **options
+    ) -> Iterator[AudioChunk]:
+        """Streaming synthesis (see models/streaming.py).
+
+        cancel: a threading.Event (or None). It is checked between T3 steps and between CFM
+        steps; once it is set the generator raises models.stream.Cancelled within about one
+        step, even in the middle of a long chunk.
+        """
         from .streaming import stream_text
 
-        yield from stream_text(self, text, voice=voice, seed=seed, **options)
+        yield from stream_text(self, text, voice=voice, seed=seed, cancel=cancel, **options)
 
     def warmup(self) -> None:
         """One short synthesis so kernels are compiled before the first real request."""

@@ -10,6 +10,20 @@ SAMPLE_RATE = 24000  # Hz, S3Gen output
 SAMPLES_PER_TOKEN = 960  # 40 ms per speech token at 24 kHz
 
 
+class Cancelled(Exception):
+    """Synthesis stopped because its `cancel` event was set (see `check_cancel`)."""
+
+
+def check_cancel(cancel) -> None:
+    """Raise Cancelled if `cancel` (a threading.Event, or None for never) is set.
+
+    The model's loops call this between T3 steps and between CFM steps, so setting the
+    event stops a long chunk within one step rather than at the next chunk boundary.
+    """
+    if cancel is not None and cancel.is_set():
+        raise Cancelled()
+
+
 @dataclass
 class AudioChunk:
     """One piece of a streamed utterance.

@@ -36,7 +36,7 @@ import numpy as np
 from . import dsp
 from .conds import Conditionals
 from .s3gen.flow import fixed_noise
-from .stream import SAMPLE_RATE, SAMPLES_PER_TOKEN, AudioChunk
+from .stream import SAMPLE_RATE, SAMPLES_PER_TOKEN, AudioChunk, check_cancel
 
 logger = logging.getLogger(__name__)
 
@@ -254,7 +254,8 @@ def render_tokens(model, tokens: list[int], gen: dict, seed: int, options: Strea
 class SegmentRenderer:
     """Turns one segment's tokens, arriving in order, into exactly 960 samples per token."""
 
-    def __init__(self, model, gen: dict, seed: int, options: StreamOptions):
+    def __init__(self, model, gen: dict, seed: int, options: StreamOptions, cancel=None):
+        self.cancel = cancel  # threading.Event or None: checked between CFM steps
         self.flow = model.s3gen.flow
         self.hift = model.s3gen.mel2wav
         self.gen = gen
@@ -306,6 +307,7 @@ class SegmentRenderer:
             noise=mx.concatenate([self.prompt_noise, speech_noise(self.seed, c0, len(window))], axis=2),
             n_timesteps=self.options.n_timesteps,
             frames=(MEL_FRAMES_PER_TOKEN * (n0 - c0), MEL_FRAMES_PER_TOKEN * (n1 - c0)),
+            cancel=self.cancel,
         )
         self.mel = mel if self.mel is None else mx.concatenate([self.mel, mel], axis=2)
         self.rendered_tokens = n1
@@ -385,13 +387,16 @@ def stream_tokens(
     options: StreamOptions = StreamOptions(),
     t_start: float | None = None,
     first_index: int = 0,
+    cancel=None,
 ) -> Iterator[AudioChunk]:
     """Stream one segment: speech tokens in (any iterable, consumed lazily) -> AudioChunks.
 
     Ids >= 6561 are dropped as they arrive (the reference drops them after generation).
+    `cancel` (threading.Event or None) is checked before each token is taken and between
+    CFM steps; once set, Cancelled (models/stream.py) is raised.
     """
     t_start = time.perf_counter() if t_start is None else t_start
-    renderer = SegmentRenderer(model, conds.gen, seed, options)
+    renderer = SegmentRenderer(model, conds.gen, seed, options, cancel)
     sizes = options.chunk_schedule.sizes()
     size = next(sizes)
     index = first_index
@@ -402,6 +407,7 @@ def stream_tokens(
     iterator = iter(tokens)
     exhausted = False
     while not exhausted:
+        check_cancel(cancel)
         try:
             token = next(iterator)
             n_generated += 1
@@ -448,11 +454,16 @@ def stream_text(
     prompt_tokens: int | None = None,
     max_new_tokens: int = 1000,
     max_repeat_run: int = MAX_REPEAT_RUN,
+    cancel=None,
     **sampling,
 ) -> Iterator[AudioChunk]:
     """model.stream: text -> AudioChunks, segment after segment, in one voice.
 
     Chunk indices run across segments; the last chunk of the last segment has is_last.
+
+    cancel: a threading.Event or None. It is checked between T3 steps and between CFM
+    steps (and before each token is taken); once set, the generator raises
+    models.stream.Cancelled within about one step, even inside a long chunk.
     """
     t_start = time.perf_counter()
     conds = model.resolve_voice(voice)
@@ -468,12 +479,15 @@ def stream_text(
     for number, segment in enumerate(segments):
         budget = token_budget(len(model.text_tokens(segment)), max_new_tokens)
         tokens = guard_runaway(
-            model.generate_tokens(segment, voice=conds, seed=seed + 2 * number, max_new_tokens=budget, **sampling),
+            model.generate_tokens(
+                segment, voice=conds, seed=seed + 2 * number, max_new_tokens=budget, cancel=cancel, **sampling
+            ),
             max_repeat_run,
         )
         last_segment = number == len(segments) - 1
         for chunk in stream_tokens(
-            model, tokens, conds, seed=seed + 2 * number + 1, options=options, t_start=t_start, first_index=index
+            model, tokens, conds, seed=seed + 2 * number + 1, options=options, t_start=t_start, first_index=index,
+            cancel=cancel,
         ):
             chunk.is_last = chunk.is_last and last_segment
             index = chunk.index + 1

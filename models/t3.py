@@ -33,6 +33,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .conds import T3Cond
+from .stream import check_cancel
 from .tokenizer import wrap_text_tokens
 
 logger = logging.getLogger(__name__)
@@ -588,6 +589,7 @@ def generate_tokens(
     top_p: float = 1.0,
     max_new_tokens: int = 1000,
     seed: int | None = None,
+    cancel=None,
 ) -> Iterator[int]:
     """Yield speech tokens one by one as T3 samples them (upstream `T3.inference`).
 
@@ -597,7 +599,8 @@ def generate_tokens(
     yielded and ends the generator. At most `max_new_tokens` tokens are sampled (EOS counts).
     With cfg_weight 0 the unconditional row is skipped (batch 1): the logits equal what
     upstream's c + 0 (c - u) gives, where upstream itself crashes. `seed` fixes the mx.random
-    key (None: a random seed).
+    key (None: a random seed). `cancel` (threading.Event or None) is checked before each
+    step; when set, Cancelled (models/stream.py) is raised.
     """
     cfg = t3.cfg
     if max_new_tokens < 0 or max_new_tokens > cfg.max_speech_tokens + 3:
@@ -623,6 +626,7 @@ def generate_tokens(
     # Pipelined: the graph for step i+1 is built and queued (it only needs the lazy token of
     # step i) before waiting for token i, so host-side graph building overlaps device work.
     for i in range(max_new_tokens):
+        check_cancel(cancel)
         if i + 1 < max_new_tokens:
             if use_penalty:
                 seen = seen | (vocab_ids == token)

@@ -29,6 +29,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..convert import conv1d_from_torch
+from ..stream import check_cancel
 from .encoder import UpsampleConformerEncoder
 from .estimator import ConditionalDecoder
 
@@ -275,13 +276,15 @@ class CausalConditionalCFM(nn.Module):
         spks: mx.array,
         cond: mx.array,
         n_timesteps: int = 10,
+        cancel=None,
     ) -> mx.array:
         """Euler integration of dx/dt = v(x, t) from x = z at t = 0 to t = 1, cosine schedule.
 
         z, mu, cond: (B, 80, T); mask (B, 1, T) or None (all valid); spks (B, 80).
         v = (1 + r) v(x | mu, spks, cond) - r v(x | 0, 0, 0) with r = inference_cfg_rate;
         both rows go through the estimator as one batch of 2B. Returns (B, 80, T) float32:
-        the state x stays float32 whatever the estimator's dtype.
+        the state x stays float32 whatever the estimator's dtype. `cancel` (a
+        threading.Event or None) is checked before each step; when set, Cancelled is raised.
         """
         b = mu.shape[0]
         rate = self.inference_cfg_rate
@@ -292,7 +295,13 @@ class CausalConditionalCFM(nn.Module):
         mask_in = None if mask is None else mx.concatenate([mask, mask], axis=0)
         t_span = cosine_t_span(n_timesteps)
         x = z.astype(mx.float32)
+        previous = None
         for t, r in zip(t_span[:-1], t_span[1:]):
+            check_cancel(cancel)
+            if cancel is not None and previous is not None:
+                # at most two steps in flight, so a cancel acts within about one step
+                mx.eval(previous)
+            previous = x
             t_in = mx.full((2 * b,), float(t), dtype=mx.float32)
             v = self.estimator(mx.concatenate([x, x], axis=0), mask_in, mu_in, t_in, spks_in, cond_in)
             v = ((1.0 + rate) * v[:b] - rate * v[b:]).astype(mx.float32)
@@ -363,9 +372,10 @@ class Flow(nn.Module):
         spks: mx.array,
         cond: mx.array,
         n_timesteps: int = 10,
+        cancel=None,
     ) -> mx.array:
         """The CFM solve (see CausalConditionalCFM.solve_euler); spks already projected."""
-        return self.decoder.solve_euler(z, mu, mask, spks, cond, n_timesteps)
+        return self.decoder.solve_euler(z, mu, mask, spks, cond, n_timesteps, cancel)
 
     def inference(
         self,
@@ -378,6 +388,7 @@ class Flow(nn.Module):
         key: mx.array | None = None,
         n_timesteps: int | None = None,
         frames: tuple[int, int] | None = None,
+        cancel=None,
     ) -> mx.array:
         """Mel for `token` spoken in the prompt's voice.
 
@@ -391,6 +402,7 @@ class Flow(nn.Module):
 
         For streaming, pass as `token` [left context | new tokens | lookahead] and the
         matching slice of `fixed_noise`; `frames` then picks the new tokens' frames.
+        `cancel` (threading.Event or None) is checked between CFM steps (raises Cancelled).
         """
         n_timesteps = self.cfg.n_timesteps if n_timesteps is None else n_timesteps
         tokens = mx.concatenate([prompt_token.astype(mx.int32), token.astype(mx.int32)], axis=1)
@@ -410,7 +422,7 @@ class Flow(nn.Module):
             axis=2,
         )
         spks = self.speaker_projection(embedding)
-        mel = self.solve_euler(noise, mu, None, spks, cond, n_timesteps)[:, :, prompt_frames:]
+        mel = self.solve_euler(noise, mu, None, spks, cond, n_timesteps, cancel)[:, :, prompt_frames:]
         if frames is not None:
             mel = mel[:, :, frames[0] : frames[1]]
         return mel
