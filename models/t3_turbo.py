@@ -32,6 +32,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .conds import T3Cond
+from .stream import check_cancel
 from .t3 import T3Cache
 
 logger = logging.getLogger(__name__)
@@ -356,12 +357,14 @@ def generate_tokens(
     repetition_penalty: float = 1.2,
     max_new_tokens: int = 1000,
     seed: int | None = None,
+    cancel=None,
 ) -> Iterator[int]:
     """Yield speech tokens one by one as Turbo T3 samples them (upstream `inference_turbo`).
 
     text_tokens: the GPT-2 tokenizer's ids (no BOS/EOS; upstream adds none). EOS (6562) is
     not yielded and ends the generator; at most `max_new_tokens` tokens are sampled (EOS
-    counts; the reference's loop allows 1 + max_gen_len).
+    counts; the reference's loop allows 1 + max_gen_len). `cancel` (threading.Event or None)
+    is checked before each step; when set, Cancelled (models/stream.py) is raised.
     """
     cfg = t3.cfg
     if max_new_tokens < 0:
@@ -387,6 +390,7 @@ def generate_tokens(
     if use_penalty:
         seen = mx.zeros(vocab_ids.shape, dtype=mx.bool_)
     for i in range(max_new_tokens):
+        check_cancel(cancel)
         if i + 1 < max_new_tokens:
             if use_penalty:
                 seen = seen | (vocab_ids == token)

@@ -181,6 +181,7 @@ class TurboModel(ChatterboxModel):
         exaggeration: float | None = None,
         cfg_weight: float | None = None,
         min_p: float | None = None,
+        cancel=None,
     ) -> Iterator[int]:
         """Yield every token Turbo T3 samples (EOS excluded), then the 3 silence tokens the
         reference appends before S3Gen. exaggeration, cfg_weight and min_p are the original
@@ -190,7 +191,7 @@ class TurboModel(ChatterboxModel):
         conds = self.resolve_voice(voice)
         yield from t3_turbo.generate_tokens(
             self.t3, conds.t3, self.text_tokens(text), temperature=temperature, top_k=top_k, top_p=top_p,
-            repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens, seed=seed,
+            repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens, seed=seed, cancel=cancel,
         )
         yield from [t3_turbo.S3GEN_SIL] * t3_turbo.SILENCE_TOKENS
 

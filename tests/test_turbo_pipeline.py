@@ -191,3 +191,18 @@ def test_synth_cli_with_decoder(tiny_checkpoint, tiny_turbo_checkpoint, tmp_path
     assert rate == RATE and len(audio) > 0
     res = run_cli("synth", "Hello.", "-o", str(out), "--model", str(tiny_checkpoint), "--decoder", str(tiny_checkpoint))
     assert res.returncode == 2 and "not a Chatterbox Turbo checkpoint" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_cancel_stops_turbo_within_a_step(tiny_turbo_model):
+    """The cancel hooks reach Turbo's T3 loop and the MeanFlow steps: with 100,000 flow
+    steps (hours of work) an event that turns set at its 40th check, past the first chunk's
+    15 T3 steps, stops the stream inside the flow solve; at its 5th, inside T3."""
+    from nightingale.models.stream import Cancelled
+    from test_hostile import CountdownEvent
+
+    for checks in (5, 40):
+        event = CountdownEvent(checks)
+        with pytest.raises(Cancelled):
+            list(tiny_turbo_model.stream("Hello there, a longer sentence.", seed=1, max_new_tokens=200,
+                                         chunk_schedule="12,1,12", n_timesteps=100_000, cancel=event))
+        assert event.calls == checks

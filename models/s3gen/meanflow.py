@@ -22,6 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ..stream import check_cancel
 from . import flow as flow_mod
 from .estimator import ConditionalDecoder
 from .flow import Flow, FlowConfig
@@ -75,16 +76,19 @@ class MeanFlowCFM(nn.Module):
         spks: mx.array,
         cond: mx.array,
         n_timesteps: int = MEANFLOW_STEPS,
+        cancel=None,
     ) -> mx.array:
         """x <- x + (r - t) v(x, t, r) over the linear schedule, batch as given, no CFG.
 
         z, mu, cond: (B, 80, T); mask (B, 1, T) or None; spks (B, 80). Returns (B, 80, T)
-        float32 (the state stays float32 whatever the estimator's dtype).
+        float32 (the state stays float32 whatever the estimator's dtype). `cancel`
+        (threading.Event or None) is checked before each step (raises Cancelled).
         """
         b = mu.shape[0]
         x = z.astype(mx.float32)
         t_span = linear_t_span(n_timesteps)
         for t, r in zip(t_span[:-1], t_span[1:]):
+            check_cancel(cancel)
             t_in = mx.full((b,), float(t), dtype=mx.float32)
             r_in = mx.full((b,), float(r), dtype=mx.float32)
             v = self.estimator(x, mask, mu, t_in, spks, cond, r=r_in).astype(mx.float32)
