@@ -155,8 +155,8 @@ def _split_long(sentence: str, max_chars: int) -> Iterator[str]:
             yield current
 
 
-def token_budget(n_text_tokens: int, max_new_tokens: int) -> int:
-    return min(max_new_tokens, BUDGET_BASE_TOKENS + BUDGET_TOKENS_PER_TEXT_TOKEN * n_text_tokens)
+def token_budget(n_text_tokens: int, max_new_tokens: int, per_text_token: int = BUDGET_TOKENS_PER_TEXT_TOKEN) -> int:
+    return min(max_new_tokens, BUDGET_BASE_TOKENS + per_text_token * n_text_tokens)
 
 
 def guard_runaway(tokens: Iterable[int], max_repeat_run: int = MAX_REPEAT_RUN) -> Iterator[int]:
@@ -477,7 +477,8 @@ def stream_text(
     segments = split_text(text) or [text]
     index = 0
     for number, segment in enumerate(segments):
-        budget = token_budget(len(model.text_tokens(segment)), max_new_tokens)
+        budget = token_budget(len(model.text_tokens(segment)), max_new_tokens,
+                              getattr(model, "budget_tokens_per_text_token", BUDGET_TOKENS_PER_TEXT_TOKEN))
         tokens = guard_runaway(
             model.generate_tokens(
                 segment, voice=conds, seed=seed + 2 * number, max_new_tokens=budget, cancel=cancel, **sampling

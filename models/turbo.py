@@ -152,6 +152,9 @@ class TurboModel(ChatterboxModel):
     """Turbo T3 + MeanFlow S3Gen + VoiceEncoder, with the GPT-2 tokenizer and built-in voice."""
 
     family = FAMILY
+    # runaway guard of models/streaming.py: a GPT-2 BPE token (about 4 characters, or a tag
+    # such as [laugh]) is worth several of the original's 1-2 character tokens
+    budget_tokens_per_text_token = 25
     copied_files = ("conds.pt", "vocab.json", "merges.txt", "added_tokens.json", "special_tokens_map.json",
                     "tokenizer_config.json")
 

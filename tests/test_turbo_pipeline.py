@@ -206,3 +206,11 @@ def test_cancel_stops_turbo_within_a_step(tiny_turbo_model):
             list(tiny_turbo_model.stream("Hello there, a longer sentence.", seed=1, max_new_tokens=200,
                                          chunk_schedule="12,1,12", n_timesteps=100_000, cancel=event))
         assert event.calls == checks
+
+
+def test_runaway_budget_counts_bpe_tokens(tiny_turbo_model):
+    """A segment's token budget scales with Turbo's (longer) BPE tokens: 40 + 25 per text
+    token, then the 3 silence tokens (random weights never emit EOS)."""
+    n_text = len(tiny_turbo_model.text_tokens("Hi there."))
+    chunks = list(tiny_turbo_model.stream("Hi there.", seed=2, chunk_schedule="48,1,48"))
+    assert chunks[-1].token_end == 40 + 25 * n_text + 3
