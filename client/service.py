@@ -111,7 +111,7 @@ def nightingale_program() -> tuple[str, ...]:
 
 
 def serve_arguments(
-    model: str | None, quantize: str | None, socket: str | None, device: str | None
+    model: str | None, quantize: str | None, socket: str | None, device: str | None, decoder: str | None = None
 ) -> tuple[str, ...]:
     """The `serve` options baked into the service. Local paths become absolute: launchd and
     systemd start the daemon from another working directory."""
@@ -124,6 +124,8 @@ def serve_arguments(
         out += ["--socket", os.path.abspath(socket)]
     if device is not None:
         out += ["--device", device]
+    if decoder:
+        out += ["--decoder", os.path.abspath(decoder) if os.path.exists(decoder) else decoder]
     return tuple(out)
 
 
@@ -325,9 +327,10 @@ def daemon_status_line(socket: str | None) -> tuple[bool, str]:
                     return False, "daemon: closed the connection"
                 if isinstance(event, p.Status):
                     model = event.model.get("source") or event.model.get("path") or "loading"
+                    family = f" ({event.model['family']})" if event.model.get("family") else ""
                     return True, (
                         f"daemon: {event.state}, pid {event.pid}, up {event.uptime_s:.0f} s, "
-                        f"model {model}, socket {event.socket}"
+                        f"model {model}{family}, socket {event.socket}"
                     )
     except (p.DaemonUnavailable, p.ProtocolError, OSError, ValueError) as err:
         return False, f"daemon: not answering ({err})"
@@ -419,7 +422,8 @@ def service_main(args: argparse.Namespace) -> int:
         program = nightingale_program()
         spec = ServeSpec(
             program=program,
-            serve_args=serve_arguments(args.model, args.quantize, args.socket, args.device),
+            serve_args=serve_arguments(args.model, args.quantize, args.socket, args.device,
+                                       getattr(args, "decoder", None)),
             environment=service_environment(platform, program),
         )
     try:

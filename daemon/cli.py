@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--dry-run", action="store_true", help="print what would be written and run")
         sp.add_argument("--platform", choices=("macos", "linux"), default=None, help="render for this system")
         if action == "install":
-            _add_model_args(sp)
+            _add_model_args(sp, decoder=True)
             _add_socket_arg(sp)
             sp.add_argument("--device", default=None, help="audio output device for the service")
     service.set_defaults(handler="nightingale.client.service:service_main")

@@ -214,3 +214,14 @@ def test_runaway_budget_counts_bpe_tokens(tiny_turbo_model):
     n_text = len(tiny_turbo_model.text_tokens("Hi there."))
     chunks = list(tiny_turbo_model.stream("Hi there.", seed=2, chunk_schedule="48,1,48"))
     assert chunks[-1].token_end == 40 + 25 * n_text + 3
+
+
+def test_service_status_and_install_with_turbo(turbo_daemon, tiny_checkpoint, tmp_path):
+    from nightingale.client.service import daemon_status_line
+
+    answering, line = daemon_status_line(str(turbo_daemon.path))
+    assert answering and "(turbo)" in line, line
+    res = run_cli("service", "install", "--dry-run", "--platform", "linux", "--model", str(tiny_checkpoint),
+                  "--decoder", "ResembleAI/chatterbox-turbo")
+    assert res.returncode == 0, res.stderr
+    assert f"--model {tiny_checkpoint} --quantize 8 --decoder ResembleAI/chatterbox-turbo" in res.stdout, res.stdout
