@@ -243,7 +243,7 @@ class TurboT3(nn.Module):
 
     @property
     def dtype(self) -> mx.Dtype:
-        return self.speech_emb.weight.dtype if "weight" in self.speech_emb else self.cond_enc.spkr_enc.bias.dtype
+        return self.speech_emb.weight.dtype
 
     def make_cache(self, batch: int = 1) -> T3Cache:
         return T3Cache(self.cfg.n_layer, batch)

@@ -29,7 +29,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import loading, t3_turbo, voice_encoder
-from .checkpoint import TURBO_CHECKPOINT_FILES, random_conds, random_weights, _save_safetensors
+from .checkpoint import random_conds, random_weights, _save_safetensors
 from .conds import Conditionals
 from .model import DTYPES, Checkpoint, ChatterboxModel
 from .s3gen import s3gen as s3gen_mod
@@ -109,8 +109,8 @@ def make_turbo_checkpoint(directory: str | os.PathLike, size: str = "tiny", seed
         del weights
     write_stand_in_tokenizer(out)
     t3_tokens, gen_tokens = CONDS_PROMPT_TOKENS[size]
-    conds = random_conds(np.random.default_rng([seed, 103]), "full" if size == "full" else "tiny",
-                         speaker_dim=cfgs["t3"].speaker_embed_size, xvector_dim=cfgs["s3gen"].flow.spk_embed_dim)
+    conds = random_conds(np.random.default_rng([seed, 103]), size, speaker_dim=cfgs["t3"].speaker_embed_size,
+                         xvector_dim=cfgs["s3gen"].flow.spk_embed_dim)
     rng = np.random.default_rng([seed, 104])
     prompt = rng.integers(0, 6561, size=(1, max(t3_tokens, gen_tokens)), dtype=np.int64)
     conds["t3"]["cond_prompt_speech_tokens"] = prompt[:, :t3_tokens].copy()

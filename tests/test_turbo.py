@@ -20,7 +20,6 @@ from mlx.utils import tree_flatten
 
 from nightingale.models import loading, t3_turbo, turbo
 from nightingale.models.s3gen import meanflow
-from nightingale.models.s3gen.s3gen import S3GenConfig
 from nightingale.models.tokenizer_turbo import TAGS, TurboTokenizer, punc_norm
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -18,7 +18,7 @@ from nightingale.models.model import filter_speech_tokens
 from nightingale.models.streaming import ChunkSchedule, StreamOptions, render_tokens, stream_tokens
 from nightingale.models.t3_turbo import S3GEN_SIL
 from pulse import MonitorRecorder
-from test_daemon import TIMEOUT, DaemonThread, pcm_of, request, tiny_factory, until_done
+from test_daemon import DaemonThread, pcm_of, request, tiny_factory, until_done
 from test_nsay import nsay
 from test_playback import assert_same_audio, pulse, pulse_device, wait_generated  # noqa: F401 (fixture)
 
