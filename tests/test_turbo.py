@@ -242,3 +242,13 @@ def test_int8_quantizes_gpt2_and_meanflow_layers(tiny_turbo_checkpoint):
     a, _ = fp.t3.prefill(fp.t3.prepare_conditioning(cond), text)
     b, _ = reloaded.t3.prefill(reloaded.t3.prepare_conditioning(cond), text)
     assert rel_err(b, np.array(a)) < 0.05
+
+
+def test_offline_turbo_repo_names_its_missing_files(tmp_path):
+    from nightingale.models import hub
+
+    with pytest.raises(hub.CheckpointNotFoundError) as err:
+        hub.resolve_checkpoint("ResembleAI/chatterbox-turbo", cache_dir=tmp_path)
+    message = str(err.value)
+    assert "t3_turbo_v1.safetensors" in message and "s3gen_meanflow.safetensors" in message and "vocab.json" in message
+    assert "t3_cfg.safetensors" not in message
