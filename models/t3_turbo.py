@@ -67,9 +67,13 @@ class TurboT3Config:
         return cls()
 
     @classmethod
-    def tiny(cls, text_vocab: int = 50276) -> "TurboT3Config":
+    def tiny(cls, text_vocab: int | None = None) -> "TurboT3Config":
         """A few-MB model for tests: 2 layers of width 256. Speech ids keep their real
         values; the text vocabulary is the stand-in tokenizer's size (its ids must fit)."""
+        if text_vocab is None:
+            from .tokenizer_turbo import stand_in_vocab_size
+
+            text_vocab = stand_in_vocab_size()
         return cls(n_layer=2, n_embd=256, n_head=4, n_positions=2048, vocab_size=text_vocab,
                    text_tokens_dict_size=text_vocab)
 

@@ -33,7 +33,7 @@ from .checkpoint import random_conds, random_weights, _save_safetensors
 from .conds import Conditionals
 from .model import DTYPES, Checkpoint, ChatterboxModel
 from .s3gen import s3gen as s3gen_mod
-from .tokenizer_turbo import TurboTokenizer, punc_norm, stand_in_vocab_size, write_stand_in_tokenizer
+from .tokenizer_turbo import TurboTokenizer, punc_norm, write_stand_in_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def turbo_configs(size: str) -> dict:
         raise ValueError(f"unknown checkpoint size {size!r}; choose from {', '.join(SIZES)}")
     if size == "tiny":
         return {
-            "t3": t3_turbo.TurboT3Config.tiny(stand_in_vocab_size()),
+            "t3": t3_turbo.TurboT3Config.tiny(),
             "ve": voice_encoder.VoiceEncoderConfig.tiny(),
             "s3gen": s3gen_mod.S3GenConfig.tiny().with_meanflow(),
         }

@@ -20,6 +20,7 @@ from mlx.utils import tree_flatten
 
 from nightingale.models import loading, t3_turbo, turbo
 from nightingale.models.s3gen import meanflow
+from nightingale.models.s3gen.s3gen import S3GenConfig
 from nightingale.models.tokenizer_turbo import TAGS, TurboTokenizer, punc_norm
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -252,3 +253,16 @@ def test_offline_turbo_repo_names_its_missing_files(tmp_path):
     message = str(err.value)
     assert "t3_turbo_v1.safetensors" in message and "s3gen_meanflow.safetensors" in message and "vocab.json" in message
     assert "t3_cfg.safetensors" not in message
+
+
+def test_config_round_trip_and_tiny_vocab():
+    from nightingale.models.tokenizer_turbo import stand_in_vocab, stand_in_vocab_size
+
+    cfg = t3_turbo.TurboT3Config.tiny()
+    merges = len(stand_in_vocab()[1])  # as many as the stand-in's text yields (at most 480)
+    assert cfg.text_tokens_dict_size == stand_in_vocab_size() == 256 + merges + 1 + len(TAGS) and merges > 300
+    assert t3_turbo.TurboT3Config.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown TurboT3Config fields"):
+        t3_turbo.TurboT3Config.from_dict({**cfg.to_dict(), "n_inner": 7})
+    s3 = turbo.turbo_configs("tiny")["s3gen"]
+    assert S3GenConfig.from_dict(s3.to_dict()) == s3 and s3.meanflow and s3.flow.n_timesteps == 2
