@@ -133,7 +133,7 @@ def run_config(args) -> dict:
                      for c in chunks if "s3gen_ms" in c.timings],
     }
     result["schedule"] = f"{schedule.first},{schedule.growth:g},{schedule.max_tokens}"
-    result["n_timesteps"] = f"{n_timesteps or 10}" + (f" (first {spec['first_steps']})" if spec["first_steps"] else "")
+    result["n_timesteps"] = f"{n_timesteps or model.s3gen.flow.cfg.n_timesteps}" + (f" (first {spec['first_steps']})" if spec["first_steps"] else "")  # 10; Turbo's MeanFlow: 2
     result["prompt_tokens"] = prompt_tokens or "all"
     if args.skip_deviation:
         result["peak_memory_gb"] = mx.get_peak_memory() / 1e9

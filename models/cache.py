@@ -33,7 +33,10 @@ FORMAT_VERSION = 2  # 2: merged projections (MERGED_PROJECTIONS in models/t3.py 
 CONFIG_FILE = "config.json"
 COMPONENT_FILES = {"t3": "t3.safetensors", "s3gen": "s3gen.safetensors", "ve": "ve.safetensors"}
 COPIED_FILES = ("tokenizer.json", "conds.pt")
-SOURCE_FILES = ("ve.safetensors", "t3_cfg.safetensors", "s3gen.safetensors", "tokenizer.json", "conds.pt", "dims.json")
+SOURCE_FILES = ("ve.safetensors", "t3_cfg.safetensors", "s3gen.safetensors", "tokenizer.json", "conds.pt", "dims.json",
+                # Chatterbox Turbo (models/turbo.py)
+                "t3_turbo_v1.safetensors", "s3gen_meanflow.safetensors", "vocab.json", "merges.txt",
+                "added_tokens.json", "special_tokens_map.json", "tokenizer_config.json")
 FINGERPRINT_BYTES = 1 << 20
 
 
@@ -114,7 +117,7 @@ def save_converted(model, directory: Path, fingerprints: dict[str, str]) -> Path
         for name, file_name in COMPONENT_FILES.items():
             module = getattr(model, name)
             mx.save_safetensors(str(tmp / file_name), dict(tree_flatten(module.parameters())))
-        for file_name in COPIED_FILES:
+        for file_name in getattr(model, "copied_files", COPIED_FILES):
             src = model.checkpoint.path / file_name
             if src.exists():
                 shutil.copy2(src, tmp / file_name)
@@ -122,6 +125,7 @@ def save_converted(model, directory: Path, fingerprints: dict[str, str]) -> Path
             "format": FORMAT,
             "version": FORMAT_VERSION,
             "dims": model.dims,
+            "family": getattr(model, "family", "chatterbox"),
             **settings(model.quantize, getattr(model, "group_size", 64), model.dtype),
             "source": model.checkpoint.source,
             "source_path": str(model.checkpoint.path),

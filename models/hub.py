@@ -16,7 +16,7 @@ import socket
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .checkpoint import CHECKPOINT_FILES  # the five upstream files, one list for the whole package
+from .checkpoint import CHECKPOINT_FILES, TURBO_CHECKPOINT_FILES  # the upstream layouts, one list each
 
 logger = logging.getLogger(__name__)
 
@@ -36,18 +36,37 @@ class CheckpointNotFoundError(FileNotFoundError):
         return str(self.args[0]) if self.args else ""
 
 
-def check_checkpoint_dir(path: str | os.PathLike) -> Path:
-    """Return `path` resolved if it holds the five checkpoint files, else raise naming the missing ones."""
+def checkpoint_files(family: str) -> tuple[str, ...]:
+    """The files of an upstream checkpoint of this family ("chatterbox" or "turbo")."""
+    return TURBO_CHECKPOINT_FILES if family == "turbo" else CHECKPOINT_FILES
+
+
+def repo_family(repo_id: str) -> str:
+    """The family a Hugging Face repo id names: Resemble's Turbo repo is `chatterbox-turbo`."""
+    return "turbo" if "turbo" in repo_id.split("/")[-1].lower() else "chatterbox"
+
+
+def dir_family(path: Path) -> str:
+    """The family of a local checkpoint directory, by the T3 file it holds."""
+    return "turbo" if (path / "t3_turbo_v1.safetensors").is_file() else "chatterbox"
+
+
+def check_checkpoint_dir(path: str | os.PathLike, family: str | None = None) -> Path:
+    """Return `path` resolved if it holds every file of its family's layout, else raise
+    naming the missing ones. family None: told by the directory's T3 file."""
     path = Path(path).expanduser().resolve()
     if not path.is_dir():
         raise CheckpointNotFoundError(
             f"{path} is not a directory (expected a checkpoint directory holding {', '.join(CHECKPOINT_FILES)})"
         )
-    missing = [name for name in CHECKPOINT_FILES if not (path / name).is_file()]
+    family = family or dir_family(path)
+    files = checkpoint_files(family)
+    missing = [name for name in files if not (path / name).is_file()]
     if missing:
+        kind = "Chatterbox Turbo" if family == "turbo" else "Chatterbox"
         raise CheckpointNotFoundError(
             f"checkpoint directory {path} is missing {', '.join(missing)} "
-            f"(a Chatterbox checkpoint holds {', '.join(CHECKPOINT_FILES)})"
+            f"(a {kind} checkpoint holds {', '.join(files)})"
         )
     return path
 
@@ -61,6 +80,7 @@ def _offline() -> bool:
 
 
 def _missing_message(repo_id: str, missing: dict[str, str], offline: bool, cache_dir: str) -> str:
+    files = checkpoint_files(repo_family(repo_id))
     why = "offline mode is on (HF_HUB_OFFLINE)" if offline else "huggingface.co could not be reached"
     by_reason: dict[str, list[str]] = {}
     for name, reason in missing.items():
@@ -71,7 +91,7 @@ def _missing_message(repo_id: str, missing: dict[str, str], offline: bool, cache
         f"(the files are then cached in {cache_dir}), or",
         f"download them with `hf download {repo_id}` (older huggingface_hub: "
         f"`huggingface-cli download {repo_id}`), or",
-        f"pass --model DIR, a directory holding {', '.join(CHECKPOINT_FILES)}.",
+        f"pass --model DIR, a directory holding {', '.join(files)}.",
     ]
     return (
         f"cannot get the Chatterbox checkpoint {repo_id}: {why}; missing {details}.\nTo fix it, either\n"
@@ -115,8 +135,10 @@ def _download(repo_id: str, revision: str | None, cache_dir: str | os.PathLike |
     paths: dict[str, Path] = {}
     missing: dict[str, str] = {}
     cache_shown = str(cache_dir or constants.HF_HUB_CACHE)
-    with tqdm(total=len(CHECKPOINT_FILES), desc=f"Fetching {repo_id}", unit="file", disable=None) as bar:
-        for name in CHECKPOINT_FILES:
+    family = repo_family(repo_id)
+    files = checkpoint_files(family)
+    with tqdm(total=len(files), desc=f"Fetching {repo_id}", unit="file", disable=None) as bar:
+        for name in files:
             try:
                 paths[name] = Path(
                     hf_hub_download(repo_id, name, revision=revision, cache_dir=cache_dir, local_files_only=local_only)
@@ -147,7 +169,7 @@ def _download(repo_id: str, revision: str | None, cache_dir: str | os.PathLike |
         raise CheckpointNotFoundError(
             f"the files of {repo_id} landed in different folders: {sorted(map(str, folders))}"
         )
-    return check_checkpoint_dir(folders.pop())
+    return check_checkpoint_dir(folders.pop(), family)
 
 
 def resolve_checkpoint(
@@ -156,7 +178,9 @@ def resolve_checkpoint(
     revision: str | None = None,
     cache_dir: str | os.PathLike | None = None,
 ) -> Path:
-    """The directory holding the five checkpoint files.
+    """The directory holding the checkpoint files (the five of Chatterbox, or the nine of
+    Chatterbox Turbo: a repo id whose name contains "turbo", a directory holding
+    t3_turbo_v1.safetensors).
 
     path_or_repo: an existing directory (used as is, after checking the files), or a Hugging
     Face repo id `owner/name` (downloaded into the HF cache, or taken from it when offline).

@@ -47,6 +47,8 @@ class ChatterboxModel:
     """T3 + S3Gen + VoiceEncoder with a tokenizer and the built-in voice."""
 
     sample_rate = SAMPLE_RATE
+    family = "chatterbox"  # "turbo" for models/turbo.py's TurboModel
+    decoder_source: str | None = None  # set when S3Gen comes from another checkpoint (load_model decoder=)
 
     def __init__(
         self,
@@ -211,6 +213,8 @@ class ChatterboxModel:
 
     def describe(self) -> dict:
         return {
+            "family": self.family,
+            "decoder": self.decoder_source or ("meanflow" if self.s3gen.cfg.meanflow else "cfm"),
             "source": self.checkpoint.source,
             "path": str(self.checkpoint.path),
             "size": self.checkpoint.size,
@@ -235,6 +239,7 @@ def load_model(
     dtype: str | None = None,
     group_size: int = 64,
     cache: bool = True,
+    decoder: str | os.PathLike | None = None,
 ) -> ChatterboxModel:
     """Load a model.
 
@@ -246,7 +251,20 @@ def load_model(
 
     With `cache`, an upstream checkpoint is converted once into an MLX-native directory
     in the user's cache (see models/cache.py) and later loads read that instead.
+
+    A Chatterbox Turbo checkpoint (`ResembleAI/chatterbox-turbo`, or a directory in its
+    layout) gives a TurboModel (models/turbo.py). `decoder`: a Turbo checkpoint whose
+    MeanFlow S3Gen replaces this model's S3Gen (the original T3 with Turbo's 2-step
+    decoder: not a pairing Resemble ships).
     """
+    if decoder is not None:
+        from .turbo import load_meanflow_decoder
+
+        model = load_model(path, quantize, dtype=dtype, group_size=group_size, cache=cache)
+        model.s3gen, decoder_dir = load_meanflow_decoder(decoder, quantize=quantize, dtype=model.dtype,
+                                                         group_size=group_size)
+        model.decoder_source = str(decoder_dir)
+        return model
     from . import cache as cache_mod, hub
 
     dtype = dtype or default_dtype()
@@ -261,14 +279,17 @@ def load_model(
     if path is not None and cache_mod.is_converted(Path(path)):
         return load_converted(Path(path))
     directory = hub.resolve_checkpoint(None if path is None else str(path))
+    reader = load_upstream
+    if hub.dir_family(directory) == "turbo":
+        from .turbo import load_turbo_upstream as reader
     if not cache:
-        return load_upstream(directory, quantize=quantize, dtype=dtype, group_size=group_size)
+        return reader(directory, quantize=quantize, dtype=dtype, group_size=group_size)
     target, fingerprints = cache_mod.cached_dir(directory, quantize, group_size, dtype)
     if cache_mod.is_converted(target):
         logger.info("loading converted model %s", target)
         return load_converted(target)
     logger.info("converting %s (first load; cached in %s)", directory, target)
-    model = load_upstream(directory, quantize=quantize, dtype=dtype, group_size=group_size)
+    model = reader(directory, quantize=quantize, dtype=dtype, group_size=group_size)
     try:
         cache_mod.save_converted(model, target, fingerprints)
         cache_mod.prune_stale(directory, target)
@@ -349,6 +370,10 @@ def load_converted(directory: Path) -> ChatterboxModel:
 
     t0 = time.perf_counter()
     config = cache_mod.read_config(directory)
+    if config.get("family") == "turbo":
+        from .turbo import load_turbo_converted
+
+        return load_turbo_converted(directory, config)
     t3_cfg, ve_cfg, s3_cfg = _configs(config["dims"])
     dtype, bits, group_size = config["dtype"], config["quantize"], config["group_size"]
     t3 = t3_mod.T3(t3_cfg)

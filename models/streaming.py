@@ -113,8 +113,8 @@ class StreamOptions:
 # -- text and token guards -----------------------------------------------------------
 
 
-def token_budget(n_text_tokens: int, max_new_tokens: int) -> int:
-    return min(max_new_tokens, BUDGET_BASE_TOKENS + BUDGET_TOKENS_PER_TEXT_TOKEN * n_text_tokens)
+def token_budget(n_text_tokens: int, max_new_tokens: int, per_text_token: int = BUDGET_TOKENS_PER_TEXT_TOKEN) -> int:
+    return min(max_new_tokens, BUDGET_BASE_TOKENS + per_text_token * n_text_tokens)
 
 
 def guard_runaway(tokens: Iterable[int], max_repeat_run: int = MAX_REPEAT_RUN) -> Iterator[int]:
@@ -612,7 +612,8 @@ def stream_text(
             yield segment, seed + 2 * number
 
     def generate(segment: str, t3_seed: int) -> Iterator[int]:
-        budget = token_budget(len(model.text_tokens(segment)), max_new_tokens)
+        budget = token_budget(len(model.text_tokens(segment)), max_new_tokens,
+                              getattr(model, "budget_tokens_per_text_token", BUDGET_TOKENS_PER_TEXT_TOKEN))
         return guard_runaway(
             model.generate_tokens(segment, voice=conds, seed=t3_seed, max_new_tokens=budget, cancel=cancel, **sampling),
             max_repeat_run,

@@ -266,6 +266,7 @@ class ConditionalDecoder(nn.Module):
         n_blocks: int = 4,
         num_mid_blocks: int = 12,
         num_heads: int = 8,
+        meanflow: bool = False,
     ):
         super().__init__()
         if len(channels) != 1:
@@ -285,6 +286,10 @@ class ConditionalDecoder(nn.Module):
         self.up_blocks = [[CausalResnetBlock1D(2 * c, c, time_dim), transformers(), CausalConv1d(c, c, 3)]]
         self.final_block = CausalBlock1D(c, c)
         self.final_proj = CausalConv1d(c, out_channels, 1)
+        if meanflow:
+            # Turbo's MeanFlow estimator: the embeddings of t and of the end time r, mixed
+            # back to one (utils/intmeanflow.py get_intmeanflow_time_mixer)
+            self.time_embed_mixer = nn.Linear(2 * time_dim, time_dim, bias=False)
 
     def __call__(
         self,
@@ -294,8 +299,9 @@ class ConditionalDecoder(nn.Module):
         t: mx.array,
         spks: mx.array,
         cond: mx.array,
+        r: mx.array | None = None,
     ) -> mx.array:
-        """Velocity at time t.
+        """Velocity at time t (MeanFlow: the average velocity from t to r, r (B,) float32).
 
         x, mu, cond: (B, 80, T); mask: (B, 1, T) (1 = valid) or None for all valid;
         t: (B,) float32; spks: (B, 80). Returns (B, 80, T), zero where the mask is 0.
@@ -307,6 +313,9 @@ class ConditionalDecoder(nn.Module):
         dtype = self.final_proj.weight.dtype  # run in the weights' dtype (float32, bf16, f16)
         x, mu, spks, cond = (a.astype(dtype) for a in (x, mu, spks, cond))
         time_emb = self.time_mlp(timestep_embedding(t, self.in_channels).astype(dtype))  # (B, 4C)
+        if "time_embed_mixer" in self:
+            r_emb = self.time_mlp(timestep_embedding(r, self.in_channels).astype(dtype))
+            time_emb = self.time_embed_mixer(mx.concatenate([time_emb, r_emb], axis=-1))
         spk_frames = mx.broadcast_to(spks[:, :, None], (b, spks.shape[1], t_len))
         h = mx.concatenate([x, mu, spk_frames, cond], axis=1).transpose(0, 2, 1)  # (B, T, 320)
 
