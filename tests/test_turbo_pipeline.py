@@ -14,7 +14,7 @@ import soundfile as sf
 from nightingale.client import protocol as p
 from nightingale.models import voice
 from nightingale.models.metrics import log_spectral_distance
-from nightingale.models.model import filter_speech_tokens
+from nightingale.models.model import START_SPEECH_TOKEN
 from nightingale.models.streaming import ChunkSchedule, StreamOptions, render_tokens, stream_tokens
 from nightingale.models.t3_turbo import S3GEN_SIL
 from pulse import MonitorRecorder
@@ -24,6 +24,11 @@ from test_playback import assert_same_audio, pulse, pulse_device, wait_generated
 
 FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures"
 RATE = 24000
+
+
+def speech_tokens(tokens: list[int]) -> list[int]:
+    """What the stream renders of T3's output: ids below SOS, as they arrive."""
+    return [t for t in tokens if t < START_SPEECH_TOKEN]
 
 
 def run_cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -42,7 +47,7 @@ def test_stream_matches_one_shot(tiny_turbo_model):
     streamed vs 7.9 dB with other noise (random weights attend over the whole window)."""
     model = tiny_turbo_model
     chunks = list(model.stream("Hello there, listener.", seed=4, max_new_tokens=40, chunk_schedule="8,1,8"))
-    tokens = filter_speech_tokens(list(model.generate_tokens("Hello there, listener.", seed=4, max_new_tokens=40)))
+    tokens = speech_tokens(list(model.generate_tokens("Hello there, listener.", seed=4, max_new_tokens=40)))
     assert len(chunks) >= 3 and chunks[-1].is_last and tokens[-3:] == [S3GEN_SIL] * 3
     assert sum(len(c.samples) for c in chunks) == 960 * len(tokens)
 
@@ -172,7 +177,7 @@ def test_original_t3_with_meanflow_decoder(tiny_checkpoint, tiny_turbo_checkpoin
     assert paired.describe()["decoder"] == str(tiny_turbo_checkpoint)
     tokens = list(paired.generate_tokens("Hello there.", seed=3, max_new_tokens=16))
     assert tokens == list(tiny_model.generate_tokens("Hello there.", seed=3, max_new_tokens=16))  # the original T3
-    tokens = filter_speech_tokens(tokens)
+    tokens = speech_tokens(tokens)
     ours = paired.tokens_to_audio(tokens, seed=9)
     # exactly Turbo's decoder on the same tokens and voice
     theirs = tiny_turbo_model.tokens_to_audio(tokens, voice=paired.conds, seed=9)
@@ -205,7 +210,7 @@ def test_cancel_stops_turbo_within_a_step(tiny_turbo_model):
         with pytest.raises(Cancelled):
             list(tiny_turbo_model.stream("Hello there, a longer sentence.", seed=1, max_new_tokens=200,
                                          chunk_schedule="12,1,12", n_timesteps=100_000, cancel=event))
-        assert event.calls == checks
+        assert checks <= event.calls < checks + 20  # T3's own thread checks it too, a few more times
 
 
 def test_runaway_budget_counts_bpe_tokens(tiny_turbo_model):
