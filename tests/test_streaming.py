@@ -337,7 +337,7 @@ def test_cancel_stops_the_cfm_between_steps(tiny_model):
 def test_first_chunk_timesteps_change_only_the_start(tiny_model):
     """Fewer CFM steps for the utterance's first chunk: same length, a different first chunk."""
     options = dict(seed=2, max_new_tokens=40, chunk_schedule="12,2,16", pipeline=False)
-    base = list(tiny_model.stream("First chunk policy.", **options))
+    base = list(tiny_model.stream("First chunk policy.", first_chunk_timesteps=None, **options))
     fast = list(tiny_model.stream("First chunk policy.", first_chunk_timesteps=2, **options))
     same = list(tiny_model.stream("First chunk policy.", first_chunk_timesteps=10, **options))
     assert [len(c.samples) for c in fast] == [len(c.samples) for c in base]
