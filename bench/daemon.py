@@ -11,7 +11,7 @@ pools); after that it stays flat (1000 utterances: within +-0.6%).
     python bench/daemon.py                       # a tiny random checkpoint, 200 x 10 clients
     python bench/daemon.py --model DIR --utterances 50 --clients 4 --options '{"max_new_tokens": 40}'
 
-Exit status 1 if any request failed or memory grew 5% or more.
+Exit status 1 if any request failed, the daemon logged a traceback, or memory grew 5% or more.
 """
 
 from __future__ import annotations
@@ -173,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                 if proc.poll() is None:
                     proc.kill()
         errors = w_err + errors
+        tracebacks = log_path.read_text(errors="replace").count("Traceback")
         n = len(dones)
         growth = (rss_end - rss_warm) / rss_warm
         audio_s = sum(d.audio_s for d in dones)
@@ -185,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         print("|---|---|")
         print(f"| utterances completed | {sum(d.reason == 'completed' for d in dones)} / {n} |")
         print(f"| errors | {len(errors)} |")
+        print(f"| tracebacks in the daemon log | {tracebacks} |")
         if first_ms:
             print(f"| request to first audio p50 / p95 (ms) | {pct(first_ms, 50):.0f} / {pct(first_ms, 95):.0f} |")
             print(f"| request to done p50 / p95 (ms) | {pct(total_ms, 50):.0f} / {pct(total_ms, 95):.0f} |")
@@ -200,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| daemon exit code | {rc} |")
         for e in errors[:20]:
             print("error:", e)
-        ok = not errors and growth < MEMORY_GROWTH_LIMIT and rc == 0 and n == args.clients * per_client
+        ok = not errors and not tracebacks and growth < MEMORY_GROWTH_LIMIT and rc == 0 and n == args.clients * per_client
         return 0 if ok else 1
 
 

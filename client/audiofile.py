@@ -90,8 +90,9 @@ def parse_data_format(text: str) -> DataFormat:
     return DataFormat(kind, bits, m["endian"].upper() if m["endian"] else None, rate)
 
 
-def container_for(path: str | os.PathLike[str], file_format: str | None = None) -> str:
-    """The container for `path`: from --file-format when given, else from the extension."""
+def container_for(path: str | os.PathLike[str], file_format: str | None = None, format_option: str | None = "--file-format") -> str:
+    """The container for `path`: from --file-format when given, else from the extension.
+    format_option: the caller's option that names a format (None: it has none)."""
     if file_format is not None:
         name = file_format.strip().lower()
         if name not in FILE_FORMATS:
@@ -100,16 +101,18 @@ def container_for(path: str | os.PathLike[str], file_format: str | None = None) 
     ext = Path(path).suffix.lower().lstrip(".")
     if ext not in FILE_FORMATS:
         raise ValueError(
-            f"cannot tell the audio format of {os.fspath(path)!r}: use .wav, .aiff or .flac, or --file-format"
+            f"cannot tell the audio format of {os.fspath(path)!r}: use .wav, .aiff or .flac"
+            + (f", or {format_option}" if format_option else "")
         )
     return FILE_FORMATS[ext]
 
 
 def resolve_output(
-    path: str | os.PathLike[str], file_format: str | None = None, data_format: str | None = None
+    path: str | os.PathLike[str], file_format: str | None = None, data_format: str | None = None,
+    format_option: str | None = "--file-format",
 ) -> OutputSpec:
     """Check the -o options together, with no third-party import; ValueError names the problem."""
-    container = container_for(path, file_format)
+    container = container_for(path, file_format, format_option)
     fmt = parse_data_format(data_format) if data_format else DataFormat()
     subtype = SUBTYPES[(fmt.kind, fmt.bits)] if fmt.kind else DEFAULT_SUBTYPE
     if subtype not in CONTAINER_SUBTYPES[container]:

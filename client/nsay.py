@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import threading
 import time
@@ -89,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--priority", choices=p.PRIORITIES, default=p.DEFAULT_PRIORITY, help="speech-dispatcher priority (default message)")
     parser.add_argument("--no-wait", action="store_true", help="return once the speech is queued")
     parser.add_argument("--stop", action="store_true", help="cancel all speech now (then speak the given text, if any)")
+    held = parser.add_mutually_exclusive_group()
+    held.add_argument("--pause", action="store_true", help="hold the daemon's local playback until --resume")
+    held.add_argument("--resume", action="store_true", help="continue the daemon's local playback after a pause")
     parser.add_argument("--spawn", action="store_true", help="start a daemon in the background if none is running")
     parser.add_argument("--socket", metavar="PATH", help="daemon socket (env NIGHTINGALE_SOCKET)")
     sampling = parser.add_argument_group("sampling")
@@ -121,8 +125,13 @@ def check_args(args: argparse.Namespace) -> None:
         args.speed = speed_for_wpm(args.rate)
     else:
         args.speed = 1.0
-    if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        raise NsayError("--max-new-tokens must be at least 1", EXIT_USAGE)
+    for name, value in sampling_options(args).items():
+        try:
+            p.check_option(name, value)
+        except p.OptionError as err:
+            raise NsayError(f"--{name.replace('_', '-')}: {err}", EXIT_USAGE) from None
+    if args.voice and (args.voice.endswith(".pt") or os.sep in args.voice):
+        args.voice = os.path.abspath(args.voice)  # a file path: the daemon runs in another directory
     args.file_text = None
     if args.input_file not in (None, "-"):
         try:
@@ -257,7 +266,7 @@ def wait_ready(conn: p.Connection, reporter: Reporter, timeout_s: float, log_pat
                 sys.stderr.flush()
             return event
         if isinstance(event, p.Error) and event.code == p.E_LOAD_FAILED:
-            raise NsayError(f"the daemon could not load the model: {event.message}")
+            raise NsayError(load_failure(event.message, log_path))
         if isinstance(event, p.ShuttingDown):
             raise NsayError("the daemon is shutting down")
         if process is not None and process.poll() is not None:
@@ -272,6 +281,22 @@ def wait_ready(conn: p.Connection, reporter: Reporter, timeout_s: float, log_pat
         last_line = line
 
 
+def load_failure(message: str, log_path=None) -> str:
+    """The daemon's load error as one line a user of nsay can act on (nsay has no --model:
+    the daemon's model comes from NIGHTINGALE_MODEL or `nightingale serve --model`)."""
+    lines = message.strip().splitlines() or ["no reason given"]
+    reason = re.sub(r"^the model could not be loaded: (\w+Error: )?", "", lines[0]).rstrip(".")
+    hint = ""
+    if "checkpoint" in reason.lower():
+        hint = "; set NIGHTINGALE_MODEL=DIR (a checkpoint directory) or start the daemon with `nightingale serve --model DIR`"
+    details = f" (details in {log_path})" if log_path and len(lines) > 1 else ""
+    return f"the daemon could not load the model: {reason}{hint}{details}"
+
+
+# A line of the daemon's log: "2026-01-02 03:04:05,678 INFO nightingale.daemon.server: message".
+_LOG_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(,\d+)? [A-Z]+ [\w.]+: ")
+
+
 def _last_log_line(path) -> str | None:
     try:
         with open(path, "rb") as f:
@@ -283,7 +308,7 @@ def _last_log_line(path) -> str | None:
         return None
     # tqdm redraws with carriage returns: the text after the last one is the current state.
     lines = [s.strip() for s in tail.replace("\r", "\n").splitlines() if s.strip()]
-    return lines[-1][:150] if lines else None
+    return _LOG_RECORD.sub("", lines[-1])[:150] if lines else None  # the message, not the record
 
 
 def spawn_log_path() -> str:
@@ -475,6 +500,13 @@ class Session:
         self.ready = True
         self.sample_rate = ready.sample_rate
 
+    def pause(self, paused: bool) -> None:
+        if paused:
+            self.request(p.Pause(keep=True, ref="pause"), p.Paused)
+        else:
+            self.request(p.Resume(ref="resume"), p.Resumed)
+        self.reporter.show("playback paused" if paused else "playback resumed", final=True)
+
     def stop_all(self) -> None:
         answer = self.request(p.Cancel(all=True, ref="stop"), p.Cancelled)
         self.reporter.show(f"cancelled {len(answer.ids)} utterance(s)", final=True)
@@ -616,7 +648,12 @@ class Session:
         self.reporter.close()
         if error is None:
             raise NsayError(f"speech failed{f' ({done.detail})' if done and done.detail else ''}")
-        raise NsayError(error.message, EXIT_USAGE if error.code in USAGE_ERROR_CODES else EXIT_FAILURE)
+        message = error.message
+        if error.code == p.E_NO_PLAYBACK:  # the daemon's wording is for protocol clients; say what nsay can do
+            reason = message.split("; ask for output", 1)[0]
+            message = (f"{reason}; write to a file with -o FILE, or give the daemon an audio output "
+                       "(Linux: apt-get install libportaudio2, then restart it)")
+        raise NsayError(message, EXIT_USAGE if error.code in USAGE_ERROR_CODES else EXIT_FAILURE)
 
     def cancel(self) -> None:
         """Ctrl-C: cancel our utterance (a play request would otherwise go on)."""
@@ -638,6 +675,11 @@ def run(args: argparse.Namespace) -> int:
     conn, ready = connect(args, reporter)
     session = Session(conn, args, reporter, ready)
     try:
+        if args.pause or args.resume:  # work while the model loads; nothing else follows
+            if args.text or args.input_file is not None:
+                raise NsayError("--pause and --resume take no text", EXIT_USAGE)
+            session.pause(args.pause)
+            return EXIT_OK
         if args.stop:  # works while the model loads
             session.stop_all()
             # Only explicit text follows a stop: reading a stdin that is not ours would hang.
@@ -666,6 +708,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BrokenPipeError:
+        return EXIT_FAILURE
+    except PermissionError as err:  # e.g. a runtime directory that belongs to another user
+        sys.stderr.write(f"nsay: permission denied: {err.filename or err}\n")
         return EXIT_FAILURE
 
 

@@ -17,10 +17,13 @@ raise ProtocolError with a stable `code` that the daemon sends back in an `error
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import struct
 import sys
+import threading
+import time
 import typing
 import warnings
 from dataclasses import MISSING, dataclass, field, fields
@@ -68,6 +71,69 @@ SPEAK_OPTIONS: dict[str, type] = {
     "chunk_schedule": str,  # "first,growth,max" speech tokens per audio chunk
 }
 
+# Inclusive bounds of each option: wide enough for any real use, narrow enough that no
+# request can ask for hours of work. check_option() applies them; the daemon and every
+# CLI that takes an option use it, so a value is refused the same way everywhere.
+OPTION_RANGES: dict[str, tuple[float, float]] = {
+    "seed": (0, 2**62 - 1),
+    "temperature": (0.0, 5.0),
+    "cfg_weight": (0.0, 5.0),
+    "exaggeration": (0.0, 2.0),
+    "top_p": (0.01, 1.0),
+    "min_p": (0.0, 1.0),
+    "repetition_penalty": (1.0, 5.0),
+    "max_new_tokens": (1, 4096),  # T3's learned speech positions
+    "n_timesteps": (1, 100),  # the model's default is 10
+    "first_chunk_timesteps": (1, 100),  # the model's default is 4 (capped by n_timesteps)
+}
+CHUNK_TOKENS_RANGE = (4, 1000)  # first and max speech tokens per chunk
+CHUNK_GROWTH_RANGE = (1.0, 10.0)
+
+
+class OptionError(ValueError):
+    """An option value out of type or range; the message is one line naming the field
+    and what it accepts."""
+
+
+def check_option(name: str, value: Any) -> Any:
+    """Validate one speak option; returns it normalised (ints as float for float options,
+    chunk_schedule as canonical "first,growth,max"). Raises OptionError."""
+    want = SPEAK_OPTIONS.get(name)
+    if want is None:
+        raise OptionError(f"unknown option {name!r}; known: {', '.join(SPEAK_OPTIONS)}")
+    if name == "chunk_schedule":
+        return _check_chunk_schedule(value)
+    low, high = OPTION_RANGES[name]
+    if want is int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise OptionError(f"option {name!r} must be an integer in {low}..{high}, got {value!r}")
+    elif not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise OptionError(f"option {name!r} must be a finite number in {low:g}..{high:g}, got {value!r}")
+    if not low <= value <= high:
+        shown = f"{low}..{high}" if want is int else f"{low:g}..{high:g}"
+        raise OptionError(f"option {name!r} must be in {shown}, got {value!r}")
+    return float(value) if want is float else value
+
+
+def _check_chunk_schedule(value: Any) -> str:
+    lo, hi = CHUNK_TOKENS_RANGE
+    glo, ghi = CHUNK_GROWTH_RANGE
+    usage = f"option 'chunk_schedule' is first[,growth[,max]] with first and max in {lo}..{hi} tokens and growth in {glo:g}..{ghi:g}"
+    if not isinstance(value, str) or len(value) > 64:
+        raise OptionError(f"{usage}, got {value!r}")
+    try:
+        parts = [float(v) for v in value.split(",")]
+    except ValueError:
+        raise OptionError(f"{usage}, got {value!r}") from None
+    if not 1 <= len(parts) <= 3 or not all(math.isfinite(v) for v in parts):
+        raise OptionError(f"{usage}, got {value!r}")
+    first = parts[0]
+    growth = parts[1] if len(parts) > 1 else 2.0
+    top = parts[2] if len(parts) > 2 else max(first, 48)
+    if first != int(first) or top != int(top) or not lo <= first <= top <= hi or not glo <= growth <= ghi:
+        raise OptionError(f"{usage} (max not below first), got {value!r}")
+    return f"{int(first)},{growth:g},{int(top)}"
+
 # Error codes (the `code` of an `error` event).
 E_BAD_FRAME = "bad_frame"  # body is not exactly one msgpack map, or the frame was cut short
 E_FRAME_TOO_LARGE = "frame_too_large"
@@ -84,12 +150,13 @@ E_NO_PLAYBACK = "no_playback"  # local playback asked for, but no audio device i
 E_SHUTTING_DOWN = "shutting_down"
 E_SYNTHESIS = "synthesis_failed"
 E_SLOW_CLIENT = "slow_client"  # the client stopped reading streamed audio
+E_IDLE = "idle_timeout"  # the client sent nothing (and had nothing live) for too long
 E_LOAD_FAILED = "load_failed"
 E_INTERNAL = "internal"
 ERROR_CODES = (
     E_BAD_FRAME, E_FRAME_TOO_LARGE, E_BAD_UTF8, E_VERSION, E_UNKNOWN_TYPE, E_BAD_FIELD,
     E_TEXT_TOO_LONG, E_BUSY, E_DUPLICATE_ID, E_UNKNOWN_ID, E_UNKNOWN_VOICE, E_NO_PLAYBACK,
-    E_SHUTTING_DOWN, E_SYNTHESIS, E_SLOW_CLIENT, E_LOAD_FAILED, E_INTERNAL,
+    E_SHUTTING_DOWN, E_SYNTHESIS, E_SLOW_CLIENT, E_LOAD_FAILED, E_INTERNAL, E_IDLE,
 )  # fmt: skip
 
 
@@ -204,17 +271,10 @@ class Speak(Request):
         if self.voice is not None and not (0 < len(self.voice) <= 4096):
             raise _bad(self, "speak.voice must be a non-empty name or path")
         for key, value in self.options.items():
-            want = SPEAK_OPTIONS.get(key)
-            if want is None:
-                raise _bad(self, f"unknown option {key!r}; known: {', '.join(SPEAK_OPTIONS)}")
-            if not _is_type(value, want):
-                raise _bad(self, f"option {key!r} must be {want.__name__}, got {type(value).__name__}")
-            if want is float:
-                self.options[key] = float(value)
-            if want is int and key != "seed" and value < 1:
-                raise _bad(self, f"option {key!r} must be at least 1")
-            if key == "seed" and not 0 <= value < 2**62:
-                raise _bad(self, "option 'seed' must be between 0 and 2**62")
+            try:
+                self.options[key] = check_option(key, value)
+            except OptionError as err:
+                raise _bad(self, f"speak.options: {err}") from None
 
 
 @dataclass(kw_only=True)
@@ -261,9 +321,13 @@ class Cancel(Request):
 
 @dataclass(kw_only=True)
 class Pause(Request):
-    """Hold local playback; queued and partly played audio is kept, not dropped."""
+    """Hold local playback; queued and partly played audio is kept, not dropped.
+
+    The pause is lifted when the client that asked for it disconnects, unless `keep` is
+    true (then it lasts until a `resume` from anyone, as `nsay --pause` asks)."""
 
     TYPE = "pause"
+    keep: bool = False
 
 
 @dataclass(kw_only=True)
@@ -568,6 +632,8 @@ def _from_wire(cls: type[Message], obj: dict[str, Any]) -> Message:
             )
         if want is float or (typing.get_args(want) and float in typing.get_args(want)):
             value = float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ProtocolError(E_BAD_FIELD, f"{mtype}.{f.name} must be a finite number, got {value!r}", request=mtype, id=msg_id)
         if isinstance(value, bytearray):
             value = bytes(value)
         kwargs[f.name] = value
@@ -582,7 +648,8 @@ def _decode(obj: Any, registry: dict[str, type[Message]]) -> Message:
         raise ProtocolError(E_BAD_FRAME, f"a frame must hold a msgpack map, not {type(obj).__name__}")
     mtype = obj.get("type")
     version = obj.get("v")
-    if version != PROTOCOL_VERSION:
+    # exactly the integer 1: msgpack true and 1.0 compare equal to 1 in Python
+    if type(version) is not int or version != PROTOCOL_VERSION:
         seen = "no version" if version is None else f"version {version!r}"
         raise ProtocolError(
             E_VERSION,
@@ -656,6 +723,11 @@ class FrameDecoder:
         self._buf += data
 
     @property
+    def buffered(self) -> int:
+        """Bytes held in memory for an unfinished frame."""
+        return len(self._buf)
+
+    @property
     def pending(self) -> int:
         """Bytes of an unfinished frame (or of an oversized body still being skipped)."""
         return len(self._buf) + self._skip
@@ -722,6 +794,25 @@ class DaemonUnavailable(ConnectionError):
     """No daemon answers at the socket path."""
 
 
+CONNECT_RETRY_S = 5.0  # how long a full listen backlog (EAGAIN) is retried
+
+
+def _connect_retrying(sock: socket.socket, path: str) -> None:
+    """connect(), retried with backoff while the daemon's listen backlog is full: a local
+    connect flood then delays a client instead of failing it."""
+    deadline = time.monotonic() + CONNECT_RETRY_S
+    delay = 0.005
+    while True:
+        try:
+            sock.connect(path)
+            return
+        except BlockingIOError:  # EAGAIN on a Unix socket: the backlog is full
+            if time.monotonic() + delay > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(0.2, delay * 2)
+
+
 class Connection:
     """A blocking framed connection to the daemon (clients, tests, bench).
 
@@ -732,32 +823,47 @@ class Connection:
 
     def __init__(self, path: str | os.PathLike[str] | None = None, *, timeout: float | None = 10.0):
         self.path = socket_path(path)
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.settimeout(timeout)
-        try:
-            self._sock.connect(str(self.path))
-        except (FileNotFoundError, ConnectionRefusedError) as err:
-            self._sock.close()
-            raise DaemonUnavailable(
-                f"no nightingale daemon at {self.path} ({err.strerror}); start one with `nightingale serve`"
-            ) from None
-        except OSError:
-            self._sock.close()
-            raise
-        self._decoder = FrameDecoder()
-        self._frames: Iterator[bytes | ProtocolError] = iter(())
-        first = self.recv(timeout)
-        if not isinstance(first, Hello):
+        deadline = time.monotonic() + CONNECT_RETRY_S
+        delay = 0.05
+        while True:
+            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._sock.settimeout(timeout)
+            try:
+                _connect_retrying(self._sock, str(self.path))
+            except (FileNotFoundError, ConnectionRefusedError) as err:
+                self._sock.close()
+                raise DaemonUnavailable(
+                    f"no nightingale daemon at {self.path} ({err.strerror}); start one with `nightingale serve`"
+                ) from None
+            except OSError:
+                self._sock.close()
+                raise
+            self._decoder = FrameDecoder()
+            self._frames: Iterator[bytes | ProtocolError] = iter(())
+            self._send_lock = threading.Lock()  # whole frames when threads share the connection
+            first = self.recv(timeout)
+            if isinstance(first, Hello):
+                break
             self.close()
+            if isinstance(first, Error) and first.code == E_BUSY and time.monotonic() + delay < deadline:
+                time.sleep(delay)  # the daemon is at its connection cap: a flood, usually brief
+                delay = min(0.5, delay * 2)
+                continue
+            if isinstance(first, Error):
+                raise ProtocolError(first.code, first.message)
             raise ProtocolError(E_BAD_FRAME, f"expected hello from the daemon, got {first!r}")
         self.hello: Hello = first
 
     def send(self, message: Message | dict[str, Any]) -> None:
-        self._sock.sendall(encode_frame(message))
+        """Thread-safe: a frame is written whole before another thread's frame starts."""
+        frame = encode_frame(message)
+        with self._send_lock:
+            self._sock.sendall(frame)
 
     def send_raw(self, data: bytes) -> None:
         """Bytes as they are (for tests of malformed input)."""
-        self._sock.sendall(data)
+        with self._send_lock:
+            self._sock.sendall(data)
 
     def recv(self, timeout: float | None = None) -> Event | None:
         body = self._next_body(timeout)

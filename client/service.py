@@ -17,6 +17,7 @@ import dataclasses
 import importlib.resources
 import os
 import plistlib
+import re
 import shlex
 import string
 import subprocess
@@ -37,10 +38,15 @@ PLATFORMS = ("macos", "linux")
 PASSTHROUGH_ENV = (
     "HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE",
     "NIGHTINGALE_SOCKET", "NIGHTINGALE_DATA_DIR", "NIGHTINGALE_CACHE_DIR",
+    "NIGHTINGALE_HTTP_TOKEN",  # the --http bearer token: in the unit's environment, not its command line
 )  # fmt: skip
 # launchd starts agents with PATH=/usr/bin:/bin:/usr/sbin:/sbin; Homebrew and our venv come first.
 MACOS_PATH = ("/opt/homebrew/bin", "/usr/local/bin", "/usr/bin", "/bin", "/usr/sbin", "/sbin")
 LINUX_PATH = ("/usr/local/bin", "/usr/bin", "/bin")
+
+
+# systemctl --user without a user service manager (containers, su, cron, CI).
+NO_USER_BUS = re.compile(r"connect to bus|DBUS_SESSION_BUS_ADDRESS|XDG_RUNTIME_DIR", re.IGNORECASE)
 
 
 class ServiceError(Exception):
@@ -111,7 +117,8 @@ def nightingale_program() -> tuple[str, ...]:
 
 
 def serve_arguments(
-    model: str | None, quantize: str | None, socket: str | None, device: str | None
+    model: str | None, quantize: str | None, socket: str | None, device: str | None,
+    http: str | None = None, wyoming: str | None = None,
 ) -> tuple[str, ...]:
     """The `serve` options baked into the service. Local paths become absolute: launchd and
     systemd start the daemon from another working directory."""
@@ -124,6 +131,10 @@ def serve_arguments(
         out += ["--socket", os.path.abspath(socket)]
     if device is not None:
         out += ["--device", device]
+    if http:
+        out += ["--http", http]
+    if wyoming:
+        out += ["--wyoming", wyoming]
     return tuple(out)
 
 
@@ -341,9 +352,22 @@ def execute(service_plan: ServicePlan, out=sys.stdout) -> int:
         assert p.content is not None
         if p.log_dir is not None:
             p.log_dir.mkdir(parents=True, exist_ok=True)
+        previous = p.path.read_text(encoding="utf-8") if p.path.is_file() else None
         _write_atomic(p.path, p.content)
-        for command in p.commands:
-            _run(command)
+        try:
+            for command in p.commands:
+                _run(command)
+        except ServiceError as err:  # leave the machine as it was: no unit nobody can start
+            if previous is None:
+                p.path.unlink(missing_ok=True)
+            else:
+                _write_atomic(p.path, previous)
+            if p.platform == "linux" and NO_USER_BUS.search(str(err)):
+                raise ServiceError(
+                    f"{err}; there is no systemd user session here (log in to a desktop or over ssh, or run "
+                    "`loginctl enable-linger $USER` as root), or start the daemon yourself with `nightingale serve`"
+                ) from None
+            raise
         print(f"installed {p.path}", file=out)
         if p.log_dir is not None:
             print(f"logs: {p.log_dir}", file=out)
@@ -419,19 +443,19 @@ def service_main(args: argparse.Namespace) -> int:
         program = nightingale_program()
         spec = ServeSpec(
             program=program,
-            serve_args=serve_arguments(args.model, args.quantize, args.socket, args.device),
+            serve_args=serve_arguments(
+                args.model, args.quantize, args.socket, args.device, getattr(args, "http", None), getattr(args, "wyoming", None)
+            ),
             environment=service_environment(platform, program),
         )
     try:
         service_plan = plan(action, platform, spec)
-        if args.dry_run:
+        if getattr(args, "dry_run", False):  # status has no --dry-run
             print_dry_run(service_plan)
             return 0
         if platform != current_platform():
-            raise ServiceError(
-                f"cannot {action} a {platform} service on {current_platform()}; add --dry-run to only render it",
-                code=2,
-            )
+            hint = "" if action == "status" else "; add --dry-run to only render it"
+            raise ServiceError(f"cannot {action} a {platform} service on {current_platform()}{hint}", code=2)
         return execute(service_plan)
     except ServiceError as err:
         raise CliError(str(err), code=err.code) from None

@@ -88,20 +88,24 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="audio output latency (default: the device's high latency on macOS, 0.1 elsewhere)",
     )
+    serve.add_argument("--http", default=None, metavar="HOST:PORT", help="also serve the OpenAI-compatible speech API (e.g. 127.0.0.1:8880; needs the server extra)")
+    serve.add_argument("--http-token", default=None, metavar="TOKEN", help="bearer token for --http (env NIGHTINGALE_HTTP_TOKEN; required off loopback)")
+    serve.add_argument("--wyoming", default=None, metavar="tcp://HOST:PORT", help="also serve Wyoming for Home Assistant (e.g. tcp://127.0.0.1:10200)")
+    serve.add_argument("--frontend-options", default=None, metavar="JSON", help='default speak options for HTTP and Wyoming requests, e.g. \'{"n_timesteps": 5}\'')
     serve.set_defaults(handler="nightingale.daemon.server:serve_main")
 
     synth = sub.add_parser("synth", help="synthesize text to a file in-process (no daemon)")
     synth.add_argument("text", help="text to speak")
     synth.add_argument("-o", "--output", help="output audio file (.wav, .flac, .aiff)")
     synth.add_argument("--voice", default=None, help="voice name or conds.pt path (default: built-in)")
-    synth.add_argument("--seed", type=int, default=None)
+    synth.add_argument("--seed", type=int, default=None, help="random seed: the same seed and text give the same audio")
     synth.add_argument("--stream", action="store_true", help="synthesize in streamed chunks; report TTFA and RTF")
     synth.add_argument("--play", action="store_true", help="play through the default audio device")
-    synth.add_argument("--temperature", type=float, default=0.8)
-    synth.add_argument("--cfg-weight", type=float, default=0.5)
-    synth.add_argument("--exaggeration", type=float, default=0.5)
-    synth.add_argument("--max-new-tokens", type=int, default=1000)
-    synth.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None)
+    synth.add_argument("--temperature", type=float, default=0.8, help="sampling temperature of the speech tokens (default 0.8)")
+    synth.add_argument("--cfg-weight", type=float, default=0.5, help="classifier-free guidance weight: higher follows the text more closely (default 0.5)")
+    synth.add_argument("--exaggeration", type=float, default=0.5, help="emotion exaggeration, 0 flat to 1 and above lively (default 0.5)")
+    synth.add_argument("--max-new-tokens", type=int, default=1000, help="stop after this many speech tokens, 25 per second of audio (default 1000)")
+    synth.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None, help="precision of non-quantized parts (default float32 on CPU, float16 on GPU)")
     _add_model_args(synth)
     synth.set_defaults(handler="nightingale.daemon.synth:synth_main")
 
@@ -109,48 +113,56 @@ def build_parser() -> argparse.ArgumentParser:
     vsub = voices.add_subparsers(dest="voices_command", metavar="ACTION")
     vsub.required = True
     vadd = vsub.add_parser("add", help="compute a voice from reference audio and store it")
-    vadd.add_argument("name")
+    vadd.add_argument("name", help="voice name: 1-64 letters, digits, '-' or '_'")
     vadd.add_argument("audio", help="reference audio file (WAV, FLAC, OGG, MP3), about 10 s")
     vadd.add_argument("--force", action="store_true", help="replace a voice of the same name")
-    vadd.add_argument("--exaggeration", type=float, default=0.5)
+    vadd.add_argument("--exaggeration", type=float, default=0.5, help="emotion exaggeration stored with the voice (default 0.5)")
     _add_model_args(vadd, quantize=False)
     vlist = vsub.add_parser("list", help="list voices")
     _add_model_args(vlist, quantize=False)
     vrm = vsub.add_parser("remove", help="remove a stored voice")
-    vrm.add_argument("name")
+    vrm.add_argument("name", help="voice name")
     voices.set_defaults(handler="nightingale.daemon.synth:voices_main")
 
-    models = sub.add_parser("models", help="convert and inspect models")
+    models = sub.add_parser("models", help="convert models ahead of time")
     msub = models.add_subparsers(dest="models_command", metavar="ACTION")
     msub.required = True
     conv = msub.add_parser("convert", help="convert an upstream checkpoint into an MLX-native directory")
     conv.add_argument("src", help="upstream checkpoint directory or Hugging Face repo")
     conv.add_argument("dst", help="output directory")
-    conv.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="8")
-    conv.add_argument("--group-size", type=int, default=64)
-    conv.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None)
+    conv.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="8", help="weight quantization bits for the Linear layers (default 8)")
+    conv.add_argument("--group-size", type=int, default=64, help="weights sharing one quantization scale (default 64)")
+    conv.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None, help="precision of non-quantized parts (default float32 on CPU, float16 on GPU)")
     models.set_defaults(handler="nightingale.daemon.synth:models_main")
 
     service = sub.add_parser("service", help="install the background service (LaunchAgent / systemd user unit)")
     ssub = service.add_subparsers(dest="service_command", metavar="ACTION")
     ssub.required = True
-    for action in ("install", "uninstall", "status"):
-        sp = ssub.add_parser(action)
-        sp.add_argument("--dry-run", action="store_true", help="print what would be written and run")
+    service_actions = {
+        "install": "write the service file and start the daemon at login",
+        "uninstall": "stop the service and remove its file",
+        "status": "say whether the service is installed and running, and whether the daemon answers",
+    }
+    for action, action_help in service_actions.items():
+        sp = ssub.add_parser(action, help=action_help, description=action_help)
+        if action != "status":
+            sp.add_argument("--dry-run", action="store_true", help="print what would be written and run")
         sp.add_argument("--platform", choices=("macos", "linux"), default=None, help="render for this system")
         if action == "install":
             _add_model_args(sp)
             _add_socket_arg(sp)
             sp.add_argument("--device", default=None, help="audio output device for the service")
+            sp.add_argument("--http", default=None, metavar="HOST:PORT", help="the service also serves the OpenAI-compatible API")
+            sp.add_argument("--wyoming", default=None, metavar="tcp://HOST:PORT", help="the service also serves Wyoming (Home Assistant)")
     service.set_defaults(handler="nightingale.client.service:service_main")
 
     dev = sub.add_parser("dev", help="developer tools")
     dsub = dev.add_subparsers(dest="dev_command", metavar="ACTION")
     dsub.required = True
     mk = dsub.add_parser("make-checkpoint", help="write a random checkpoint in the upstream layout")
-    mk.add_argument("dir")
-    mk.add_argument("--size", choices=("tiny", "full"), default="tiny")
-    mk.add_argument("--seed", type=int, default=0)
+    mk.add_argument("dir", help="output directory")
+    mk.add_argument("--size", choices=("tiny", "full"), default="tiny", help="tiny (tests) or the real model's shapes (default tiny)")
+    mk.add_argument("--seed", type=int, default=0, help="random seed of the weights (default 0)")
     dev.set_defaults(handler="nightingale.daemon.synth:dev_main")
     return parser
 
@@ -177,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         return err.code
     except KeyboardInterrupt:
         return 130
+    except PermissionError as err:  # e.g. a runtime directory that belongs to another user
+        print(f"nightingale: permission denied: {err.filename or err}", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import queue
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import numpy as np
@@ -103,6 +105,34 @@ def memory_stats() -> dict:
         return {}
 
 
+def voice_file_stamp(name: str) -> tuple | None:
+    """Identity of the file a voice name or path loads from (inode, size, mtime), or None when
+    there is none (the built-in voice, a missing file). A stored voice is replaced by renaming
+    a new record over the old one, so any change gives a new stamp."""
+    from nightingale.models import voices
+
+    if name == "default":
+        return ("default",)
+    path = Path(name)
+    if path.suffix != ".pt" and os.sep not in name:
+        try:
+            path = voices.voices_dir() / f"{voices.normalize_name(name)}.json"
+        except voices.VoiceError:
+            return None
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _user_fixable(err: BaseException) -> bool:
+    """A load failure the user fixes (no checkpoint there, a damaged one), not a bug."""
+    from nightingale.models import hub, loading
+
+    return isinstance(err, (hub.CheckpointNotFoundError, loading.CheckpointError))
+
+
 class Engine:
     """Owns the model on its own thread.
 
@@ -156,7 +186,8 @@ class Engine:
             try:
                 self._load()
             except BaseException as err:  # report any failure, then end the thread
-                log.exception("model load failed")
+                if not _user_fixable(err):  # the listener reports those, once and without a traceback
+                    log.exception("model load failed")
                 self._post(self._listener.on_load_failed, err)
                 return
             self._post(self._listener.on_loaded, self.info)
@@ -222,16 +253,20 @@ class Engine:
             self._post(on_result, value, error)
 
     def _voice(self, name: str | None) -> Any:
-        """Conditionals for a voice name or conds.pt path, cached (None = model default)."""
+        """Conditionals for a voice name or conds.pt path (None = model default), cached while
+        the file behind it is unchanged: a removed or replaced voice is noticed at once."""
         if name is None:
             return None
-        if name not in self._voices:
+        stamp = voice_file_stamp(name)
+        cached = self._voices.get(name)
+        if cached is None or cached[0] != stamp or stamp is None:
             try:
-                self._voices[name] = self.model.load_voice(name)
+                self._voices[name] = (stamp, self.model.load_voice(name))
             except (KeyError, ValueError, FileNotFoundError) as err:
+                self._voices.pop(name, None)
                 msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
                 raise UnknownVoice(str(msg)) from None
-        return self._voices[name]
+        return self._voices[name][1]
 
     def _stream_kwargs(self, utt: Utterance) -> dict:
         kwargs = dict(utt.options)

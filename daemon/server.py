@@ -26,7 +26,7 @@ import stat
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -38,6 +38,7 @@ from nightingale import __version__
 from nightingale.client import protocol as p
 
 from .engine import Engine, EngineInfo
+from .frontend import Frontdoor, build_frontends
 from .playback import DeviceNotFound, Player, ProbeResult, probe_output
 from .queue import DEFAULT_MAX_QUEUE, SpeechQueue
 from .utterance import Utterance
@@ -49,10 +50,21 @@ CLOSE_TIMEOUT_S = 2.0  # how long a drain waits for clients to receive their las
 MAX_OUTBOX_BYTES = 16 << 20  # events queued for one client before it counts as not reading
 HISTORY = 50  # utterances kept for status metrics
 SAMPLE_RATE = 24000  # the model's output rate (models/stream.py); the player opens at it
+LISTEN_BACKLOG = max(socket.SOMAXCONN, 1024)  # the kernel caps it at net.core.somaxconn
+MAX_CONNECTIONS = 256  # clients at once; more are told `busy` and closed
+MAX_PENDING_BYTES = 64 << 20  # bytes of unfinished frames buffered over all clients
+FRAME_TIMEOUT_S = 30.0  # an unfinished frame must complete within this (slowloris)
+IDLE_TIMEOUT_S = 600.0  # a client with no live utterance that sends nothing is closed
+SLOW_CLIENT_GRACE_S = 5.0  # after `slow_client` is queued, time to read it before the drop
+SOCKET_CHECK_S = 2.0  # how often the daemon checks that its socket file still exists
 
 
 class SocketInUse(RuntimeError):
     """Another daemon serves the socket, or the path is taken by something else."""
+
+
+class UnsafeDirectory(SocketInUse):
+    """The socket's directory or lock file could let another user take the socket over."""
 
 
 @dataclass
@@ -64,6 +76,16 @@ class DaemonConfig:
     drain_timeout_s: float = DRAIN_TIMEOUT_S
     warmup: bool = True
     latency: float | str | None = None  # output latency in seconds (None: playback.DEFAULT_LATENCY)
+    max_connections: int = MAX_CONNECTIONS
+    max_pending_bytes: int = MAX_PENDING_BYTES
+    frame_timeout_s: float = FRAME_TIMEOUT_S
+    idle_timeout_s: float = IDLE_TIMEOUT_S
+    slow_client_grace_s: float = SLOW_CLIENT_GRACE_S
+    socket_check_s: float = SOCKET_CHECK_S
+    max_outbox_bytes: int = MAX_OUTBOX_BYTES
+    # In-process front ends (openai_api.HttpFrontend, wyoming_server.WyomingFrontend): each has
+    # `async serve(door, *, task_status)`, binds, reports started, and serves until cancelled.
+    frontends: list = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- socket
@@ -86,16 +108,7 @@ class SocketBinding:
 
     def bind(self) -> socket.socket:
         self._prepare_dir()
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                os.close(fd)
-                raise
-            owner = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise SocketInUse(f"another nightingale daemon (pid {owner}) is already serving {self.path}") from None
+        fd = self._take_lock()
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._lock_fd = fd
@@ -105,7 +118,8 @@ class SocketBinding:
             try:
                 sock.bind(str(self.path))
                 os.chmod(self.path, 0o600)
-                sock.listen(128)
+                # a deep backlog, so a connect flood queues instead of failing with EAGAIN
+                sock.listen(LISTEN_BACKLOG)
                 sock.setblocking(False)
             except BaseException:
                 sock.close()
@@ -124,6 +138,69 @@ class SocketBinding:
             os.chmod(parent, 0o700)  # mkdir's mode is filtered by the umask
         elif parent == p.default_socket_path().parent and parent.stat().st_uid == os.getuid():
             os.chmod(parent, 0o700)
+        st = parent.stat()
+        # Another user who can write the directory can rename our socket and bind their
+        # own in its place (and read what clients send), or plant links for the lock file.
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise UnsafeDirectory(
+                f"refusing socket directory {parent}: other users can write to it (mode {stat.S_IMODE(st.st_mode):o}); "
+                "choose a directory only you can write, e.g. the default"
+            )
+        if st.st_uid not in (os.getuid(), 0):
+            raise UnsafeDirectory(f"refusing socket directory {parent}: it belongs to another user (uid {st.st_uid})")
+
+    def _take_lock(self) -> int:
+        """Open and flock PATH.lock without following links; it must be our regular file."""
+        for _ in range(10):
+            try:
+                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            except OSError as err:
+                if err.errno == errno.ELOOP:
+                    raise UnsafeDirectory(f"refusing lock file {self.lock_path}: it is a symbolic link") from None
+                raise
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+                os.close(fd)
+                raise UnsafeDirectory(f"refusing lock file {self.lock_path}: not a regular file of this user")
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    os.close(fd)
+                    raise
+                owner = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise SocketInUse(f"another nightingale daemon (pid {owner}) is already serving {self.path}") from None
+            # A daemon that stopped between our open and flock unlinked the file: lock anew.
+            try:
+                if os.stat(self.lock_path, follow_symlinks=False).st_ino == st.st_ino:
+                    return fd
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        raise SocketInUse(f"could not take {self.lock_path}: it keeps being replaced")
+
+    def check(self) -> bool:
+        """Whether the socket file is still ours; if it vanished or was replaced, bind a new
+        one at the path (we hold the lock, so the path is ours) and return False."""
+        try:
+            if os.stat(self.path, follow_symlinks=False).st_ino == self._ino:
+                return True
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(str(self.path))
+            os.chmod(self.path, 0o600)
+            sock.listen(LISTEN_BACKLOG)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        self._ino = os.stat(self.path).st_ino
+        self.sock = sock
+        return False
 
     def _clear_stale(self) -> None:
         try:
@@ -154,10 +231,17 @@ class SocketBinding:
         except FileNotFoundError:
             pass
         self._ino = None
-        self._release_lock()
+        self._release_lock(unlink=True)
 
-    def _release_lock(self) -> None:
+    def _release_lock(self, unlink: bool = False) -> None:
         if self._lock_fd is not None:
+            if unlink:
+                # Still holding the lock: a daemon starting now re-checks the inode it locked.
+                try:
+                    if os.stat(self.lock_path, follow_symlinks=False).st_ino == os.fstat(self._lock_fd).st_ino:
+                        os.unlink(self.lock_path)
+                except OSError:
+                    pass
             os.close(self._lock_fd)  # closing drops the flock
             self._lock_fd = None
 
@@ -187,6 +271,15 @@ def process_rss_mb() -> float | None:
         return None
 
 
+def _loop_exception(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+    """asyncio's handler, minus a known harmless race: anyio's raw-socket reader/writer
+    futures are set after a client vanished and the future was cancelled (InvalidStateError)."""
+    if isinstance(context.get("exception"), asyncio.InvalidStateError):
+        log.debug("ignored: %s", context.get("message"))
+        return
+    loop.default_exception_handler(context)
+
+
 def _percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -211,22 +304,28 @@ def _plain(value: Any) -> Any:
 class Session:
     """One client connection: an outbox drained by a writer task, and its utterances."""
 
-    def __init__(self, number: int, stream: anyio.abc.ByteStream):
+    def __init__(self, number: int, stream: anyio.abc.ByteStream, max_outbox_bytes: int = MAX_OUTBOX_BYTES):
         self.number = number
+        self.max_outbox_bytes = max_outbox_bytes
         self.stream = stream
         self.utterances: dict[str, Utterance] = {}
         self.connected = True
         self.outbox_bytes = 0
+        self.pending_bytes = 0  # bytes of an unfinished frame held by the reader
+        self.last_active = time.monotonic()  # last bytes received
+        self.frame_started: float | None = None  # when the unfinished frame began
         self.slow = False
+        self.dropping = False
         self.scope: anyio.CancelScope | None = None  # the connection's; cancelled to drop it
         self._send, self._recv = anyio.create_memory_object_stream[bytes](math.inf)
 
-    def post(self, event: p.Event) -> bool:
-        """Queue an event for this client; False if it is gone or not reading."""
-        if not self.connected or self.slow:
+    def post(self, event: p.Event, force: bool = False) -> bool:
+        """Queue an event for this client; False if it is gone or not reading. `force`
+        queues it past the outbox limit (the last error before a drop)."""
+        if not self.connected or (self.slow and not force):
             return False
         frame = p.encode_frame(event)
-        if self.outbox_bytes + len(frame) > MAX_OUTBOX_BYTES:
+        if not force and self.outbox_bytes + len(frame) > self.max_outbox_bytes:
             self.slow = True
             return False
         self.outbox_bytes += len(frame)
@@ -268,6 +367,9 @@ class Daemon:
         self.queue = SpeechQueue(config.max_queue)
         self.sessions: set[Session] = set()
         self.paused = False
+        self._pause_owner: Session | None = None  # a pause is lifted when this client leaves
+        self._pending_total = 0  # unfinished-frame bytes over all clients
+        self._ready_at = 0.0
         self.player: Player | None = None
         self.playback_reason = ""
         self.engine: Engine | None = None
@@ -287,6 +389,7 @@ class Daemon:
         self._no_clients: anyio.Event | None = None
         self._force = False
         self._binding = SocketBinding(config.socket)
+        self.engine_left_behind = False  # serve_main then exits without running MLX teardown
         self.bound = threading.Event()  # set once the socket listens (tests wait on it)
 
     # ------------------------------------------------------------------ thread-safe entry points
@@ -319,6 +422,7 @@ class Daemon:
 
     async def run(self, *, handle_signals: bool = False) -> int:
         self._loop = asyncio.get_running_loop()
+        self._loop.set_exception_handler(_loop_exception)
         self._shutdown = anyio.Event()
         sock = self._binding.bind()
         try:
@@ -332,6 +436,10 @@ class Daemon:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 tg.start_soon(self._accept_loop, listener)
+                tg.start_soon(self._watch_socket, listener)
+                tg.start_soon(self._reap_idle)
+                for frontend in self.config.frontends:
+                    await tg.start(frontend.serve, Frontdoor(self))
                 if handle_signals:
                     tg.start_soon(self._watch_signals)
                 await self._shutdown.wait()
@@ -361,7 +469,8 @@ class Daemon:
         if self.engine is not None:
             stopped = await anyio.to_thread.run_sync(self.engine.stop, 5.0)
             if not stopped:
-                log.warning("the engine thread is still busy (model loading?); leaving it behind")
+                log.warning("the engine thread is still loading the model; leaving it behind")
+                self.engine_left_behind = True
         if self.player is not None:
             await anyio.to_thread.run_sync(self.player.close)
         self._binding.close()
@@ -369,6 +478,59 @@ class Daemon:
     def _begin_shutdown(self) -> None:
         if self._shutdown is not None and not self._shutdown.is_set():
             self._shutdown.set()
+
+    async def _watch_socket(self, listener: anyio.abc.SocketListener) -> None:
+        """Rebind when the socket file is deleted or replaced under us: clients would
+        otherwise find "no daemon" while a new daemon is refused (we hold the lock)."""
+        while True:
+            await anyio.sleep(self.config.socket_check_s)
+            if self.state == "draining":
+                return
+            try:
+                if self._binding.check():
+                    continue
+            except OSError as err:
+                log.error("socket %s vanished and could not be recreated: %s", self.config.socket, err)
+                continue
+            log.warning("socket %s vanished or was replaced; listening on a new one", self.config.socket)
+            old, listener = listener, await anyio.abc.SocketListener.from_socket(self._binding.sock)
+            self._tg.start_soon(self._accept_loop, listener)
+            await old.aclose()
+
+    async def _reap_idle(self) -> None:
+        """Close clients that hold an unfinished frame too long (slowloris) or that are idle
+        (no live utterance, nothing received) for longer than the idle timeout."""
+        cfg = self.config
+        period = max(0.05, min(cfg.frame_timeout_s, cfg.idle_timeout_s) / 4)
+        while True:
+            await anyio.sleep(period)
+            now = time.monotonic()
+            for s in list(self.sessions):
+                if s.scope is None or s.scope.cancel_called or not s.connected:
+                    continue
+                if s.frame_started is not None and now - s.frame_started > cfg.frame_timeout_s:
+                    self._drop(s, p.E_BAD_FRAME, f"a frame was not completed within {cfg.frame_timeout_s:g} s")
+                elif (
+                    self.state == "ready"  # a client waiting for `ready` is not idle
+                    and not s.utterances
+                    and s is not self._pause_owner
+                    and now - max(s.last_active, self._ready_at) > cfg.idle_timeout_s
+                ):
+                    self._drop(s, p.E_IDLE, f"no request for {cfg.idle_timeout_s:g} s; closing the connection")
+
+    def _drop(self, session: Session, code: str, message: str) -> None:
+        """Tell a client why, then close its connection (its writer gets a short grace)."""
+        if session.dropping:
+            return
+        session.dropping = True
+        log.info("client %d: dropping: %s", session.number, message)
+        self.counters["errors"] += 1
+        session.post(p.Error(code=code, message=message), force=True)
+        session.slow = True  # nothing more is queued for it
+        session.close_outbox()
+        scope = session.scope
+        if scope is not None:
+            scope.deadline = min(scope.deadline, time.monotonic() + self.config.slow_client_grace_s)
 
     async def _watch_signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -432,10 +594,27 @@ class Daemon:
                     log.warning("accept failed: %s", err)
                     await anyio.sleep(0.1)
                     continue
+                if len(self.sessions) >= self.config.max_connections:
+                    self._tg.start_soon(self._refuse, stream)
+                    continue
                 self._tg.start_soon(self._connection, stream)
 
+    async def _refuse(self, stream: anyio.abc.ByteStream) -> None:
+        """Over the connection cap: one `busy` error, then close (bounded in time)."""
+        self.counters["errors"] += 1
+        with anyio.move_on_after(1.0):
+            try:
+                await stream.send(p.encode_frame(p.Error(code=p.E_BUSY, message=f"busy: {self.config.max_connections} clients are connected; try again later")))
+            except Exception:
+                pass
+        with anyio.CancelScope(shield=True):
+            try:
+                await stream.aclose()
+            except Exception:
+                pass
+
     async def _connection(self, stream: anyio.abc.ByteStream) -> None:
-        session = Session(next(self._conn_numbers), stream)
+        session = Session(next(self._conn_numbers), stream, self.config.max_outbox_bytes)
         self.sessions.add(session)
         self.counters["connections"] += 1
         log.debug("client %d connected", session.number)
@@ -453,13 +632,23 @@ class Daemon:
 
                 async def read_then_stop() -> None:
                     await self._read_loop(session)
-                    session.connected = False
                     session.close_outbox()
-                    tg.cancel_scope.cancel()
+                    if not session.dropping:  # else the writer delivers the last error first
+                        session.connected = False
+                        tg.cancel_scope.cancel()
 
                 tg.start_soon(read_then_stop)
                 await session.writer()
-                tg.cancel_scope.cancel()
+                if session.dropping:
+                    # The last error is out: end our side and let the reader drain the
+                    # client's input until it closes (or the drop deadline passes).
+                    with anyio.move_on_after(1.0):
+                        try:
+                            await session.stream.send_eof()
+                        except Exception:
+                            pass
+                else:
+                    tg.cancel_scope.cancel()
         except Exception:
             log.exception("client %d: connection failed", session.number)
         finally:
@@ -484,14 +673,27 @@ class Daemon:
                 if decoder.pending:
                     log.debug("client %d closed mid-frame", session.number)
                 return
+            session.last_active = time.monotonic()
             decoder.feed(data)
             for item in decoder.frames():
                 if isinstance(item, p.ProtocolError):
                     self._send_error(session, item.to_event())
                     continue
                 self._handle_frame(session, item)
+            self._account_pending(session, decoder.buffered, decoder.pending)
             if session.slow:
                 self._drop_slow(session)
+            elif self._pending_total > self.config.max_pending_bytes:
+                self._drop(session, p.E_BUSY, "busy: too many bytes of unfinished frames are buffered; send whole frames")
+            if session.dropping:
+                self._account_pending(session, 0, 0)
+                # Read and discard until the last error is out: closing with unread input
+                # would reset the connection and lose the error.
+                while True:
+                    try:
+                        await session.stream.receive(1 << 16)
+                    except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                        return
 
     def _handle_frame(self, session: Session, body: bytes) -> None:
         ref = None
@@ -516,7 +718,23 @@ class Daemon:
         log.debug("client %d: error %s: %s", session.number, event.code, event.message)
         session.post(event)
 
+    def _account_pending(self, session: Session, buffered: int, pending: int) -> None:
+        """Track the bytes of unfinished frames this client makes us hold (`buffered`) and
+        how long its current frame has been unfinished (`pending` counts skipped bytes too)."""
+        self._pending_total += buffered - session.pending_bytes
+        session.pending_bytes = buffered
+        if pending == 0:
+            session.frame_started = None
+        elif session.frame_started is None:
+            session.frame_started = time.monotonic()
+
     def _on_disconnect(self, session: Session) -> None:
+        self._account_pending(session, 0, 0)
+        if self._pause_owner is session:
+            self._pause_owner = None
+            if self.paused:
+                log.info("the client that paused playback left; resuming")
+                self._set_paused(False)
         for utt in list(session.utterances.values()):
             if utt.output == "stream" or (utt.text_stream and not utt.feed.ended) or session.slow:
                 self._finish(utt, "cancelled", "the client disconnected")
@@ -524,19 +742,45 @@ class Daemon:
                 utt.streams = False  # keep playing locally; nobody to stream to
 
     def _drop_slow(self, session: Session) -> None:
-        """A client let MAX_OUTBOX_BYTES of events pile up: cancel its utterances and
-        close its connection, so it cannot hold the daemon's memory."""
-        if session.scope is None or session.scope.cancel_called:
+        """A client let MAX_OUTBOX_BYTES of events pile up: cancel its utterances, queue a
+        `slow_client` error after what it has not read, and close its connection once that
+        is read or the grace time passes, so it cannot hold the daemon's memory."""
+        if session.scope is None or session.scope.cancel_called or session.dropping:
             return
         log.warning("client %d stopped reading (%d bytes queued); disconnecting it", session.number, session.outbox_bytes)
-        self.counters["errors"] += 1
         for utt in list(session.utterances.values()):
             self._finish(utt, "cancelled", f"{p.E_SLOW_CLIENT}: the client stopped reading")
-        session.scope.cancel()
+        self._drop(session, p.E_SLOW_CLIENT, f"the client stopped reading ({session.outbox_bytes} bytes of events unread)")
 
     def _broadcast(self, event: p.Event) -> None:
         for s in list(self.sessions):
             s.post(event)
+
+    # ------------------------------------------------------------------ in-process front ends (frontend.py)
+
+    def attach(self, session: Any) -> None:
+        """Register an in-process peer (frontend.LocalSession) as a connected client."""
+        self.sessions.add(session)
+        self.counters["connections"] += 1
+
+    def detach(self, session: Any) -> None:
+        """The peer went away: as a socket disconnect (its stream utterances are cancelled)."""
+        if session not in self.sessions:
+            return
+        session.connected = False
+        self.sessions.discard(session)
+        self._on_disconnect(session)
+        self._dispatch()
+        if self._no_clients is not None and not self.sessions:
+            self._no_clients.set()
+
+    def handle(self, session: Any, msg: p.Request) -> None:
+        """Perform a validated request for a peer, as if it had arrived on a socket."""
+        try:
+            self._dispatch_request(session, msg)
+        except Exception as err:
+            log.exception("client %s: %s failed", session.number, msg.TYPE)
+            self._send_error(session, p.Error(code=p.E_INTERNAL, message=f"internal error: {err}", request=msg.TYPE, ref=msg.ref))
 
     # ------------------------------------------------------------------ requests
 
@@ -635,18 +879,21 @@ class Daemon:
         self._dispatch()
 
     def _req_pause(self, session: Session, msg: p.Pause) -> None:
-        self.paused = True
-        if self.player is not None:
-            self.player.pause()
-        log.info("playback paused")
+        # A pause lasts while its client stays connected, unless it asks to keep it.
+        self._pause_owner = None if msg.keep else session
+        self._set_paused(True)
         session.post(p.Paused(ref=msg.ref))
 
     def _req_resume(self, session: Session, msg: p.Resume) -> None:
-        self.paused = False
-        if self.player is not None:
-            self.player.resume()
-        log.info("playback resumed")
+        self._pause_owner = None
+        self._set_paused(False)
         session.post(p.Resumed(ref=msg.ref))
+
+    def _set_paused(self, paused: bool) -> None:
+        self.paused = paused
+        if self.player is not None:
+            self.player.pause() if paused else self.player.resume()
+        log.info("playback %s", "paused" if paused else "resumed")
 
     def _req_status(self, session: Session, msg: p.GetStatus) -> None:
         session.post(self.status(ref=msg.ref))
@@ -745,6 +992,7 @@ class Daemon:
         if self.state != "loading":
             return
         self.state = "ready"
+        self._ready_at = time.monotonic()
         log.info("ready: %s (load %.1f s, warm-up %.1f s)", self._model_line(), info.load_s, info.warmup_s)
         if info.sample_rate != SAMPLE_RATE and self.player is not None:
             log.warning("model rate %d Hz differs from the player's %d Hz; playback disabled", info.sample_rate, SAMPLE_RATE)
@@ -899,12 +1147,22 @@ def serve_main(args: Any) -> int:
         path = p.socket_path(args.socket)
     except ValueError as err:
         raise CliError(str(err), EXIT_USAGE) from None
+    except OSError as err:
+        raise CliError(f"cannot find the socket directory: {err}", EXIT_FAILURE) from None
     if getattr(args, "max_queue", 1) < 1:
         raise CliError("--max-queue must be at least 1", EXIT_USAGE)
     if getattr(args, "drain_timeout", 0.0) < 0:
         raise CliError("--drain-timeout must not be negative", EXIT_USAGE)
     if getattr(args, "latency", None) is not None and args.latency <= 0:
         raise CliError("--latency must be positive", EXIT_USAGE)
+    try:
+        frontends = build_frontends(
+            getattr(args, "http", None), getattr(args, "http_token", None), getattr(args, "wyoming", None), getattr(args, "frontend_options", None)
+        )
+    except ValueError as err:
+        raise CliError(str(err), EXIT_USAGE) from None
+    except ImportError as err:
+        raise CliError(str(err), EXIT_FAILURE) from None
     device = args.device
     if isinstance(device, str) and device.isdigit():
         device = int(device)
@@ -915,12 +1173,22 @@ def serve_main(args: Any) -> int:
         max_queue=getattr(args, "max_queue", DEFAULT_MAX_QUEUE),
         drain_timeout_s=getattr(args, "drain_timeout", DRAIN_TIMEOUT_S),
         latency=getattr(args, "latency", None),
+        frontends=frontends,
     )
     factory = partial(_load_model, args.model, parse_quantize(args.quantize), args.dtype)
     daemon = Daemon(config, factory)
     log.info("nightingale %s (pid %d), model %s, quantize %s", __version__, os.getpid(), args.model or "default", args.quantize)
     try:
-        return anyio.run(partial(daemon.run, handle_signals=True), backend="asyncio")
+        code = anyio.run(partial(daemon.run, handle_signals=True), backend="asyncio")
+        if daemon.engine_left_behind:
+            # The engine thread is inside a model load, which cannot be interrupted; MLX's
+            # teardown at interpreter exit would then abort the process (exit 134). The
+            # drain is done and the socket removed, so leave without that teardown.
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
     except SocketInUse as err:
         raise CliError(str(err), EXIT_FAILURE) from None
     except DeviceNotFound as err:

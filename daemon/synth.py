@@ -16,9 +16,32 @@ from .cli import EXIT_FAILURE, EXIT_USAGE, CliError, parse_quantize
 logger = logging.getLogger(__name__)
 
 
+def running_daemon_model(timeout_s: float = 5.0) -> str | None:
+    """The checkpoint the daemon at the default socket (NIGHTINGALE_SOCKET) has loaded, or
+    None when no daemon answers or it has not loaded one yet."""
+    import os
+
+    from nightingale.client import protocol as p
+
+    try:
+        with p.Connection(None, timeout=timeout_s) as conn:
+            conn.send(p.GetStatus())
+            while (event := conn.recv(timeout_s)) is not None:
+                if isinstance(event, p.Status):
+                    path, source = event.model.get("path"), event.model.get("source")
+                    return path if path and os.path.isdir(path) else source or None
+    except (OSError, ValueError, p.ProtocolError):  # none running, or not one we understand
+        return None
+    return None
+
+
 def _load(args: argparse.Namespace, quantize: int | None = None):
     from nightingale.models import hub, loading, load_model
 
+    if args.model is None:  # no --model, no NIGHTINGALE_MODEL: what the running daemon uses
+        args.model = running_daemon_model()
+        if args.model:
+            logger.info("using the running daemon's model %s", args.model)
     try:
         return load_model(args.model, quantize=quantize, dtype=getattr(args, "dtype", None))
     except hub.CheckpointNotFoundError as err:
@@ -33,12 +56,28 @@ def _voice(model, name: str | None):
     try:
         return model.resolve_voice(name)
     except (voices.VoiceStoreError, voice.VoiceError, torchpickle.TorchPickleError, KeyError) as err:
-        raise CliError(str(err).strip("'\""), EXIT_USAGE) from None
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err  # KeyError's str() adds quotes
+        raise CliError(str(message), EXIT_USAGE) from None
+
+
+def _check_options(args: argparse.Namespace, names: tuple[str, ...]) -> None:
+    """The daemon's bounds for sampling options (client/protocol.py check_option)."""
+    from nightingale.client.protocol import OptionError, check_option
+
+    for name in names:
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        try:
+            check_option(name, value)
+        except OptionError as err:
+            raise CliError(f"--{name.replace('_', '-')}: {err}", EXIT_USAGE) from None
 
 
 def synth_main(args: argparse.Namespace) -> int:
     from nightingale.client.audiofile import AudioFileWriter, resolve_output
 
+    _check_options(args, ("seed", "exaggeration", "cfg_weight", "temperature", "max_new_tokens"))
     if not args.text.strip():
         raise CliError("nothing to say: the text is empty", EXIT_USAGE)
     if not args.output and not args.play:
@@ -46,7 +85,7 @@ def synth_main(args: argparse.Namespace) -> int:
     spec = None
     if args.output:
         try:
-            spec = resolve_output(args.output)
+            spec = resolve_output(args.output, format_option=None)  # synth has no --file-format
         except ValueError as err:
             raise CliError(str(err), EXIT_USAGE) from None
     model = _load(args, parse_quantize(args.quantize))
@@ -147,7 +186,8 @@ def voices_main(args: argparse.Namespace) -> int:
             for entry in voices.list_voices():
                 print(voices.describe(entry))
             return 0
-        # add: validate the name and the slot before any expensive work
+        # add: validate the name, the options and the slot before any expensive work
+        _check_options(args, ("exaggeration",))
         voices.check_new_name(args.name, force=args.force)
         model = _load(args)
         conds = model.prepare_voice(args.audio, exaggeration=args.exaggeration)
@@ -169,8 +209,8 @@ def models_main(args: argparse.Namespace) -> int:
             group_size=args.group_size,
             dtype=args.dtype,
         )
-    except hub.CheckpointNotFoundError as err:
-        raise CliError(str(err), EXIT_USAGE) from None
+    except hub.CheckpointNotFoundError as err:  # its hint names --model: convert takes SRC instead
+        raise CliError(str(err).replace("pass --model DIR, a directory", "give SRC as a directory"), EXIT_USAGE) from None
     except loading.CheckpointError as err:
         raise CliError(f"bad checkpoint: {err}", EXIT_FAILURE) from None
     print(out)

@@ -3,8 +3,8 @@
 The first load of an upstream checkpoint converts it (layout remaps, folded weight norms
 and batch norms, quantization, precision) and writes the result as MLX safetensors plus a
 config.json; later loads read that directory and skip every conversion step. The cache is
-keyed by a fingerprint of the source files and the settings, so a changed source (or other
-settings) converts again.
+keyed by a fingerprint of the source files, the settings, the code's version and the MLX
+device, so a changed source (or other settings, a new release, another device) converts again.
 
 Fingerprint of a source file: its name, size, modification time and SHA-256 of its first
 and last MiB. That is instant on multi-GB files and catches replaced or edited files; a
@@ -61,8 +61,26 @@ def source_fingerprints(directory: Path) -> dict[str, str]:
     return {name: file_fingerprint(directory / name) for name in SOURCE_FILES if (directory / name).exists()}
 
 
+def device_kind() -> str:
+    """The MLX device conversions run on ("cpu", "gpu"): quantization scales' dtype depends on it."""
+    return mx.default_device().type.name
+
+
+def code_version() -> str:
+    """The code that wrote a conversion: a new release may convert differently."""
+    from nightingale import __version__
+
+    return f"nightingale {__version__}, mlx {mx.__version__}"
+
+
 def settings(quantize: int | None, group_size: int, dtype: str) -> dict:
-    return {"quantize": quantize, "group_size": group_size if quantize else None, "dtype": dtype}
+    return {
+        "quantize": quantize,
+        "group_size": group_size if quantize else None,
+        "dtype": dtype,
+        "device": device_kind(),
+        "code": code_version(),
+    }
 
 
 def cache_key(fingerprints: dict[str, str], config: dict) -> str:
@@ -133,7 +151,7 @@ def prune_stale(source_path: Path, keep: Path) -> None:
     if not root.is_dir():
         return
     kept = read_config(keep)
-    same = ("source_path", "quantize", "group_size", "dtype")
+    same = ("source_path", "quantize", "group_size", "dtype", "device")  # an older code's entry is stale
     for entry in root.iterdir():
         if entry == keep or not is_converted(entry):
             continue

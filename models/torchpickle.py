@@ -21,6 +21,7 @@ import _compat_pickle
 import collections
 import io
 import logging
+import math
 import os
 import pickle
 import re
@@ -73,6 +74,14 @@ DEFAULT_EMOTION_ADV = 0.5  # upstream T3Cond's default when the field is absent
 INT32_MAX = 2**31 - 1
 
 
+# Bounds checked before anything is allocated: a conds.pt holds well under 10 MB (a
+# voice's conditioning tensors), so these leave ample room and stop zip bombs, zero-stride
+# tensors that expand into gigabytes, and nesting that exhausts the stack.
+MAX_ARCHIVE_BYTES = 256 << 20  # sum of the uncompressed sizes of all records
+MAX_TENSOR_BYTES = 256 << 20  # sum of the bytes of all rebuilt tensors
+MAX_DEPTH = 64  # containers inside containers
+
+
 class TorchPickleError(ValueError):
     """The file is not a readable torch.save archive, or holds an unexpected structure."""
 
@@ -100,6 +109,7 @@ class _Storage:
 
     type_name: str
     elements: np.ndarray
+    budget: list  # [bytes that rebuilt tensors may still allocate], shared by one load
 
 
 def _is_empty_hooks(hooks: Any) -> bool:
@@ -131,6 +141,12 @@ def _rebuild_tensor(
         raise TorchPickleError(f"invalid tensor size/stride {size!r}/{stride!r}")
     if not all(_is_int(n) and n >= 0 for n in size) or not all(_is_int(s) and s >= 0 for s in stride):
         raise TorchPickleError(f"invalid tensor size/stride {size!r}/{stride!r}")
+    nbytes = math.prod(size) * storage.elements.dtype.itemsize
+    if nbytes > storage.budget[0]:
+        raise TorchPickleError(
+            f"tensor of size {size} would need {nbytes} bytes, more than the {MAX_TENSOR_BYTES} bytes allowed in total"
+        )
+    storage.budget[0] -= nbytes
 
     elements = storage.elements
     if 0 in size:
@@ -170,6 +186,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         self._label = label
         self._byteorder = byteorder
         self._storages: dict[str, _Storage] = {}
+        self._budget = [MAX_TENSOR_BYTES]
 
     def find_class(self, module: str, name: str) -> Any:
         # Called for GLOBAL, STACK_GLOBAL, INST and EXT*: the only ways a pickle reaches code.
@@ -211,23 +228,25 @@ class _RestrictedUnpickler(pickle.Unpickler):
             raise TorchPickleError(
                 f"{self._label}: storage {key} holds {len(raw)} bytes, expected {numel * dtype.itemsize}"
             )
-        storage = _Storage(storage_type.name, np.frombuffer(raw, dtype=dtype, count=numel))
+        storage = _Storage(storage_type.name, np.frombuffer(raw, dtype=dtype, count=numel), self._budget)
         self._storages[key] = storage
         return storage
 
 
-def _check_tree(obj: Any, label: str, where: str = "") -> None:
+def _check_tree(obj: Any, label: str, where: str = "", depth: int = 0) -> None:
     """Only the allowed value types may come out of a load (no stray storages or markers)."""
     if obj is None or isinstance(obj, (bool, int, float, str, bytes, np.ndarray)):
         return
+    if depth >= MAX_DEPTH:
+        raise TorchPickleError(f"{label}: containers nested more than {MAX_DEPTH} deep")
     if isinstance(obj, (list, tuple)):
         for i, item in enumerate(obj):
-            _check_tree(item, label, f"{where}[{i}]")
+            _check_tree(item, label, f"{where}[{i}]", depth + 1)
         return
     if isinstance(obj, dict):  # includes OrderedDict
         for k, v in obj.items():
-            _check_tree(k, label, f"{where}.key")
-            _check_tree(v, label, f"{where}[{k!r}]")
+            _check_tree(k, label, f"{where}.key", depth + 1)
+            _check_tree(v, label, f"{where}[{k!r:.40}]", depth + 1)
         return
     raise TorchPickleError(f"{label}: unsupported value of type {type(obj).__name__} at {where or 'top level'}")
 
@@ -268,6 +287,9 @@ def load(path: str | os.PathLike) -> Any:
     if not zipfile.is_zipfile(path):
         raise TorchPickleError(_not_zip_message(path, label))
     with zipfile.ZipFile(path) as archive:
+        declared = sum(info.file_size for info in archive.infolist())
+        if declared > MAX_ARCHIVE_BYTES:
+            raise TorchPickleError(f"{label}: archive unpacks to {declared} bytes, more than the {MAX_ARCHIVE_BYTES} allowed")
         root = _archive_root(archive.namelist(), label)
         byteorder = "little"
         if f"{root}/byteorder" in archive.namelist():
@@ -279,8 +301,10 @@ def load(path: str | os.PathLike) -> Any:
             obj = unpickler.load()
         except TorchPickleError:
             raise
+        except RecursionError:
+            raise TorchPickleError(f"{label}: the pickle is nested too deeply") from None
         except Exception as e:  # malformed opcodes, calling a non-callable marker, ...
-            raise TorchPickleError(f"{label}: malformed pickle ({type(e).__name__}: {e})") from e
+            raise TorchPickleError(f"{label}: malformed pickle ({type(e).__name__}: {str(e)[:200]})") from e
     _check_tree(obj, label)
     return obj
 

@@ -46,7 +46,20 @@ def pytest_configure(config):
         if capture is not None:
             capture.suspend_global_capture(in_=True)
         reexec_with_openblas()
-    # Converted-model cache for the whole run (subprocess daemons inherit it).
+    # Converted-model cache for the whole run (subprocess daemons inherit it), removed at the
+    # end. Made after any re-exec above, so only the process that runs the tests owns one.
     import tempfile
 
-    os.environ.setdefault("NIGHTINGALE_CACHE_DIR", tempfile.mkdtemp(prefix="nightingale-cache-"))
+    if "NIGHTINGALE_CACHE_DIR" not in os.environ:
+        config._nightingale_cache_dir = tempfile.mkdtemp(prefix="nightingale-cache-")
+        os.environ["NIGHTINGALE_CACHE_DIR"] = config._nightingale_cache_dir
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    owned = getattr(config, "_nightingale_cache_dir", None)
+    if owned is not None:
+        shutil.rmtree(owned, ignore_errors=True)
+        if os.environ.get("NIGHTINGALE_CACHE_DIR") == owned:
+            del os.environ["NIGHTINGALE_CACHE_DIR"]

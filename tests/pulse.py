@@ -135,6 +135,7 @@ class MonitorRecorder:
             ],
             stdout=self._file,
             stderr=subprocess.PIPE,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # stop() ends it with SIGINT
         )
         # parec is ready once it has written its first bytes (silence from the monitor is
         # only delivered while something plays, so wait on the process being alive instead).
@@ -205,7 +206,7 @@ def compare_playback(recorded: np.ndarray, reference: np.ndarray, block_s: float
     """How well a recording of the sink's monitor reproduces `reference` (same rate).
 
     Silence that PulseAudio inserts when a client is late (exact zeros in the recording) is
-    removed first, so a delayed stream still compares. The reference is then cut into
+    removed first, so a delayed stream still compares; exact zeros of the reference go too. The reference is then cut into
     `block_s` blocks and each is looked up in the recording: a block counts as played when
     its waveform (below PASSBAND_HZ) is found whole, with normalized correlation >= min_corr.
     Returns matched (fraction of blocks found), in_order (found blocks appear in reference
@@ -218,8 +219,10 @@ def compare_playback(recorded: np.ndarray, reference: np.ndarray, block_s: float
     runs = np.diff(np.concatenate([[0], silent[s:e].astype(np.int8), [0]]))
     gaps = int(np.count_nonzero(np.flatnonzero(runs == -1) - np.flatnonzero(runs == 1) >= RECORD_RATE // 100))
     compact = recorded[s:e][~silent[s:e]]
-    ref_sounding = int(np.count_nonzero(np.abs(reference) > 1e-7))
-    sound_ratio = len(compact) / max(1, ref_sounding)
+    # The same for the reference: its exact zeros (an utterance can start with ~20 ms of them)
+    # cannot be found in a recording whose zeros were removed.
+    reference = reference[np.abs(reference) > 1e-7]
+    sound_ratio = len(compact) / max(1, len(reference))
     # Compare the band PulseAudio's resampling keeps intact: the tiny random model puts most
     # of its energy near 12 kHz, which the 24k -> 48k -> 24k round trip attenuates.
     compact, reference = lowpass(compact, PASSBAND_HZ), lowpass(reference, PASSBAND_HZ)

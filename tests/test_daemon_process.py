@@ -121,3 +121,17 @@ def test_bad_socket_path_and_device_are_usage_errors(tmp_path):
     )  # fmt: skip
     assert out.returncode == 2 and "no-such-device" in out.stderr and "not found" in out.stderr
     assert not (tmp_path / "d.sock").exists()
+
+
+def test_serve_without_a_checkpoint_says_so_once_without_traceback(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "NIGHTINGALE_MODEL"}
+    env["HF_HUB_OFFLINE"] = "1"  # the default repo cannot be fetched, and is not cached here
+    env["HF_HOME"] = str(tmp_path / "hf")
+    result = subprocess.run(
+        [sys.executable, "-m", "nightingale.daemon.cli", "serve", "--socket", str(tmp_path / "d.sock"), "--no-playback"],
+        capture_output=True, text=True, timeout=TIMEOUT, env=env,
+    )  # fmt: skip
+    out = result.stdout + result.stderr
+    assert result.returncode == 1, out
+    assert "Traceback" not in out
+    assert out.count("cannot get the Chatterbox checkpoint") == 1, out

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -123,9 +125,49 @@ def test_converted_cache_is_reused_and_redone_when_the_source_changes(tiny_check
     assert changed.quantize == 8
 
 
+def test_converted_cache_key_holds_the_code_version_and_device(tiny_checkpoint, tmp_path, monkeypatch):
+    import nightingale
+
+    monkeypatch.setenv("NIGHTINGALE_CACHE_DIR", str(tmp_path / "cache"))
+
+    def entries() -> set:
+        return {p for p in (tmp_path / "cache").iterdir() if cache.is_converted(p)}
+
+    load_model(tiny_checkpoint, quantize=8)
+    first = entries()
+    assert len(first) == 1
+    assert json.loads((next(iter(first)) / "config.json").read_text())["device"] == cache.device_kind()
+
+    monkeypatch.setattr(nightingale, "__version__", "999.0")  # a new release converts again ...
+    load_model(tiny_checkpoint, quantize=8)
+    assert entries() != first and len(entries()) == 1  # ... and the old release's entry goes
+
+    before = entries()
+    monkeypatch.setattr(cache, "device_kind", lambda: "gpu")  # another device: its own entry
+    load_model(tiny_checkpoint, quantize=8)
+    assert before < entries() and len(entries()) == 2
+
+
 def test_explicit_convert_directory_loads(tiny_checkpoint, tmp_path):
     out = cache.convert(str(tiny_checkpoint), str(tmp_path / "conv"), quantize=8)
     model = load_model(out)
     assert model.quantize == 8
     audio = model.synthesize("Hello.", seed=0, max_new_tokens=6)
     assert audio.dtype == np.float32 and np.isfinite(audio).all()
+
+
+def test_a_test_run_removes_its_converted_model_cache(tmp_path):
+    """tests/conftest.py makes a cache directory for the run (NIGHTINGALE_CACHE_DIR); the run
+    removes it at the end, also when the run re-executes itself with OpenBLAS."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "NIGHTINGALE_CACHE_DIR"}
+    env["TMPDIR"] = str(tmp_path)
+    tests = Path(__file__).parent
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{tests / 'test_dsp.py'}::test_hann_window_is_periodic"],
+        capture_output=True, text=True, env=env, cwd=tests.parent, timeout=120,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert not list(tmp_path.glob("nightingale-cache-*"))

@@ -283,6 +283,9 @@ def test_interrupt_cancels_own_speech(daemon):
     proc = subprocess.Popen(
         [*NSAY, "--socket", str(daemon.socket), "--progress", "--max-new-tokens", "2000", "Interrupted."],
         stderr=subprocess.PIPE,
+        # Ctrl-C reaches nsay as from a terminal, whatever this process inherited (a background
+        # job of a non-interactive shell starts with SIGINT ignored, and children keep that).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         while b"s of audio" not in (line := proc.stderr.readline()):
@@ -327,6 +330,9 @@ def test_spawn_starts_a_daemon(tiny_checkpoint, pulse, tmp_path):
         assert "started the daemon" in stderr
         log = Path(stderr.split("log ", 1)[1].split(")", 1)[0])
         assert log.is_file() and str(log).startswith(str(tmp_path))  # XDG_STATE_HOME honoured
+        loading = [line for line in stderr.splitlines() if "loading the model" in line]
+        assert loading, stderr  # progress shows the daemon's messages, not its log records
+        assert not any(" INFO " in line or "nightingale.daemon" in line for line in loading), loading
     finally:
         try:
             with p.Connection(sock, timeout=5) as conn:
@@ -344,3 +350,108 @@ def test_spawn_starts_a_daemon(tiny_checkpoint, pulse, tmp_path):
                 time.sleep(0.1)
         except p.DaemonUnavailable:
             pass
+
+
+def test_spawn_that_cannot_load_says_how_in_one_line(tmp_path):
+    sock = tmp_path / "spawned.sock"
+    env = _env(tmp_path)  # no NIGHTINGALE_MODEL, offline: the default repo cannot be had
+    env.pop("NIGHTINGALE_MODEL", None)
+    result = nsay(None, "--socket", str(sock), "--spawn", *SHORT, "Hello.", env=env, timeout=120)
+    assert result.returncode == 1
+    line = one_line(result.stderr)
+    assert "could not be loaded" not in line and "Error:" not in line  # no repeated prefix, no class name
+    assert "NIGHTINGALE_MODEL=DIR" in line and "pass --model" not in line  # nsay has no --model
+
+
+# ----------------------------------------------------------------------------- voices and the daemon
+
+CLIP = Path(__file__).parent / "fixtures" / "ref_clip.wav"
+
+
+def _voices_cli(daemon: Daemon, *args: str) -> subprocess.CompletedProcess:
+    """`nightingale voices ...` on the daemon's voice store, finding the daemon by its socket."""
+    env = _env(daemon.socket.parent, NIGHTINGALE_SOCKET=str(daemon.socket))
+    return subprocess.run([*NIGHTINGALE, "voices", *args], capture_output=True, text=True, env=env, timeout=180)
+
+
+def _read_audio(path: Path) -> np.ndarray:
+    return soundfile.read(path, dtype="float32")[0]
+
+
+def test_daemon_notices_removed_and_replaced_voices(daemon, tiny_checkpoint, tmp_path):
+    clip, rate = soundfile.read(CLIP, dtype="float32")
+    other = tmp_path / "other.wav"  # a second speaker: the clip played backwards
+    soundfile.write(other, clip[::-1].copy(), rate)
+    model = ["--model", str(tiny_checkpoint)]
+
+    def speak(voice: str, name: str) -> np.ndarray:
+        result = nsay(daemon, "-v", voice, *SHORT, "-o", str(tmp_path / name), "Which voice is this?")
+        assert result.returncode == 0, result.stderr
+        return _read_audio(tmp_path / name)
+
+    assert _voices_cli(daemon, "add", "carol", str(CLIP), *model).returncode == 0
+    first = speak("carol", "first.wav")
+    replaced = _voices_cli(daemon, "add", "carol", str(other), "--force", *model)
+    assert replaced.returncode == 0, replaced.stderr
+    second = speak("carol", "second.wav")
+    assert _voices_cli(daemon, "add", "dave", str(other), *model).returncode == 0
+    fresh = speak("dave", "fresh.wav")  # the new timbre, loaded for the first time
+    assert np.array_equal(second, fresh)
+    assert not np.array_equal(first, second)
+
+    assert _voices_cli(daemon, "remove", "carol").returncode == 0
+    gone = nsay(daemon, "-v", "carol", *SHORT, "-o", str(tmp_path / "gone.wav"), "Still here?")
+    assert gone.returncode == 2 and "carol" in one_line(gone.stderr)
+    assert not (tmp_path / "gone.wav").exists()
+
+
+def test_voices_add_and_synth_use_the_running_daemons_model(daemon, tmp_path):
+    # No --model and no NIGHTINGALE_MODEL: the default repo is not reachable offline, the
+    # daemon's checkpoint is.
+    added = _voices_cli(daemon, "add", "erin", str(CLIP))
+    assert added.returncode == 0, added.stderr
+    env = _env(daemon.socket.parent, NIGHTINGALE_SOCKET=str(daemon.socket))
+    out = tmp_path / "erin.wav"
+    synth = subprocess.run(
+        [*NIGHTINGALE, "synth", "Hello.", "--voice", "erin", "--max-new-tokens", "4", "--quantize", "none", "-o", str(out)],
+        capture_output=True, text=True, env=env, timeout=180,
+    )  # fmt: skip
+    assert synth.returncode == 0, synth.stderr
+    assert len(_read_audio(out)) > 0
+    assert _voices_cli(daemon, "remove", "erin").returncode == 0
+
+
+def test_relative_voice_path_is_resolved_by_the_client(daemon, tiny_checkpoint, tmp_path):
+    relative = subprocess.run(
+        [*NSAY, "--socket", str(daemon.socket), "-v", "conds.pt", *SHORT, "-o", str(tmp_path / "rel.wav"), "Here."],
+        capture_output=True, timeout=60, cwd=tiny_checkpoint,
+    )  # fmt: skip
+    assert relative.returncode == 0, relative.stderr
+    absolute = nsay(daemon, "-v", str(tiny_checkpoint / "conds.pt"), *SHORT, "-o", str(tmp_path / "abs.wav"), "Here.")
+    assert absolute.returncode == 0, absolute.stderr
+    assert np.array_equal(_read_audio(tmp_path / "rel.wav"), _read_audio(tmp_path / "abs.wav"))
+
+
+def test_no_playback_daemon_tells_nsay_users_what_to_do(tiny_checkpoint, tmp_path):
+    sock, log = tmp_path / "quiet.sock", tmp_path / "quiet.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [*NIGHTINGALE, "serve", "--model", str(tiny_checkpoint), "--quantize", "none", "--socket", str(sock), "--no-playback"],
+            stdout=out, stderr=subprocess.STDOUT, env=_env(tmp_path),
+        )  # fmt: skip
+    try:
+        _wait_ready(sock, proc, log)
+        result = subprocess.run([*NSAY, "--socket", str(sock), *SHORT, "Hello."], capture_output=True, timeout=60)
+        assert result.returncode != 0
+        line = one_line(result.stderr)
+        assert "ask for output" not in line  # protocol wording no nsay user can act on
+        assert "-o FILE" in line and "libportaudio2" in line
+        written = subprocess.run([*NSAY, "--socket", str(sock), *SHORT, "-o", str(tmp_path / "x.wav"), "Hello."], capture_output=True, timeout=60)
+        assert written.returncode == 0, written.stderr  # and what it suggests works
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

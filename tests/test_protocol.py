@@ -203,3 +203,43 @@ def test_protocol_module_imports_neither_mlx_nor_numpy():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=dict(os.environ))
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_connection_send_is_whole_frames_from_several_threads(tmp_path):
+    """nsay's stdin feeder and its Ctrl-C cancel share one Connection: frames written from
+    two threads at once must arrive whole, never interleaved."""
+    path = tmp_path / "s.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+    received = bytearray()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.sendall(p.encode_frame(p.Hello(server="test", state="ready", sample_rate=24000)))
+            while data := conn.recv(997):  # a slow, small-bite reader: writes go out in pieces
+                received.extend(data)
+
+    server = threading.Thread(target=serve)
+    server.start()
+    conn = p.Connection(path, timeout=30)
+    text = "x" * (p.MAX_TEXT_BYTES - 16)  # frames far larger than one socket write
+
+    def feed(uid: str) -> None:
+        for _ in range(40):
+            conn.send(p.SpeakText(id=uid, text=text))
+
+    senders = [threading.Thread(target=feed, args=(uid,)) for uid in ("a", "b", "c")]
+    for t in senders:
+        t.start()
+    for t in senders:
+        t.join(60)
+    conn.close()
+    server.join(60)
+    listener.close()
+    decoder = p.FrameDecoder()
+    decoder.feed(bytes(received))
+    frames = [p.decode_request(p.unpack_body(f)) for f in decoder.frames()]
+    assert sorted(f.id for f in frames) == ["a"] * 40 + ["b"] * 40 + ["c"] * 40
+    assert all(f.text == text for f in frames) and not decoder.pending

@@ -126,15 +126,16 @@ def test_install_dry_run_linux_prints_a_systemd_unit(tmp_path):
         assert check.returncode == 0, check.stderr
 
 
-def test_uninstall_and_status_dry_run_list_their_commands():
+def test_uninstall_dry_run_lists_its_commands():
     result = nightingale("service", "uninstall", "--dry-run", "--platform", "macos")
     assert result.returncode == 0 and result.stdout == ""
     assert f"launchctl bootout gui/{os.getuid()}/{service.LABEL}" in result.stderr
     assert "would remove" in result.stderr
 
-    result = nightingale("service", "status", "--dry-run", "--platform", "linux")
-    assert result.returncode == 0
-    assert "systemctl --user show nightingale.service" in result.stderr
+    # status writes and changes nothing: it has no --dry-run, and asks systemd with `show`
+    assert nightingale("service", "status", "--dry-run").returncode == 2
+    status_plan = service.plan("status", "linux", home=Path("/home/u"))
+    assert [str(c) for c in status_plan.commands][0].startswith("systemctl --user show nightingale.service")
 
 
 def test_other_platform_needs_dry_run():
@@ -199,6 +200,20 @@ def fake_systemctl(tmp_path):
 
 
 @pytest.mark.skipif(service.current_platform() != "linux", reason="executes the Linux install path")
+def test_install_without_a_user_bus_is_one_line_and_leaves_no_unit(tmp_path, fake_systemctl):
+    env, log = fake_systemctl
+    script = Path(env["PATH"].split(":")[0]) / "systemctl"  # answers as on a machine with no user session
+    script.write_text('#!/bin/sh\necho "Failed to connect to bus: No medium found" >&2\nexit 1\n')
+    unit_path = tmp_path / "home" / ".config" / "systemd" / "user" / "nightingale.service"
+
+    result = nightingale("service", "install", env=env)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("nightingale: "), result.stderr
+    assert "Failed to connect to bus" in result.stderr and "nightingale serve" in result.stderr
+    assert not unit_path.exists() and not list(unit_path.parent.glob("*"))
+
+
+@pytest.mark.skipif(service.current_platform() != "linux", reason="executes the Linux install path")
 def test_install_status_uninstall_linux(tmp_path, fake_systemctl):
     env, log = fake_systemctl
     unit_path = tmp_path / "home" / ".config" / "systemd" / "user" / "nightingale.service"
@@ -224,3 +239,21 @@ def test_install_status_uninstall_linux(tmp_path, fake_systemctl):
     assert result.returncode == 0, result.stderr
     assert not unit_path.exists()
     assert log.read_text().splitlines()[-2:] == ["--user disable --now nightingale.service", "--user daemon-reload"]
+
+
+def test_install_can_enable_the_http_and_wyoming_front_ends(tmp_path):
+    env = dict(os.environ, XDG_CONFIG_HOME=str(tmp_path / "cfg"), NIGHTINGALE_HTTP_TOKEN="tok en")
+    result = nightingale(
+        "service", "install", "--dry-run", "--platform", "linux", "--http", "0.0.0.0:8880", "--wyoming", "tcp://0.0.0.0:10200", env=env
+    )
+    assert result.returncode == 0, result.stderr
+    unit = parse_unit(result.stdout)
+    argv = shlex.split(unit["Service"]["ExecStart"][0].replace("%%", "%").replace("$$", "$"))
+    assert argv[argv.index("--http") + 1] == "0.0.0.0:8880"
+    assert argv[argv.index("--wyoming") + 1] == "tcp://0.0.0.0:10200"
+    assert "tok en" not in unit["Service"]["ExecStart"][0]  # the token stays out of the command line
+    assert "NIGHTINGALE_HTTP_TOKEN=tok en" in [shlex.split(v)[0] for v in unit["Service"]["Environment"]]
+    result = nightingale("service", "install", "--dry-run", "--platform", "macos", "--wyoming", "tcp://0.0.0.0:10200", env=env)
+    assert result.returncode == 0, result.stderr
+    args = plistlib.loads(result.stdout.encode())["ProgramArguments"]
+    assert args[args.index("--wyoming") + 1] == "tcp://0.0.0.0:10200"

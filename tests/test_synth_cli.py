@@ -33,7 +33,11 @@ def test_synth_writes_24k_mono_wav_of_960_samples_per_token(tiny_checkpoint, tin
     tokens = [t for t in tiny_model.generate_tokens("Hello there.", seed=7, max_new_tokens=12) if t < 6561]
     assert len(audio) == 960 * len(tokens) > 0
     expected = tiny_model.synthesize("Hello there.", seed=7, max_new_tokens=12)
-    assert np.abs(audio - expected).max() < 1e-4 + 1 / 32768  # PCM_16 rounding
+    # Two float32 runs of the same model agree to float32 rounding scaled by the signal (the
+    # order of BLAS sums depends on threads and load: ~1e-4 relative through the vocoder),
+    # and the file holds 16-bit samples (half a step of rounding).
+    peak = float(np.abs(expected).max())
+    assert np.abs(audio - expected).max() <= 1e-3 * peak + 0.5 / 32768
 
 
 def test_synth_streamed_reports_ttfa_and_rtf(tiny_checkpoint, tmp_path):
@@ -68,6 +72,14 @@ def test_synth_bad_input_is_one_line_without_traceback(tiny_checkpoint, tmp_path
     assert not any(p.name.endswith(".wav") for p in tmp_path.iterdir())
 
 
+def test_synth_messages_name_the_voice_and_no_missing_option(tiny_checkpoint, tmp_path):
+    res = run_cli("synth", "Hi.", "--voice", "zelda", "-o", str(tmp_path / "z.wav"), "--model", str(tiny_checkpoint))
+    assert res.returncode == 2 and "no voice named 'zelda'" in res.stderr, res.stderr
+    res = run_cli("synth", "Hi.", "-o", str(tmp_path / "z.mp3"), "--model", str(tiny_checkpoint))
+    assert res.returncode == 2 and ".wav" in res.stderr, res.stderr
+    assert "--file-format" not in res.stderr  # synth has no such option
+
+
 def test_unwritable_output_leaves_nothing(tiny_checkpoint, tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir()
@@ -84,3 +96,49 @@ def test_unwritable_output_leaves_nothing(tiny_checkpoint, tmp_path):
         assert not out.exists()
     finally:
         locked.chmod(0o700)
+
+
+def _parsers(parser, path=("nightingale",)):
+    """Every (command path, parser) of the `nightingale` CLI, sub-commands included."""
+    import argparse
+
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _parsers(sub, (*path, name))
+
+
+def test_every_command_and_option_is_described():
+    import argparse
+
+    from nightingale.daemon.cli import build_parser
+
+    undescribed = []
+    for path, parser in _parsers(build_parser()):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                undescribed += [f"{' '.join(path)} {c.dest}" for c in action._choices_actions if not c.help]
+            elif not action.help:
+                undescribed.append(f"{' '.join(path)} {'/'.join(action.option_strings) or action.dest}")
+    assert undescribed == []
+
+
+def test_service_help_lists_its_actions_and_status_has_no_dry_run():
+    listing = run_cli("service", "--help")
+    assert listing.returncode == 0
+    described = " ".join(listing.stdout.split())
+    for action, what in (("install", "write the service file"), ("uninstall", "stop the service"), ("status", "whether")):
+        assert action in described and what in described, listing.stdout
+    status = run_cli("service", "status", "--help")
+    assert status.returncode == 0 and "--dry-run" not in status.stdout
+    models = run_cli("models", "--help")
+    assert "inspect" not in models.stdout  # there is no inspect action
+
+
+def test_models_convert_hint_names_its_own_arguments(tmp_path):
+    res = run_cli("models", "convert", "ResembleAI/chatterbox", str(tmp_path / "out"),
+                  env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "--model" not in res.stderr and "give SRC as a directory" in res.stderr, res.stderr
+    assert not (tmp_path / "out").exists()

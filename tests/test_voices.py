@@ -217,7 +217,7 @@ def test_invalid_names(ref_conds, store_with_a_voice, name):
 # The store
 
 
-def test_store_round_trip(clip_conds):
+def test_store_round_trip(clip_conds, monkeypatch):
     assert voices.list_voices() == [] and voices.names() == []
     info = voices.add("Narrator_1", clip_conds, CLIP)
     assert info.name == "narrator_1"  # names are case-folded
@@ -228,11 +228,15 @@ def test_store_round_trip(clip_conds):
     assert voices.describe(info).startswith("narrator_1\t5.4 s from ref_clip.wav")
     assert voices.data_dir() == Path(os.environ["NIGHTINGALE_DATA_DIR"])
 
-    voices.load("NARRATOR_1")  # warm the file cache, then time a load
-    t0 = time.perf_counter()
+    assert voices.load("NARRATOR_1").t3.speaker_emb is not None  # case-folded lookup
+
+    def no_audio(*args, **kwargs):
+        raise AssertionError("a stored voice loads from the store, never from audio")
+
+    monkeypatch.setattr(soundfile, "read", no_audio)  # (its speed is a bench figure, not a test's)
+    monkeypatch.setattr(soundfile, "SoundFile", no_audio)
     loaded = voices.load("narrator_1")
     mx.eval(loaded.t3.speaker_emb, loaded.gen["prompt_feat"])
-    assert time.perf_counter() - t0 < 0.05
     for key in ("speaker_emb", "cond_prompt_speech_tokens", "emotion_adv"):
         assert np.array_equal(np.array(getattr(loaded.t3, key)), np.array(getattr(clip_conds.t3, key)))
         assert getattr(loaded.t3, key).dtype == getattr(clip_conds.t3, key).dtype
