@@ -601,6 +601,9 @@ def stream_text(
     """
     t_start = time.perf_counter()
     conds = model.resolve_voice(voice)
+    # T3's thread must not evaluate arrays that are still lazy graphs of this thread's
+    # stream (a voice read with mx.load is): MLX refuses another thread's stream
+    mx.eval(conds.arrays())
     seed = secrets.randbits(62) if seed is None else seed
     options = StreamOptions(
         chunk_schedule=ChunkSchedule.parse(chunk_schedule),
