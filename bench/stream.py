@@ -58,8 +58,9 @@ def run_config(args) -> dict:
     conds = model.resolve_voice(None)
     schedule = ChunkSchedule.parse(spec["schedule"] or args.chunk_schedule)
     n_timesteps, prompt_tokens, pipeline = spec["steps"], spec["prompt"], spec["pipeline"]
-    stream_opts = dict(chunk_schedule=schedule, n_timesteps=n_timesteps, prompt_tokens=prompt_tokens, pipeline=pipeline,
-                       first_chunk_timesteps=spec["first_steps"])
+    stream_opts = dict(chunk_schedule=schedule, n_timesteps=n_timesteps, prompt_tokens=prompt_tokens, pipeline=pipeline)
+    if spec["first_steps"] is not None:  # else the library's default
+        stream_opts["first_chunk_timesteps"] = spec["first_steps"] or None  # f0: the same steps as the rest
     # warm-up: build kernels (and trace compiled steps) for the shapes used below: first and
     # steady chunks, twice (a shape is compiled the second time it is seen)
     t0 = time.perf_counter()

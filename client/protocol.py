@@ -84,7 +84,7 @@ OPTION_RANGES: dict[str, tuple[float, float]] = {
     "repetition_penalty": (1.0, 5.0),
     "max_new_tokens": (1, 4096),  # T3's learned speech positions
     "n_timesteps": (1, 100),  # the model's default is 10
-    "first_chunk_timesteps": (1, 100),
+    "first_chunk_timesteps": (1, 100),  # the model's default is 4 (capped by n_timesteps)
 }
 CHUNK_TOKENS_RANGE = (4, 1000)  # first and max speech tokens per chunk
 CHUNK_GROWTH_RANGE = (1.0, 10.0)
@@ -513,7 +513,6 @@ class Status(Event):
 class Voices(Event):
     TYPE = "voices"
     voices: list[str] = field(default_factory=list)
-    family: str = ""  # the loaded model's family ("chatterbox", "turbo"); "" from older daemons
 
 
 @dataclass(kw_only=True)

@@ -1,8 +1,10 @@
 """The whole Chatterbox pipeline: text -> speech tokens (T3) -> 24 kHz audio (S3Gen).
 
 `load_model` reads a checkpoint in the upstream layout (a directory or the Hugging Face
-repo) strictly; `ChatterboxModel` exposes token generation, one-shot synthesis, streaming
-synthesis and voices. Everything here is synchronous: the daemon runs it on one thread.
+repo) strictly; `ChatterboxModel` exposes token generation, synthesis (the concatenation
+of the stream), streaming synthesis, one-shot rendering of tokens (`tokens_to_audio`) and
+voices. The API is synchronous and called from one thread; `stream` runs T3 on a helper
+thread of its own (models/streaming.py TokenPump), started and joined within the call.
 """
 
 from __future__ import annotations

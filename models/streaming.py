@@ -52,6 +52,7 @@ BUDGET_BASE_TOKENS = 40  # runaway guard: base + per-text-token allowance, cappe
 BUDGET_TOKENS_PER_TEXT_TOKEN = 8
 MAX_REPEAT_RUN = 50  # 2 s of one identical token ends the segment
 T3_QUEUE_CHUNKS = 2  # T3 may run this many chunks (plus lookahead) ahead of rendering
+FIRST_CHUNK_TIMESTEPS = 4  # CFM steps of an utterance's first chunk (StreamOptions)
 
 
 @dataclass(frozen=True)
@@ -62,10 +63,10 @@ class ChunkSchedule:
     per-call cost (the prompt is re-encoded and re-denoised on every call).
     """
 
-    # Measured on an H100 with INT8 (docs/benchmarks.md): a 12-token first chunk gave
-    # 0.37 s to first audio but ~0.45 s of stalls, since each S3Gen call costs ~0.4-0.5 s
-    # there whatever its size; 24 tokens gave 0.5-0.7 s and 0-0.3 s of stalls.
-    first: int = 24
+    # Measured on an H100 with INT8 (docs/benchmarks.md, issue 11): with T3 pipelined and
+    # a 4-step first chunk, 16 tokens gave 0.29 s to first audio and no stalls (24 tokens:
+    # 0.44-0.49 s). The first chunk emits first - 8 tokens of audio (HiFT holds 16 frames back).
+    first: int = 16
     growth: float = 2.0
     max_tokens: int = 48
 
@@ -104,9 +105,11 @@ class StreamOptions:
     # (104 dB). The decoder reaches ~14 frames each way, the F0 predictor 5.
     hift_holdback_frames: int = 16
     n_timesteps: int | None = None  # CFM steps (None: the model's 10)
-    # CFM steps of the utterance's first chunk only (None: n_timesteps): first audio sooner,
-    # at the cost of a rougher first chunk (bench/cfm.py measures the mel SNR of k steps)
-    first_chunk_timesteps: int | None = None
+    # CFM steps of the utterance's first chunk only, capped by n_timesteps (None: the same
+    # as the rest): first audio sooner, at the cost of a rougher first 0.3 s. On an H100,
+    # 4 steps cut the first S3Gen call from ~110 to ~50 ms (bench/cfm.py: 4 steps give 21 dB
+    # mel SNR against 10 on random weights, as 8 steps do).
+    first_chunk_timesteps: int | None = FIRST_CHUNK_TIMESTEPS
     prompt_tokens: int | None = None  # shorten the S3Gen prompt to its last K tokens (None: all)
 
 
@@ -262,8 +265,10 @@ class MelWindows:
         return mel
 
     def _timesteps(self, n0: int) -> int | None:
-        first = self.options.first_chunk_timesteps
-        return first if first is not None and n0 == 0 and self.first_in_utterance else self.options.n_timesteps
+        steps, first = self.options.n_timesteps, self.options.first_chunk_timesteps
+        if first is None or n0 != 0 or not self.first_in_utterance:
+            return steps
+        return min(first, steps if steps is not None else self.flow.cfg.n_timesteps)
 
 
 class HiftStream:
@@ -575,7 +580,7 @@ def stream_text(
     chunk_schedule=None,
     context_tokens: int | None = None,
     n_timesteps: int | None = None,
-    first_chunk_timesteps: int | None = None,
+    first_chunk_timesteps: int | None = FIRST_CHUNK_TIMESTEPS,
     prompt_tokens: int | None = None,
     max_new_tokens: int = 1000,
     max_repeat_run: int = MAX_REPEAT_RUN,
@@ -596,6 +601,9 @@ def stream_text(
     """
     t_start = time.perf_counter()
     conds = model.resolve_voice(voice)
+    # T3's thread must not evaluate arrays that are still lazy graphs of this thread's
+    # stream (a voice read with mx.load is): MLX refuses another thread's stream
+    mx.eval(conds.arrays())
     seed = secrets.randbits(62) if seed is None else seed
     options = StreamOptions(
         chunk_schedule=ChunkSchedule.parse(chunk_schedule),

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from nightingale.models import dsp, load_model
+from nightingale.models.conds import Conditionals, T3Cond
 from nightingale.models.metrics import snr_db
 from nightingale.models.s3gen.flow import fixed_noise
 from nightingale.models.streaming import (
@@ -337,9 +338,29 @@ def test_cancel_stops_the_cfm_between_steps(tiny_model):
 def test_first_chunk_timesteps_change_only_the_start(tiny_model):
     """Fewer CFM steps for the utterance's first chunk: same length, a different first chunk."""
     options = dict(seed=2, max_new_tokens=40, chunk_schedule="12,2,16", pipeline=False)
-    base = list(tiny_model.stream("First chunk policy.", **options))
+    base = list(tiny_model.stream("First chunk policy.", first_chunk_timesteps=None, **options))
     fast = list(tiny_model.stream("First chunk policy.", first_chunk_timesteps=2, **options))
     same = list(tiny_model.stream("First chunk policy.", first_chunk_timesteps=10, **options))
     assert [len(c.samples) for c in fast] == [len(c.samples) for c in base]
     assert not np.allclose(fast[0].samples, base[0].samples)
     np.testing.assert_array_equal(np.concatenate([c.samples for c in same]), np.concatenate([c.samples for c in base]))
+
+
+def test_a_lazily_loaded_voice_streams_through_t3s_thread(tiny_model, tmp_path):
+    """A voice read with mx.load is a lazy graph on this thread's stream; the pipelined
+    stream must still work with it (T3's thread cannot evaluate another thread's stream)."""
+    conds = tiny_model.resolve_voice(None)
+    path = tmp_path / "voice.safetensors"
+    arrays = {f"gen.{k}": v for k, v in conds.gen.items() if isinstance(v, mx.array)}
+    arrays |= {"t3.speaker_emb": conds.t3.speaker_emb, "t3.tokens": conds.t3.cond_prompt_speech_tokens,
+               "t3.emotion_adv": conds.t3.emotion_adv}
+    mx.save_safetensors(str(path), arrays)
+    lazy = mx.load(str(path))
+    voice = Conditionals(
+        T3Cond(lazy["t3.speaker_emb"] * 1.0, lazy["t3.tokens"], lazy["t3.emotion_adv"] * 1.0),
+        {**conds.gen, **{k[4:]: v for k, v in lazy.items() if k.startswith("gen.")}},
+    )
+    chunks = list(tiny_model.stream("Hello.", voice=voice, seed=1, max_new_tokens=12))
+    expected = list(tiny_model.stream("Hello.", voice=conds, seed=1, max_new_tokens=12))
+    np.testing.assert_allclose(np.concatenate([c.samples for c in chunks]),
+                               np.concatenate([c.samples for c in expected]), atol=1e-5)
