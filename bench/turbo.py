@@ -7,6 +7,8 @@ Each run is a subprocess (clean memory figures). A run is MODEL:CONFIG with MODE
   turbo     Turbo T3 (GPT-2, batch 1) + MeanFlow S3Gen (2 steps, no CFG)
   original  the original T3 (Llama, CFG batch 2) + S3Gen (10 steps, CFG)
   paired    the original T3 + Turbo's MeanFlow S3Gen (`--decoder`; not a pairing Resemble ships)
+  decoders  one streamed chunk through the original S3Gen and through Turbo's MeanFlow S3Gen,
+            same tokens, voice and noise, interleaved in one process (what the decoder buys)
 and CONFIG int8 (INT8 weights, float32 activations), float16, float32.
 
 Per run:
@@ -102,6 +104,54 @@ def worker_ours(args) -> dict:
     }
 
 
+def worker_decoders(args) -> dict:
+    """The two decoders on the same tokens, voice and noise, interleaved in one process (so
+    a busy machine slows both alike): one streamed chunk's flow call (prompt + 24 context +
+    48 new + 3 lookahead tokens) and HiFT over its 96 frames, median of `--repeats`."""
+    from nightingale.blas import reexec_with_openblas
+
+    reexec_with_openblas()
+    import mlx.core as mx
+    import numpy as np
+
+    import common
+    from nightingale.models import load_model
+    from nightingale.models.streaming import _prompt, speech_noise
+    from nightingale.models.s3gen.flow import fixed_noise
+
+    bits, dtype = CONFIGS[args.run.split(":")[1]]
+    original = load_model(args.original, quantize=bits, dtype=dtype)
+    paired = load_model(args.original, quantize=bits, dtype=dtype, decoder=args.turbo)
+    gen = original.resolve_voice(None).gen
+    prompt_token, prompt_feat = _prompt(gen, None)
+    window = [int(t) for t in np.random.default_rng(0).integers(0, 6561, 24 + CHUNK_TOKENS + 3)]
+    noise = mx.concatenate([fixed_noise(prompt_feat.shape[1], 1), speech_noise(1, 0, len(window))], axis=2)
+    frames = (48, 48 + 2 * CHUNK_TOKENS)
+
+    def chunk(model) -> tuple[float, float]:
+        t0 = time.perf_counter()
+        mel = model.s3gen.flow.inference(mx.array([window], dtype=mx.int32), prompt_token, prompt_feat, gen["embedding"],
+                                         noise=noise, frames=frames)
+        mx.eval(mel)
+        t1 = time.perf_counter()
+        hift = model.s3gen.mel2wav
+        mx.eval(hift.decode(mel, hift.source(hift.f0(mel), key=mx.random.key(0))))
+        return (t1 - t0) * 1000, (time.perf_counter() - t1) * 1000
+
+    timings = {"original": [], "meanflow": []}
+    chunk(original), chunk(paired)  # warm-up
+    for _ in range(args.repeats):
+        timings["original"].append(chunk(original))
+        timings["meanflow"].append(chunk(paired))
+    med = {k: [float(np.median([t[i] for t in v])) for i in (0, 1)] for k, v in timings.items()}
+    machine = common.machine()
+    return {"run": args.run, "device": machine["device"], "machine": machine, "prompt_tokens": int(prompt_token.shape[1]),
+            "window_tokens": len(window), "chunk_tokens": CHUNK_TOKENS, "repeats": args.repeats,
+            "original_flow_ms": med["original"][0], "meanflow_flow_ms": med["meanflow"][0],
+            "original_hift_ms": med["original"][1], "meanflow_hift_ms": med["meanflow"][1],
+            "flow_speedup": med["original"][0] / med["meanflow"][0]}
+
+
 def worker_reference(args) -> dict:
     import numpy as np
     import torch
@@ -138,9 +188,19 @@ def worker_reference(args) -> dict:
             "n_timesteps": 2, "max_rss_mb": max_rss_mb()}
 
 
+def render_decoders(r: dict) -> str:
+    return ("| decoder | flow ms per chunk | HiFT ms per chunk |\n|---|---|---|\n"
+            f"| original S3Gen (10 steps, CFG batch 2) | {r['original_flow_ms']:.0f} | {r['original_hift_ms']:.0f} |\n"
+            f"| MeanFlow S3Gen (2 steps, batch 1) | {r['meanflow_flow_ms']:.0f} | {r['meanflow_hift_ms']:.0f} |\n\n"
+            f"{r['run']} on {r['device']}: prompt {r['prompt_tokens']} + window {r['window_tokens']} tokens "
+            f"({r['chunk_tokens']} new), median of {r['repeats']}; flow speed-up x{r['flow_speedup']:.1f}")
+
+
 def render(results: list[dict]) -> str:
     from common import describe_machine
 
+    decoders = [r for r in results if r["run"].startswith("decoders:")]
+    results = [r for r in results if not r["run"].startswith("decoders:")]
     machine = next((r["machine"] for r in results if "machine" in r), None)
     lines = [f"Machine: {describe_machine(machine) if machine else '-'}", "",
              "| run | device | CFM steps | T3 prefill ms | T3 decode tok/s | S3Gen first chunk ms (tokens) "
@@ -157,7 +217,7 @@ def render(results: list[dict]) -> str:
             f"| {f(r.get('t3_tokens_per_s'), '.1f')} | {first} "
             f"| {f(r.get('steady_chunk_s3gen_ms'), '.0f')} ({r['steady_chunk_tokens']}) | {f(r.get('ttfa_ms'), '.0f')} "
             f"| {f(r.get('rtf'), '.2f')} | {f(r.get('peak_memory_gb'), '.2f')} | {f(r.get('max_rss_mb'), '.0f')} |")
-    return "\n".join(lines)
+    return "\n\n".join(["\n".join(lines)] + [render_decoders(r) for r in decoders])
 
 
 def main() -> int:
@@ -170,17 +230,23 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=40, help="T3 decode steps timed")
     parser.add_argument("--short-tokens", type=int, default=75, help="T3 budget of the short sentence (3 s)")
     parser.add_argument("--chunk-tokens-total", type=int, default=150, help="tokens streamed for the chunk figures")
+    parser.add_argument("--repeats", type=int, default=3, help="decoders run: timed chunks per decoder")
     parser.add_argument("--out", help="directory for turbo.json and turbo.md")
     parser.add_argument("--run", help=argparse.SUPPRESS)
     parser.add_argument("--worker", choices=("ours", "reference"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        result = worker_ours(args) if args.worker == "ours" else worker_reference(args)
+        if args.worker == "reference":
+            result = worker_reference(args)
+        elif args.run.startswith("decoders:"):
+            result = worker_decoders(args)
+        else:
+            result = worker_ours(args)
         print("RESULT " + json.dumps(result), flush=True)
         return 0
 
     common_args = ["--turbo", args.turbo, "--tokens", str(args.tokens), "--short-tokens", str(args.short_tokens),
-                   "--chunk-tokens-total", str(args.chunk_tokens_total)]
+                   "--chunk-tokens-total", str(args.chunk_tokens_total), "--repeats", str(args.repeats)]
     if args.original:
         common_args += ["--original", args.original]
     jobs = [([sys.executable, __file__, "--worker", "ours", "--run", run, *common_args], run)
