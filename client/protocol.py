@@ -513,6 +513,7 @@ class Status(Event):
 class Voices(Event):
     TYPE = "voices"
     voices: list[str] = field(default_factory=list)
+    family: str = ""  # the loaded model's family ("chatterbox", "turbo"); "" from older daemons
 
 
 @dataclass(kw_only=True)
