@@ -59,6 +59,7 @@ def start_daemon(args, path: Path, log_file) -> subprocess.Popen:
     cmd = [
         sys.executable, "-m", "nightingale.daemon.cli", "serve",
         "--model", str(args.model), "--socket", str(path), "--no-playback", "--quantize", args.quantize,
+        *(["--decoder", str(args.decoder)] if args.decoder else []),
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + args.start_timeout
@@ -134,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="checkpoint directory (default: a tiny random one, seed 0)")
     ap.add_argument("--quantize", choices=("8", "4", "none"), default="8")
+    ap.add_argument("--decoder", default=None, help="a Turbo checkpoint whose MeanFlow S3Gen replaces the model's")
     ap.add_argument("--clients", type=int, default=10)
     ap.add_argument("--utterances", type=int, default=200, help="total, split evenly over the clients")
     ap.add_argument("--warmup", type=int, default=100, help="utterances before the 'before' memory figure")

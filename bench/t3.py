@@ -61,7 +61,7 @@ def worker_ours(ckpt: Path | None, dtype_name: str, inputs: dict, tokens: int, b
     import numpy as np
 
     from nightingale.models.conds import T3Cond
-    from nightingale.models.t3 import T3, T3Config, generate_tokens, upstream_shapes
+    from nightingale.models.t3 import T3, T3Config, convert_weights, generate_tokens, upstream_shapes
 
     dims_file = ckpt / "dims.json" if ckpt else None
     cfg = T3Config.from_dict(json.loads(dims_file.read_text())["t3"]) if dims_file and dims_file.exists() else T3Config.full()
@@ -71,7 +71,7 @@ def worker_ours(ckpt: Path | None, dtype_name: str, inputs: dict, tokens: int, b
         weights = mx.load(str(ckpt / "t3_cfg.safetensors"))  # straight into MLX: no numpy copy
         shapes = upstream_shapes(cfg)
         assert set(weights) == set(shapes) and all(tuple(weights[k].shape) == shapes[k] for k in shapes)
-        model.load_weights(list(weights.items()), strict=True)
+        model.load_weights(list(convert_weights(weights, cfg).items()), strict=True)
         del weights
     # else (--random-init): the layers' own random initialisation; values do not matter for speed.
     model.set_dtype(getattr(mx, dtype_name))
@@ -110,10 +110,25 @@ def worker_ours(ckpt: Path | None, dtype_name: str, inputs: dict, tokens: int, b
     }
 
 
-def worker_reference(ckpt: Path, inputs: dict, tokens: int) -> dict:
+def _import_reference_t3_only() -> None:
+    """Make `chatterbox` a bare namespace so importing chatterbox.models.t3 skips the
+    package's __init__ (which imports the whole TTS and VC pipelines and their audio
+    dependencies); the T3 code itself is the reference's, unchanged."""
+    import importlib.util
+    import types
+
+    spec = importlib.util.find_spec("chatterbox")
+    package = types.ModuleType("chatterbox")
+    package.__path__ = list(spec.submodule_search_locations)
+    sys.modules["chatterbox"] = package
+
+
+def worker_reference(ckpt: Path, inputs: dict, tokens: int, device: str = "cpu") -> dict:
     import torch
     from safetensors.torch import load_file
 
+    if device != "cpu":
+        _import_reference_t3_only()
     from chatterbox.models.t3 import T3
     from chatterbox.models.t3.modules.cond_enc import T3Cond
 
@@ -124,9 +139,9 @@ def worker_reference(ckpt: Path, inputs: dict, tokens: int) -> dict:
     t_load = time.perf_counter()
     t3 = T3()
     t3.load_state_dict(load_file(str(ckpt / "t3_cfg.safetensors")), strict=True)
-    t3.eval()
+    t3.to(device).eval()
     load_s = time.perf_counter() - t_load
-    text = torch.tensor([[255] + inputs["text_ids"] + [0]] * 2, dtype=torch.long)
+    text = torch.tensor([[255] + inputs["text_ids"] + [0]] * 2, dtype=torch.long, device=device)
 
     def run(n: int) -> list[float]:
         times = []
@@ -136,9 +151,9 @@ def worker_reference(ckpt: Path, inputs: dict, tokens: int) -> dict:
             times.append(time.perf_counter())
             return real_multinomial(probs, num_samples)
 
-        cond = T3Cond(speaker_emb=torch.tensor(inputs["speaker_emb"]),
-                      cond_prompt_speech_tokens=torch.tensor(inputs["prompt_tokens"]),
-                      emotion_adv=0.5 * torch.ones(1, 1, 1))
+        cond = T3Cond(speaker_emb=torch.tensor(inputs["speaker_emb"], device=device),
+                      cond_prompt_speech_tokens=torch.tensor(inputs["prompt_tokens"], device=device),
+                      emotion_adv=0.5 * torch.ones(1, 1, 1, device=device))
         torch.manual_seed(0)
         torch.multinomial = timed_multinomial
         try:
@@ -151,14 +166,14 @@ def worker_reference(ckpt: Path, inputs: dict, tokens: int) -> dict:
     run(2)
     times = run(tokens + 1)
     return {
-        "impl": "reference (torch fp32, 1 thread)",
+        "impl": "reference (torch fp32, 1 thread)" if device == "cpu" else f"reference (torch fp32, {device})",
         "load_s": load_s,
         "prefill_ms": (times[1] - times[0]) * 1e3,
         "decode_tok_s": decode_rate(times[1:]),
         "tokens": len(times) - 1,
         "mx_peak_mb": float("nan"),
         "max_rss_mb": max_rss_mb(),
-        "device": "cpu",
+        "device": device,
     }
 
 
@@ -213,6 +228,7 @@ def main() -> None:
                         help="no checkpoint: full-size T3 with MLX's own random init (MLX only; for GPU machines)")
     parser.add_argument("--bits", default="", help="also run these quantized widths, e.g. 8 or 8,4 (float32 activations)")
     parser.add_argument("--reference-python", default=REFERENCE_PYTHON)
+    parser.add_argument("--reference-device", default="cpu", help="torch device of the reference (cpu, cuda)")
     parser.add_argument("--worker", choices=("ours", "reference"), help=argparse.SUPPRESS)
     parser.add_argument("--dtype", help=argparse.SUPPRESS)
     parser.add_argument("--inputs", help=argparse.SUPPRESS)
@@ -224,7 +240,7 @@ def main() -> None:
             ckpt = None if args.random_init else args.checkpoint
             result = worker_ours(ckpt, args.dtype, inputs, args.tokens, int(args.bits) if args.bits else None)
         else:
-            result = worker_reference(args.checkpoint, inputs, args.tokens)
+            result = worker_reference(args.checkpoint, inputs, args.tokens, args.reference_device)
         print(json.dumps(result))
         return
 
@@ -253,7 +269,8 @@ def main() -> None:
             ref_env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
             ref_env.pop("LD_PRELOAD", None)
             print("reference ...", file=sys.stderr)
-            rows.append(run_worker(args.reference_python, ["--worker", "reference", *common], ref_env))
+            rows.append(run_worker(args.reference_python, ["--worker", "reference", "--reference-device",
+                                                           args.reference_device, *common], ref_env))
         for dtype in args.dtypes.split(","):
             print(f"MLX {dtype} ...", file=sys.stderr)
             rows.append(run_worker(sys.executable, ["--worker", "ours", "--dtype", dtype, *common], mlx_env))

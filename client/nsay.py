@@ -549,6 +549,8 @@ class Session:
 
     def list_voices(self) -> int:
         answer = self.request(p.ListVoices(ref="voices"), p.Voices)
+        if answer.family:  # on stderr, so stdout stays one voice name per line
+            print(f"model family: {answer.family}", file=sys.stderr)
         for name in answer.voices:
             print(name)
         return EXIT_OK

@@ -71,6 +71,7 @@ SPEAK_OPTIONS: dict[str, type] = {
     "repetition_penalty": float,
     "max_new_tokens": int,
     "n_timesteps": int,  # CFM steps of S3Gen's flow (fewer: faster, rougher)
+    "first_chunk_timesteps": int,  # CFM steps of the utterance's first chunk only
     "chunk_schedule": str,  # "first,growth,max" speech tokens per audio chunk
 }
 
@@ -87,6 +88,7 @@ OPTION_RANGES: dict[str, tuple[float, float]] = {
     "repetition_penalty": (1.0, 5.0),
     "max_new_tokens": (1, 4096),  # T3's learned speech positions
     "n_timesteps": (1, 100),  # the model's default is 10
+    "first_chunk_timesteps": (1, 100),  # the model's default is 4 (capped by n_timesteps)
 }
 CHUNK_TOKENS_RANGE = (4, 1000)  # first and max speech tokens per chunk
 CHUNK_GROWTH_RANGE = (1.0, 10.0)
@@ -527,6 +529,7 @@ class Status(Event):
 class Voices(Event):
     TYPE = "voices"
     voices: list[str] = field(default_factory=list)
+    family: str = ""  # the loaded model's family ("chatterbox", "turbo"); "" from older daemons
 
 
 @dataclass(kw_only=True)

@@ -118,7 +118,7 @@ def nightingale_program() -> tuple[str, ...]:
 
 def serve_arguments(
     model: str | None, quantize: str | None, socket: str | None, device: str | None,
-    http: str | None = None, wyoming: str | None = None, family: str | None = None,
+    http: str | None = None, wyoming: str | None = None, decoder: str | None = None, family: str | None = None,
 ) -> tuple[str, ...]:
     """The `serve` options baked into the service. Local paths become absolute: launchd and
     systemd start the daemon from another working directory."""
@@ -137,6 +137,8 @@ def serve_arguments(
         out += ["--http", http]
     if wyoming:
         out += ["--wyoming", wyoming]
+    if decoder:
+        out += ["--decoder", os.path.abspath(decoder) if os.path.exists(decoder) else decoder]
     return tuple(out)
 
 
@@ -338,9 +340,10 @@ def daemon_status_line(socket: str | None) -> tuple[bool, str]:
                     return False, "daemon: closed the connection"
                 if isinstance(event, p.Status):
                     model = event.model.get("source") or event.model.get("path") or "loading"
+                    family = f" ({event.model['family']})" if event.model.get("family") else ""
                     return True, (
                         f"daemon: {event.state}, pid {event.pid}, up {event.uptime_s:.0f} s, "
-                        f"model {model}, socket {event.socket}"
+                        f"model {model}{family}, socket {event.socket}"
                     )
     except (p.DaemonUnavailable, p.ProtocolError, OSError, ValueError) as err:
         return False, f"daemon: not answering ({err})"
@@ -446,8 +449,8 @@ def service_main(args: argparse.Namespace) -> int:
         spec = ServeSpec(
             program=program,
             serve_args=serve_arguments(
-                args.model, args.quantize, args.socket, args.device, getattr(args, "http", None), getattr(args, "wyoming", None),
-                getattr(args, "family", None),
+                args.model, args.quantize, args.socket, args.device, getattr(args, "http", None),
+                getattr(args, "wyoming", None), getattr(args, "decoder", None), getattr(args, "family", None),
             ),
             environment=service_environment(platform, program),
         )

@@ -32,12 +32,13 @@ def default_model() -> str | None:
     return os.environ.get("NIGHTINGALE_MODEL") or None
 
 
-def _add_model_args(parser: argparse.ArgumentParser, quantize: bool = True) -> None:
+def _add_model_args(parser: argparse.ArgumentParser, quantize: bool = True, decoder: bool = False) -> None:
     parser.add_argument(
         "--model",
         default=default_model(),
         metavar="PATH_OR_REPO",
-        help="checkpoint directory or Hugging Face repo (env NIGHTINGALE_MODEL; default ResembleAI/chatterbox)",
+        help="checkpoint directory or Hugging Face repo, e.g. ResembleAI/chatterbox-turbo "
+        "(env NIGHTINGALE_MODEL; default ResembleAI/chatterbox)",
     )
     parser.add_argument(
         "--family",
@@ -46,6 +47,14 @@ def _add_model_args(parser: argparse.ArgumentParser, quantize: bool = True) -> N
         help="which model of a repo that holds both: chatterbox (English, the default) or multilingual "
         "(23 languages); a directory's files say which it is",
     )
+    if decoder:
+        parser.add_argument(
+            "--decoder",
+            default=None,
+            metavar="PATH_OR_REPO",
+            help="use this Chatterbox Turbo checkpoint's MeanFlow S3Gen as the decoder "
+            "(e.g. ResembleAI/chatterbox-turbo; a pairing Resemble does not ship)",
+        )
     if quantize:
         parser.add_argument(
             "--quantize",
@@ -75,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     serve = sub.add_parser("serve", help="run the speech daemon")
-    _add_model_args(serve)
+    _add_model_args(serve, decoder=True)
     _add_socket_arg(serve)
     serve.add_argument("--device", default=None, help="audio output device (name or index)")
     serve.add_argument("--no-playback", action="store_true", help="never open an audio device")
@@ -114,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--exaggeration", type=float, default=0.5, help="emotion exaggeration, 0 flat to 1 and above lively (default 0.5)")
     synth.add_argument("--max-new-tokens", type=int, default=1000, help="stop after this many speech tokens, 25 per second of audio (default 1000)")
     synth.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None, help="precision of non-quantized parts (default float32 on CPU, float16 on GPU)")
-    _add_model_args(synth)
+    _add_model_args(synth, decoder=True)
     synth.set_defaults(handler="nightingale.daemon.synth:synth_main")
 
     voices = sub.add_parser("voices", help="manage named voices")
@@ -158,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--dry-run", action="store_true", help="print what would be written and run")
         sp.add_argument("--platform", choices=("macos", "linux"), default=None, help="render for this system")
         if action == "install":
-            _add_model_args(sp)
+            _add_model_args(sp, decoder=True)
             _add_socket_arg(sp)
             sp.add_argument("--device", default=None, help="audio output device for the service")
             sp.add_argument("--http", default=None, metavar="HOST:PORT", help="the service also serves the OpenAI-compatible API")
@@ -171,9 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     mk = dsub.add_parser("make-checkpoint", help="write a random checkpoint in the upstream layout")
     mk.add_argument("dir", help="output directory")
     mk.add_argument("--size", choices=("tiny", "full"), default="tiny", help="tiny (tests) or the real model's shapes (default tiny)")
+    mk.add_argument("--family", choices=("chatterbox", "multilingual", "turbo"), default="chatterbox",
+                    help="checkpoint layout: ResembleAI/chatterbox (English or multilingual) or ResembleAI/chatterbox-turbo")
     mk.add_argument("--seed", type=int, default=0, help="random seed of the weights (default 0)")
-    mk.add_argument("--family", choices=("chatterbox", "multilingual"), default="chatterbox",
-                    help="checkpoint layout: ResembleAI/chatterbox English or multilingual (default chatterbox)")
     dev.set_defaults(handler="nightingale.daemon.synth:dev_main")
     return parser
 

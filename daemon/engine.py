@@ -1,7 +1,8 @@
-"""The engine thread: the only thread that touches the model (and so MLX).
+"""The engine thread: the only thread that calls the model (model.stream runs T3 on a
+helper thread of its own, which it starts and stops).
 
-It loads and warms the model, then runs one utterance at a time: text segments from the
-utterance's feed go through model.stream(), and each AudioChunk goes to the player
+It loads and warms the model, then runs one utterance at a time: the utterance's text feed
+goes through one model.stream() call, and each AudioChunk goes to the player
 (local playback) and/or back to the event loop as PCM (streaming clients). Everything the
 loop must learn crosses through `post(fn, *args)`, which schedules fn on the loop thread
 (loop.call_soon_threadsafe); the loop never calls the model. The utterance's `cancelled`
@@ -21,7 +22,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 
@@ -46,6 +47,36 @@ class Listener(Protocol):
     def on_audio(self, utt: Utterance, seq: int, pcm: bytes, start_s: float) -> None: ...
     def on_chunk(self, utt: Utterance, info: dict) -> None: ...
     def on_generated(self, utt: Utterance, outcome: str, stats: dict, error: tuple[str, str] | None) -> None: ...
+
+
+class TextPlaces:
+    """Maps character offsets of the text model.stream sees (the feed's runs, joined) to
+    offsets of the text the client sent (`feed.text`), for progress events. The runs are
+    stripped sentences of the feed, in order; `runs` wraps their iterator (consumed on
+    T3's thread, before any chunk of a run exists)."""
+
+    def __init__(self, feed) -> None:
+        self._feed = feed
+        self._origins: list[int] = []  # joined-runs offset -> feed.text offset
+        self._cursor = 0
+
+    def runs(self, runs: Iterator[str]) -> Iterator[str]:
+        for run in runs:
+            found = segment_origins(self._feed.text[self._cursor :], [run])[0]
+            origins = [self._cursor + k for k in found]
+            if origins:
+                self._cursor = origins[-1] + 1
+            self._origins.extend(origins)
+            yield run
+
+    def describe(self, start: int | None, end: int | None) -> dict:
+        """{text_start, text_end, text} in the client's text, or {} when unknown."""
+        origins = self._origins
+        if start is None or end is None or not origins:
+            return {}
+        a = origins[min(start, len(origins) - 1)]
+        b = origins[min(end, len(origins)) - 1] + 1 if end > start else a
+        return {"text_start": a, "text_end": b, "text": self._feed.text[a:b]}
 
 
 class UnsupportedLanguage(Exception):
@@ -274,7 +305,7 @@ class Engine:
 
     def _language(self, utt: Utterance) -> str | None:
         """The language to speak (asked, else the voice's, else English), checked with its
-        front end loaded; UnsupportedLanguage otherwise. None for models without languages."""
+        front end loaded; UnsupportedLanguage otherwise. None for English-only models."""
         resolve = getattr(self.model, "resolve_language", None)
         if resolve is None:
             if utt.language not in (None, "en"):
@@ -290,11 +321,8 @@ class Engine:
         except (UnsupportedLanguageError, MissingFrontEndError) as err:
             raise UnsupportedLanguage(str(err)) from None
 
-    def _stream_kwargs(self, utt: Utterance, segment: int) -> dict:
+    def _stream_kwargs(self, utt: Utterance) -> dict:
         kwargs = dict(utt.options)
-        if "seed" in kwargs and segment:
-            # Each text segment gets its own, still reproducible, seed.
-            kwargs["seed"] = int(kwargs["seed"]) + segment
         allowed = self.info.stream_kwargs
         if allowed:
             unknown = sorted(set(kwargs) - allowed)
@@ -321,71 +349,66 @@ class Engine:
             language = self._language(utt)
             self._post(self._listener.on_started, utt, language)
             conds = self._voice(utt.voice)
-            cursor = 0  # characters of utt.feed.text already spoken
-            for segment, text in enumerate(utt.feed.segments(utt.cancelled)):
-                kwargs = self._stream_kwargs(utt, segment)
-                if language is not None:
-                    kwargs["language"] = language
-                origins = [cursor + k for k in segment_origins(utt.feed.text[cursor:], [text])[0]]
-                cursor = origins[-1] + 1 if origins else cursor
-                gen = self.model.stream(text, voice=conds, **kwargs)
-                try:
-                    for chunk in gen:
-                        if utt.cancelled.is_set():
-                            break
-                        samples = np.asarray(chunk.samples, dtype=np.float32).reshape(-1)
-                        now = time.monotonic()
-                        if stats["ttfa_ms"] is None:
-                            stats["ttfa_ms"] = (now - t_start) * 1000.0
-                            stats["model_ttfa_ms"] = chunk.timings.get("ttfa_ms")
-                        start_s = stats["audio_s"]
-                        stats["chunks"] += 1
-                        stats["tokens"] += max(0, int(chunk.token_end) - int(chunk.token_start))
-                        stats["audio_s"] += len(samples) / sr
-                        stats["t3_ms"] += float(chunk.timings.get("t3_ms", 0.0))
-                        stats["s3gen_ms"] += float(chunk.timings.get("s3gen_ms", 0.0))
-                        if utt.streams:
-                            fmt = utt.audio_format
-                            for off in range(0, len(samples), MAX_AUDIO_FRAME_SAMPLES):
-                                part = samples[off : off + MAX_AUDIO_FRAME_SAMPLES]
-                                self._post(self._listener.on_audio, utt, seq, encode_pcm(part, fmt), start_s + off / sr)
-                                seq += 1
-                        info = {
-                            "chunk": stats["chunks"] - 1,
-                            "segment": segment,
-                            "tokens": stats["tokens"],
-                            "audio_s": stats["audio_s"],
-                            "t3_ms": chunk.timings.get("t3_ms"),
-                            "s3gen_ms": chunk.timings.get("s3gen_ms"),
-                            "t3_tokens_per_s": chunk.timings.get("t3_tokens_per_s"),
-                            "first": stats["chunks"] == 1,
-                        }
-                        start, end = getattr(chunk, "text_start", None), getattr(chunk, "text_end", None)
-                        if start is not None and end is not None and origins:
-                            # segment characters -> characters of the utterance's text
-                            a = origins[min(start, len(origins) - 1)]
-                            b = origins[min(end, len(origins)) - 1] + 1 if end > start else a
-                            info.update(text_start=a, text_end=b, text=utt.feed.text[a:b])
-                        self._post(self._listener.on_chunk, utt, info)
-                        if utt.plays and self.player is not None:
-                            # Blocks only when the buffer is full (paused, or far ahead).
-                            stats["blocked_s"] += self.player.write(utt, samples, utt.cancelled)
-                            played_any = True
-                        self._run_calls()
-                        if utt.cancelled.is_set():
-                            break
-                finally:
-                    gen.close()
-                if utt.cancelled.is_set():
-                    break
+            # One stream over the whole feed: the model splits the text (models/text.py),
+            # seeds each segment and runs T3 ahead of S3Gen on its own thread; `cancel`
+            # stops both at their next step.
+            kwargs = self._stream_kwargs(utt)
+            if language is not None:
+                kwargs["language"] = language
+            where = TextPlaces(utt.feed)
+            gen = self.model.stream(where.runs(utt.feed.segments(utt.cancelled)), voice=conds, **kwargs)
+            try:
+                for chunk in gen:
+                    if utt.cancelled.is_set():
+                        break
+                    samples = np.asarray(chunk.samples, dtype=np.float32).reshape(-1)
+                    if not len(samples):
+                        continue
+                    now = time.monotonic()
+                    if stats["ttfa_ms"] is None:
+                        stats["ttfa_ms"] = (now - t_start) * 1000.0
+                        stats["model_ttfa_ms"] = chunk.timings.get("ttfa_ms")
+                    start_s = stats["audio_s"]
+                    stats["chunks"] += 1
+                    stats["tokens"] += max(0, int(chunk.token_end) - int(chunk.token_start))
+                    stats["audio_s"] += len(samples) / sr
+                    stats["t3_ms"] += float(chunk.timings.get("t3_ms", 0.0))
+                    stats["s3gen_ms"] += float(chunk.timings.get("s3gen_ms", 0.0))
+                    if utt.streams:
+                        fmt = utt.audio_format
+                        for off in range(0, len(samples), MAX_AUDIO_FRAME_SAMPLES):
+                            part = samples[off : off + MAX_AUDIO_FRAME_SAMPLES]
+                            self._post(self._listener.on_audio, utt, seq, encode_pcm(part, fmt), start_s + off / sr)
+                            seq += 1
+                    info = {
+                        "chunk": stats["chunks"] - 1,
+                        "segment": chunk.timings.get("segment", 0),
+                        "tokens": stats["tokens"],
+                        "audio_s": stats["audio_s"],
+                        "t3_ms": chunk.timings.get("t3_ms"),
+                        "s3gen_ms": chunk.timings.get("s3gen_ms"),
+                        "t3_tokens_per_s": chunk.timings.get("t3_tokens_per_s"),
+                        "first": stats["chunks"] == 1,
+                    }
+                    info.update(where.describe(getattr(chunk, "text_start", None), getattr(chunk, "text_end", None)))
+                    self._post(self._listener.on_chunk, utt, info)
+                    if utt.plays and self.player is not None:
+                        # Blocks only when the buffer is full (paused, or far ahead).
+                        stats["blocked_s"] += self.player.write(utt, samples, utt.cancelled)
+                        played_any = True
+                    self._run_calls()
+                    if utt.cancelled.is_set():
+                        break
+            finally:
+                gen.close()
             if utt.cancelled.is_set():
                 outcome = "cancelled"
         except Cancelled:
             outcome = "cancelled"
-        except UnknownVoice as err:
-            outcome, error = "failed", ("unknown_voice", f"unknown voice {utt.voice!r}: {err}")
         except UnsupportedLanguage as err:
             outcome, error = "failed", ("unsupported_language", str(err))
+        except UnknownVoice as err:
+            outcome, error = "failed", ("unknown_voice", f"unknown voice {utt.voice!r}: {err}")
         except BadOption as err:
             outcome, error = "failed", ("bad_field", str(err))
         except PlaybackError as err:

@@ -912,7 +912,8 @@ class Daemon:
             if error is not None:
                 self._send_error(session, p.Error(code=p.E_INTERNAL, message=f"listing voices failed: {error}", request="voices", ref=msg.ref))
             else:
-                session.post(p.Voices(voices=[str(v) for v in value], ref=msg.ref))
+                family = str((self.info.describe if self.info else {}).get("family", ""))
+                session.post(p.Voices(voices=[str(v) for v in value], family=family, ref=msg.ref))
 
         self.engine.call(lambda model: list(model.list_voices()), answer)  # answer runs on the loop
 
@@ -1146,10 +1147,11 @@ class Daemon:
 # ----------------------------------------------------------------------------- CLI entry
 
 
-def _load_model(model: str | None, quantize: int | None, dtype: str | None, family: str | None = None) -> Any:
+def _load_model(model: str | None, quantize: int | None, dtype: str | None, decoder: str | None = None,
+                family: str | None = None) -> Any:
     from nightingale import models
 
-    return models.load_model(model, quantize=quantize, dtype=dtype, family=family)
+    return models.load_model(model, quantize=quantize, dtype=dtype, decoder=decoder, family=family)
 
 
 def serve_main(args: Any) -> int:
@@ -1188,7 +1190,8 @@ def serve_main(args: Any) -> int:
         latency=getattr(args, "latency", None),
         frontends=frontends,
     )
-    factory = partial(_load_model, args.model, parse_quantize(args.quantize), args.dtype, getattr(args, "family", None))
+    factory = partial(_load_model, args.model, parse_quantize(args.quantize), args.dtype, getattr(args, "decoder", None),
+                      getattr(args, "family", None))
     daemon = Daemon(config, factory)
     log.info("nightingale %s (pid %d), model %s, quantize %s", __version__, os.getpid(), args.model or "default", args.quantize)
     try:

@@ -44,7 +44,7 @@ def _load(args: argparse.Namespace, quantize: int | None = None):
             logger.info("using the running daemon's model %s", args.model)
     try:
         return load_model(args.model, quantize=quantize, dtype=getattr(args, "dtype", None),
-                          family=getattr(args, "family", None))
+                          decoder=getattr(args, "decoder", None), family=getattr(args, "family", None))
     except hub.CheckpointNotFoundError as err:
         raise CliError(str(err), EXIT_USAGE) from None
     except loading.CheckpointError as err:
@@ -241,7 +241,7 @@ def dev_main(args: argparse.Namespace) -> int:
     from nightingale.models.checkpoint import make_checkpoint
 
     try:
-        out = make_checkpoint(args.dir, args.size, seed=args.seed, family=getattr(args, "family", "chatterbox"))
+        out = make_checkpoint(args.dir, args.size, seed=args.seed, family=args.family)
     except OSError as err:
         raise CliError(f"cannot write {args.dir}: {err.strerror or err}", EXIT_FAILURE) from None
     print(out)

@@ -8,54 +8,25 @@ a streaming client goes away).
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-# Pieces of text synthesized in one model.stream() call. Chatterbox degrades on long
-# inputs (~300 characters, ~40 s), so longer text is cut at sentence ends.
-MAX_SEGMENT_CHARS = 300
-# Text without any sentence end is still spoken once this much has accumulated.
-FORCE_SEGMENT_CHARS = 200
+from nightingale.models.text import last_sentence_end, split_text
+
 _POLL_S = 0.05  # how often a blocked engine re-checks cancellation
-
-# The end of a sentence: terminal punctuation (plus closing quotes/brackets) followed by
-# white space (CJK full-width ends need none; models/punctuation.py), or a line break.
-_BOUNDARY = re.compile(
-    r"[.!?;:\u2026\u061f\u06d4\u0964\u0965]+[\"'\u201d\u2019\u00bb)\]]*(?=\s)"  # Latin, Arabic, Devanagari
-    r"|[\u3002\uff01\uff1f]+[\u300d\u300f\u201d\u2019\uff09)\]]*"  # CJK: no space follows
-    r"|\n"
-)
-
-
-def last_boundary(text: str, limit: int | None = None) -> int:
-    """Index just past the last sentence end in text[:limit] (0 when there is none)."""
-    end = 0
-    for m in _BOUNDARY.finditer(text, 0, len(text) if limit is None else min(limit, len(text))):
-        end = m.end()
-    return end
-
-
-def take_segment(text: str, max_chars: int = MAX_SEGMENT_CHARS) -> tuple[str, str]:
-    """Split `text` into (head, rest): head is at most max_chars, cut at the last sentence
-    end, else at the last space, else hard."""
-    if len(text) <= max_chars:
-        return text, ""
-    cut = last_boundary(text, max_chars)
-    if cut == 0:
-        space = text.rfind(" ", 0, max_chars)
-        cut = space + 1 if space > 0 else max_chars
-    return text[:cut], text[cut:]
 
 
 class TextFeed:
-    """Text that arrives in pieces (or all at once) and leaves in sentence-sized segments.
+    """Text that arrives in pieces (or all at once) and leaves in runs of whole sentences.
 
-    The loop calls push()/end()/abort(); the engine iterates segments(), which blocks until
-    a complete sentence (or the end of input) is available. Segments are formed when the
-    engine asks, so text that piled up while it was busy is spoken as one larger segment.
+    The loop calls push()/end()/abort(); the engine passes segments() to model.stream, which
+    splits each run into sentences with the model's one splitter (models/text.py). A run
+    ends at the last sentence end the buffer holds, or is the whole text once the input has
+    ended; a sentence too long for one segment is spoken segment by segment as soon as the
+    splitter's cut can no longer move. So the runs split exactly as the whole text does, and
+    text given at once is spoken exactly as model.stream(text) speaks it.
     """
 
     def __init__(self) -> None:
@@ -89,29 +60,33 @@ class TextFeed:
     def ended(self) -> bool:
         return self._ended
 
-    def _ready_text(self) -> int:
-        """How much of the buffer may be spoken now."""
-        if self._ended:
-            return len(self._buf)
-        cut = last_boundary(self._buf)
-        if cut == 0 and len(self._buf) >= FORCE_SEGMENT_CHARS:
-            cut = self._buf.rfind(" ") + 1 or len(self._buf)
-        return cut
+    def _take_ready(self) -> str:
+        """Remove and return what may be spoken now ("" if nothing)."""
+        cut = len(self._buf) if self._ended else last_sentence_end(self._buf)
+        if cut:
+            head, self._buf = self._buf[:cut], self._buf[cut:]
+            return head
+        segments = split_text(self._buf)
+        if len(segments) < 2:
+            return ""
+        # One long sentence: every segment but the last is final (the splitter packs
+        # clauses and words greedily); the last may still grow.
+        tail = " " if self._buf[-1:].isspace() else ""
+        self._buf = segments[-1] + tail
+        return " ".join(segments[:-1])
 
     def next_segment(self, timeout: float | None = None) -> str | None:
-        """The next non-empty segment; None when the input ended (or was aborted).
+        """The next non-blank run of text; None when the input ended (or was aborted).
         Raises TimeoutError if `timeout` passes with nothing ready."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while True:
                 if self._aborted:
                     return None
-                ready = self._ready_text()
-                if ready:
-                    head, rest = take_segment(self._buf[:ready])
-                    self._buf = rest + self._buf[ready:]
-                    if head.strip():
-                        return head.strip()
+                head = self._take_ready()
+                if head.strip():
+                    return head.strip()
+                if head:
                     continue
                 if self._ended:
                     return None
@@ -121,7 +96,7 @@ class TextFeed:
                 self._cond.wait(wait)
 
     def segments(self, cancelled: threading.Event) -> Iterator[str]:
-        """Segments until the input ends or `cancelled` is set."""
+        """Runs of text until the input ends or `cancelled` is set."""
         while not cancelled.is_set():
             try:
                 seg = self.next_segment(timeout=_POLL_S)

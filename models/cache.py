@@ -29,12 +29,15 @@ from mlx.utils import tree_flatten
 logger = logging.getLogger(__name__)
 
 FORMAT = "nightingale-mlx"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: merged projections (MERGED_PROJECTIONS in models/t3.py and s3gen/flow.py)
 CONFIG_FILE = "config.json"
 COMPONENT_FILES = {"t3": "t3.safetensors", "s3gen": "s3gen.safetensors", "ve": "ve.safetensors"}
 MTL_FILES = ("ve.pt", "t3_mtl23ls_v2.safetensors", "s3gen.pt", "grapheme_mtl_merged_expanded_v1.json", "Cangjie5_TC.json")
 COPIED_FILES = ("tokenizer.json", "conds.pt", "grapheme_mtl_merged_expanded_v1.json", "Cangjie5_TC.json")
-SOURCE_FILES = ("ve.safetensors", "t3_cfg.safetensors", "s3gen.safetensors", "tokenizer.json", "conds.pt", "dims.json") + MTL_FILES
+SOURCE_FILES = ("ve.safetensors", "t3_cfg.safetensors", "s3gen.safetensors", "tokenizer.json", "conds.pt", "dims.json",
+                # Chatterbox Turbo (models/turbo.py)
+                "t3_turbo_v1.safetensors", "s3gen_meanflow.safetensors", "vocab.json", "merges.txt",
+                "added_tokens.json", "special_tokens_map.json", "tokenizer_config.json") + MTL_FILES
 FINGERPRINT_BYTES = 1 << 20
 
 
@@ -115,7 +118,7 @@ def save_converted(model, directory: Path, fingerprints: dict[str, str]) -> Path
         for name, file_name in COMPONENT_FILES.items():
             module = getattr(model, name)
             mx.save_safetensors(str(tmp / file_name), dict(tree_flatten(module.parameters())))
-        for file_name in COPIED_FILES:
+        for file_name in getattr(model, "copied_files", COPIED_FILES):
             src = model.checkpoint.path / file_name
             if src.exists():
                 shutil.copy2(src, tmp / file_name)
@@ -123,6 +126,7 @@ def save_converted(model, directory: Path, fingerprints: dict[str, str]) -> Path
             "format": FORMAT,
             "version": FORMAT_VERSION,
             "dims": model.dims,
+            "family": getattr(model, "family", "chatterbox"),
             **settings(model.quantize, getattr(model, "group_size", 64), model.dtype),
             "source": model.checkpoint.source,
             "source_path": str(model.checkpoint.path),

@@ -27,6 +27,12 @@ logger = logging.getLogger(__name__)
 SIZES = ("tiny", "full")
 DIMS_FILE = "dims.json"
 CHECKPOINT_FILES = ("ve.safetensors", "t3_cfg.safetensors", "s3gen.safetensors", "tokenizer.json", "conds.pt")
+# ResembleAI/chatterbox-turbo: what ChatterboxTurboTTS.from_local reads (models/turbo.py)
+TURBO_CHECKPOINT_FILES = (
+    "ve.safetensors", "t3_turbo_v1.safetensors", "s3gen_meanflow.safetensors", "conds.pt",
+    "vocab.json", "merges.txt", "added_tokens.json", "special_tokens_map.json", "tokenizer_config.json",
+)
+FAMILIES = ("chatterbox", "multilingual", "turbo")
 
 # (pattern on the full key, sampler(rng, shape) -> array). First match wins.
 Sampler = Callable[[np.random.Generator, tuple], np.ndarray]
@@ -137,15 +143,19 @@ def make_checkpoint(directory: str | os.PathLike, size: str = "tiny", seed: int 
 
     The same (size, seed) always gives the same tensors. Each file draws from its own
     generator (seeded from `seed` and the file's name), so files are independent.
-    family "multilingual" writes Chatterbox Multilingual's six files instead
-    (models/multilingual.py).
+    family "turbo" writes the Chatterbox Turbo layout instead (models/turbo.py), "multilingual"
+    Chatterbox Multilingual's six files (models/multilingual.py).
     """
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; choose from {', '.join(FAMILIES)}")
+    if family == "turbo":
+        from .turbo import make_turbo_checkpoint
+
+        return make_turbo_checkpoint(directory, size, seed)
     if family == "multilingual":
         from . import multilingual
 
         return multilingual.make_checkpoint(directory, size, seed)
-    if family != "chatterbox":
-        raise ValueError(f"unknown model family {family!r}; choose chatterbox or multilingual")
     from . import t3, torchpickle, voice_encoder
     from .s3gen import s3gen
     from .tokenizer import write_stand_in_tokenizer_json

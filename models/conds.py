@@ -40,3 +40,9 @@ class Conditionals:
 
     t3: T3Cond
     gen: dict = field(default_factory=dict)
+
+    def arrays(self) -> list[mx.array]:
+        """Every array of the voice (e.g. to evaluate them before another thread uses them:
+        a lazy array, as mx.load gives, belongs to the stream of the thread that made it)."""
+        t3 = [self.t3.speaker_emb, self.t3.cond_prompt_speech_tokens, self.t3.emotion_adv, self.t3.cond_prompt_speech_emb]
+        return [a for a in t3 + list(self.gen.values()) if isinstance(a, mx.array)]

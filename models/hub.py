@@ -16,7 +16,7 @@ import socket
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .checkpoint import CHECKPOINT_FILES  # the five upstream files, one list for the whole package
+from .checkpoint import CHECKPOINT_FILES, TURBO_CHECKPOINT_FILES  # the upstream layouts, one list each
 
 logger = logging.getLogger(__name__)
 
@@ -36,35 +36,50 @@ class CheckpointNotFoundError(FileNotFoundError):
         return str(self.args[0]) if self.args else ""
 
 
-def family_files(family: str | None) -> tuple[str, ...]:
-    """The files a checkpoint of that family holds (None and "chatterbox": the five English ones)."""
+def checkpoint_files(family: str) -> tuple[str, ...]:
+    """The files of an upstream checkpoint of this family ("chatterbox", "multilingual" or "turbo")."""
     from . import multilingual
 
-    if family in (None, "chatterbox"):
-        return CHECKPOINT_FILES
+    if family == "turbo":
+        return TURBO_CHECKPOINT_FILES
     if family == multilingual.FAMILY:
         return multilingual.REQUIRED_FILES
-    raise CheckpointNotFoundError(f"unknown model family {family!r}; choose chatterbox or multilingual")
+    if family == "chatterbox":
+        return CHECKPOINT_FILES
+    raise CheckpointNotFoundError(f"unknown model family {family!r}; choose chatterbox, multilingual or turbo")
+
+
+def repo_family(repo_id: str) -> str:
+    """The family a Hugging Face repo id names: Resemble's Turbo repo is `chatterbox-turbo`
+    (the multilingual model shares ResembleAI/chatterbox: ask for it with family)."""
+    return "turbo" if "turbo" in repo_id.split("/")[-1].lower() else "chatterbox"
+
+
+def dir_family(path: Path) -> str:
+    """The family of a local checkpoint directory, by the T3 file it holds."""
+    from . import multilingual
+
+    if (path / "t3_turbo_v1.safetensors").is_file():
+        return "turbo"
+    return multilingual.FAMILY if multilingual.is_multilingual_dir(path) else "chatterbox"
 
 
 def check_checkpoint_dir(path: str | os.PathLike, family: str | None = None) -> Path:
-    """Return `path` resolved if it holds the checkpoint files, else raise naming the
-    missing ones. Without a family, a directory holding the multilingual T3 is multilingual."""
-    from . import multilingual
-
+    """Return `path` resolved if it holds every file of its family's layout, else raise
+    naming the missing ones. family None: told by the directory's T3 file."""
     path = Path(path).expanduser().resolve()
-    if family is None and multilingual.is_multilingual_dir(path):
-        family = multilingual.FAMILY
-    files = family_files(family)
     if not path.is_dir():
         raise CheckpointNotFoundError(
-            f"{path} is not a directory (expected a checkpoint directory holding {', '.join(files)})"
+            f"{path} is not a directory (expected a checkpoint directory holding {', '.join(checkpoint_files(family or 'chatterbox'))})"
         )
+    family = family or dir_family(path)
+    files = checkpoint_files(family)
     missing = [name for name in files if not (path / name).is_file()]
     if missing:
+        kind = {"turbo": "Chatterbox Turbo", "multilingual": "Chatterbox Multilingual"}.get(family, "Chatterbox")
         raise CheckpointNotFoundError(
             f"checkpoint directory {path} is missing {', '.join(missing)} "
-            f"(a Chatterbox {family or 'english'} checkpoint holds {', '.join(files)})"
+            f"(a {kind} checkpoint holds {', '.join(files)})"
         )
     return path
 
@@ -78,6 +93,7 @@ def _offline() -> bool:
 
 
 def _missing_message(repo_id: str, missing: dict[str, str], offline: bool, cache_dir: str) -> str:
+    files = checkpoint_files(repo_family(repo_id))
     why = "offline mode is on (HF_HUB_OFFLINE)" if offline else "huggingface.co could not be reached"
     by_reason: dict[str, list[str]] = {}
     for name, reason in missing.items():
@@ -88,7 +104,7 @@ def _missing_message(repo_id: str, missing: dict[str, str], offline: bool, cache
         f"(the files are then cached in {cache_dir}), or",
         f"download them with `hf download {repo_id}` (older huggingface_hub: "
         f"`huggingface-cli download {repo_id}`), or",
-        f"pass --model DIR, a directory holding {', '.join(CHECKPOINT_FILES)}.",
+        f"pass --model DIR, a directory holding {', '.join(files)}.",
     ]
     return (
         f"cannot get the Chatterbox checkpoint {repo_id}: {why}; missing {details}.\nTo fix it, either\n"
@@ -134,7 +150,8 @@ def _download(repo_id: str, revision: str | None, cache_dir: str | os.PathLike |
     cache_shown = str(cache_dir or constants.HF_HUB_CACHE)
     from . import multilingual
 
-    files = family_files(family)
+    family = family or repo_family(repo_id)
+    files = checkpoint_files(family)
     if family == multilingual.FAMILY:
         files = multilingual.CHECKPOINT_FILES  # the Cangjie table too, as upstream fetches it
     with tqdm(total=len(files), desc=f"Fetching {repo_id}", unit="file", disable=None) as bar:
@@ -181,14 +198,16 @@ def resolve_checkpoint(
     cache_dir: str | os.PathLike | None = None,
     family: str | None = None,
 ) -> Path:
-    """The directory holding the five checkpoint files.
+    """The directory holding the checkpoint files (the five of Chatterbox, the six of
+    Chatterbox Multilingual, or the nine of Chatterbox Turbo: a repo id whose name contains
+    "turbo", a directory holding t3_turbo_v1.safetensors).
 
     path_or_repo: an existing directory (used as is, after checking the files), or a Hugging
     Face repo id `owner/name` (downloaded into the HF cache, or taken from it when offline).
     None means $NIGHTINGALE_MODEL, else `ResembleAI/chatterbox`. revision / cache_dir are
     passed to huggingface_hub (defaults: the main branch, its usual cache). family picks
-    which model of the repo ("chatterbox", the English default, or "multilingual"); a directory's
-    files say which it is.
+    which model of a repo ("chatterbox", the English default, or "multilingual", both in
+    ResembleAI/chatterbox); a directory's files say which it is.
 
     Raises CheckpointNotFoundError with a message meant for the user.
     """

@@ -1,8 +1,10 @@
 """The whole Chatterbox pipeline: text -> speech tokens (T3) -> 24 kHz audio (S3Gen).
 
 `load_model` reads a checkpoint in the upstream layout (a directory or the Hugging Face
-repo) strictly; `ChatterboxModel` exposes token generation, one-shot synthesis, streaming
-synthesis and voices. Everything here is synchronous: the daemon runs it on one thread.
+repo) strictly; `ChatterboxModel` exposes token generation, synthesis (the concatenation
+of the stream), streaming synthesis, one-shot rendering of tokens (`tokens_to_audio`) and
+voices. The API is synchronous and called from one thread; `stream` runs T3 on a helper
+thread of its own (models/streaming.py TokenPump), started and joined within the call.
 """
 
 from __future__ import annotations
@@ -10,10 +12,11 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import mlx.core as mx
 import numpy as np
@@ -40,17 +43,6 @@ DEFAULT_LANGUAGE = "en"  # what the multilingual model speaks when neither reque
 REPETITION_PENALTY = {ENGLISH: 1.2, MULTILINGUAL: 2.0}
 
 
-def filter_speech_tokens(tokens: list[int]) -> list[int]:
-    """The reference's post-filter: keep ids < 6561 (generate_tokens already stops at EOS).
-
-    drop_invalid_tokens also discards everything up to a stray SOS (6561) in the middle;
-    T3 feeds SOS back like any token, so that rule is kept.
-    """
-    if START_SPEECH_TOKEN in tokens:
-        tokens = tokens[len(tokens) - tokens[::-1].index(START_SPEECH_TOKEN):]
-    return [t for t in tokens if t < START_SPEECH_TOKEN]
-
-
 @dataclass
 class Checkpoint:
     """Where a model came from, for status and cache keys."""
@@ -64,6 +56,7 @@ class ChatterboxModel:
     """T3 + S3Gen + VoiceEncoder with a tokenizer and the built-in voice."""
 
     sample_rate = SAMPLE_RATE
+    decoder_source: str | None = None  # set when S3Gen comes from another checkpoint (load_model decoder=)
 
     def __init__(
         self,
@@ -89,7 +82,8 @@ class ChatterboxModel:
 
     @property
     def family(self) -> str:
-        """"chatterbox" (English) or "multilingual" (the T3 text vocabulary says which, as upstream)."""
+        """"chatterbox" (English) or "multilingual" (the T3 text vocabulary says which, as
+        upstream); models/turbo.py's TurboModel overrides it with "turbo"."""
         return MULTILINGUAL if self.t3.cfg.is_multilingual else ENGLISH
 
     @property
@@ -100,13 +94,15 @@ class ChatterboxModel:
         return dict(SUPPORTED_LANGUAGES) if self.family == MULTILINGUAL else dict(ENGLISH_LANGUAGES)
 
     def check_language(self, language: str | None) -> str | None:
-        """The normalised code (None for English's default), or UnsupportedLanguageError."""
+        """The normalised code, or UnsupportedLanguageError. English-only models take None
+        or "en" and give None (their text path has no language)."""
         if language is None:
             if self.family == MULTILINGUAL:
                 raise UnsupportedLanguageError(
                     f"the multilingual model needs a language; supported: {', '.join(self.languages)}")
             return None
-        return check_language(language, self.languages)
+        code = check_language(language, self.languages)
+        return code if self.family == MULTILINGUAL else None
 
     # -- voices ------------------------------------------------------------------------
 
@@ -215,7 +211,7 @@ class ChatterboxModel:
         max_new_tokens: int = 1000,
         seed: int | None = None,
         language: str | None = None,
-        cancel=None,
+        cancel: threading.Event | None = None,
     ) -> Iterator[int]:
         """Yield every token T3 samples, as soon as it is sampled (EOS excluded). The
         multilingual model decodes with the alignment analyzer, as upstream does.
@@ -266,46 +262,57 @@ class ChatterboxModel:
         seed = secrets.randbits(62) if seed is None else seed
         return render_tokens(self, tokens, conds.gen, seed, StreamOptions(n_timesteps=n_timesteps))
 
-    def synthesize(self, text: str, *, voice: Conditionals | str | None = None, seed: int | None = None, **sampling) -> np.ndarray:
-        """One-shot: text -> float32 samples at 24 kHz (T3, post-filter, S3Gen, trim fade)."""
-        sampling["language"] = self.resolve_language(sampling.get("language"), voice)
-        conds = self.resolve_voice(voice)
-        seed = secrets.randbits(63) if seed is None else seed
-        tokens = filter_speech_tokens(list(self.generate_tokens(text, voice=conds, seed=seed, **sampling)))
-        return self.tokens_to_audio(tokens, voice=conds, seed=seed + 1)
+    def synthesize(self, text: str, *, voice: Conditionals | str | None = None, seed: int | None = None, **options) -> np.ndarray:
+        """Text -> float32 samples at 24 kHz: the concatenation of `stream` with the same
+        arguments (the same segments, token budget, repeat guard, tokens and samples), so a
+        rendered file and a stream of one request are one utterance."""
+        seed = secrets.randbits(62) if seed is None else seed
+        chunks = [chunk.samples for chunk in self.stream(text, voice=voice, seed=seed, **options)]
+        return np.concatenate(chunks).astype(np.float32, copy=False) if chunks else np.zeros(0, dtype=np.float32)
 
-    def stream(
-        self, text: str, *, voice: Conditionals | str | None = None, seed: int | None = None, cancel=None, **options
-    ) -> Iterator[AudioChunk]:
-        """Streaming synthesis (see models/streaming.py).
+    def stream(self, text: str | Iterable[str], *, voice: Conditionals | str | None = None, seed: int | None = None,
+               cancel: threading.Event | None = None, **options) -> Iterator[AudioChunk]:
+        """Streaming synthesis (see models/streaming.stream_text for the options).
 
         cancel: a threading.Event (or None). It is checked between T3 steps and between CFM
         steps; once it is set the generator raises models.stream.Cancelled within about one
-        step, even in the middle of a long chunk.
+        step, even in the middle of a long chunk, and T3's thread stops with it.
         """
         from .streaming import stream_text
 
         yield from stream_text(self, text, voice=voice, seed=seed, cancel=cancel, **options)
 
     def warmup(self) -> None:
-        """One short synthesis so kernels are compiled before the first real request."""
+        """Short syntheses so kernels are built before the first real request: one full
+        first chunk (its shapes are the first request's) and the final flush; where CFM
+        steps are compiled (GPUs), twice, with two steady chunks, so the repeating window
+        shapes are traced too (flow.COMPILE_STEP)."""
+        from .s3gen.flow import compile_steps
         from .streaming import LOOKAHEAD_TOKENS, ChunkSchedule
 
         t0 = time.perf_counter()
-        # one full first chunk (its shapes are the first request's) plus the final flush
-        for _ in self.stream("Hello.", seed=0, max_new_tokens=ChunkSchedule().first + LOOKAHEAD_TOKENS + 4):
-            pass
+        schedule = ChunkSchedule()
+        if compile_steps():
+            budget = schedule.first + 2 * schedule.max_tokens + LOOKAHEAD_TOKENS + 4
+            rounds = 2
+        else:
+            budget, rounds = schedule.first + LOOKAHEAD_TOKENS + 4, 1
+        text = "Hello there, this sentence warms the model up." if rounds > 1 else "Hello."
+        for _ in range(rounds):
+            for _ in self.stream(text, seed=0, max_new_tokens=budget):
+                pass
         logger.info("warm-up took %.2f s", time.perf_counter() - t0)
 
     def describe(self) -> dict:
         return {
+            "family": self.family,
+            "decoder": self.decoder_source or ("meanflow" if self.s3gen.cfg.meanflow else "cfm"),
             "source": self.checkpoint.source,
             "path": str(self.checkpoint.path),
             "size": self.checkpoint.size,
             "quantize": self.quantize,
             "dtype": self.dtype,
             "sample_rate": self.sample_rate,
-            "family": self.family,
             "languages": sorted(self.languages),
         }
 
@@ -326,6 +333,7 @@ def load_model(
     group_size: int = 64,
     cache: bool = True,
     family: str | None = None,
+    decoder: str | os.PathLike | None = None,
 ) -> ChatterboxModel:
     """Load a model.
 
@@ -338,7 +346,20 @@ def load_model(
 
     With `cache`, an upstream checkpoint is converted once into an MLX-native directory
     in the user's cache (see models/cache.py) and later loads read that instead.
+
+    A Chatterbox Turbo checkpoint (`ResembleAI/chatterbox-turbo`, or a directory in its
+    layout) gives a TurboModel (models/turbo.py). `decoder`: a Turbo checkpoint whose
+    MeanFlow S3Gen replaces this model's S3Gen (the original T3 with Turbo's 2-step
+    decoder: not a pairing Resemble ships).
     """
+    if decoder is not None:
+        from .turbo import load_meanflow_decoder
+
+        model = load_model(path, quantize, dtype=dtype, group_size=group_size, cache=cache, family=family)
+        model.s3gen, decoder_dir = load_meanflow_decoder(decoder, quantize=quantize, dtype=model.dtype,
+                                                         group_size=group_size)
+        model.decoder_source = str(decoder_dir)
+        return model
     from . import cache as cache_mod, hub
 
     dtype = dtype or default_dtype()
@@ -353,14 +374,17 @@ def load_model(
     if path is not None and cache_mod.is_converted(Path(path)):
         return load_converted(Path(path))
     directory = hub.resolve_checkpoint(None if path is None else str(path), family=family)
+    reader = load_upstream
+    if hub.dir_family(directory) == "turbo":
+        from .turbo import load_turbo_upstream as reader
     if not cache:
-        return load_upstream(directory, quantize=quantize, dtype=dtype, group_size=group_size)
+        return reader(directory, quantize=quantize, dtype=dtype, group_size=group_size)
     target, fingerprints = cache_mod.cached_dir(directory, quantize, group_size, dtype)
     if cache_mod.is_converted(target):
         logger.info("loading converted model %s", target)
         return load_converted(target)
     logger.info("converting %s (first load; cached in %s)", directory, target)
-    model = load_upstream(directory, quantize=quantize, dtype=dtype, group_size=group_size)
+    model = reader(directory, quantize=quantize, dtype=dtype, group_size=group_size)
     try:
         cache_mod.save_converted(model, target, fingerprints)
         cache_mod.prune_stale(directory, target)
@@ -453,6 +477,10 @@ def load_converted(directory: Path) -> ChatterboxModel:
 
     t0 = time.perf_counter()
     config = cache_mod.read_config(directory)
+    if config.get("family") == "turbo":
+        from .turbo import load_turbo_converted
+
+        return load_turbo_converted(directory, config)
     t3_cfg, ve_cfg, s3_cfg = _configs(config["dims"])
     dtype, bits, group_size = config["dtype"], config["quantize"], config["group_size"]
     t3 = t3_mod.T3(t3_cfg)

@@ -78,7 +78,7 @@ def tracked_tokens(model, segment: str, language: str | None, positions: list[in
     analyzer's text position of every token below 6561 (the ones S3Gen renders) is
     appended to `positions` as it is generated, so rendered-token ranges index it."""
     if model.family != "multilingual":
-        yield from model.generate_tokens(segment, language=language, **generate)
+        yield from model.generate_tokens(segment, **generate)  # English-only models take no language
         return
     for aligned in model.generate_aligned_tokens(segment, language=language, **generate):
         if aligned.token < START_SPEECH_TOKEN:

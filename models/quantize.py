@@ -6,10 +6,13 @@ small to matter, stay float, as do embeddings (they are 2-3% of T3's weights and
 indexed, not multiplied, so quantizing them saves little and was not measured safe) and
 everything that is not a Linear (norms, convolutions, Snake alphas, STFT windows).
 
-* T3: attention q/k/v/o and MLP gate/up/down of every layer, the speech head, the
+* T3: attention qkv/o and MLP gate_up/down of every layer (q/k/v and gate/up are merged
+  at conversion, models/t3.py), the speech head, the
   perceiver's projections and the speaker projection. The emotion projection is
   Linear(1 -> 1024): one input column cannot be grouped, so it stays float. The text head
   (unused at inference) stays float.
+* Turbo T3 (GPT-2): c_attn, c_proj, c_fc and c_proj of every block, the speech head and
+  the speaker projection. Its learned positions and token tables are embeddings (float).
 * S3Gen flow: every Linear of the conformer encoder and of the estimator (attention,
   feed-forward, time MLP, resnet time projections), except those narrower than the group.
   `encoder_proj` (512 -> 80) and the speaker projection (192 -> 80) stay float.
@@ -53,9 +56,11 @@ MIN_OUTPUT_FEATURES = 64  # smaller Linears cost more in scales than they save
 CPU_DEQUANTIZE_MIN_ROWS = 4
 
 T3_QUANTIZED = re.compile(
-    r"^(tfmr\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+    r"^(tfmr\.layers\.\d+\.(self_attn\.(qkv|o)_proj|mlp\.(gate_up|down)_proj)"
     r"|speech_head|cond_enc\.spkr_enc|cond_enc\.emotion_adv_fc"
-    r"|cond_enc\.perceiver\.attn\.(to_q|to_k|to_v|proj_out))$"
+    r"|cond_enc\.perceiver\.attn\.(to_q|to_k|to_v|proj_out)"
+    # Turbo T3 (GPT-2): fused q/k/v and output projections, MLP, speech head (with bias)
+    r"|tfmr\.h\.\d+\.(attn\.(c_attn|c_proj)|mlp\.(c_fc|c_proj)))$"
 )
 FLOW_QUANTIZED = re.compile(r"^(encoder|decoder\.estimator)\.")
 
@@ -165,6 +170,13 @@ def quantize_model(model, bits: int = 8, group_size: int = DEFAULT_GROUP_SIZE) -
     model.group_size = group_size
     logger.info("quantized T3 and the S3Gen flow to %d bits (group size %d, scales %s)",
                 bits, group_size, scales_dtype(model_dtype))
+
+
+def quantize_flow(flow: nn.Module, bits: int, group_size: int, model_dtype: mx.Dtype) -> None:
+    """Quantize an S3Gen flow alone (a decoder loaded on its own, models/turbo.py)."""
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"quantize must be one of {SUPPORTED_BITS} or None, not {bits!r}")
+    _quantize_component(flow, flow_predicate(group_size), bits, group_size, model_dtype)
 
 
 def quantized_paths(module: nn.Module) -> list[str]:

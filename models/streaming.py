@@ -3,32 +3,34 @@
 S3Gen is not causal (full attention in the flow encoder and estimator, symmetric convs in
 HiFT), so audio is produced by windowed re-synthesis:
 
-* Flow: each call runs over [prompt | up to `context_tokens` already-rendered tokens | the
-  new tokens | 3 lookahead tokens] and keeps only the new tokens' mel frames. The CFM noise
-  is a fixed, position-indexed buffer (`fixed_noise`), so a frame gets the same noise
-  whichever window it is in. Every mel frame is computed exactly once.
-* HiFT: each call vocodes [`hift_context_frames` already-emitted frames | the new frames],
-  with the excitation source of the overlap taken from the previous call (`cache_source`)
-  and the harmonic phase carried across calls, so the sine source is continuous. The last
-  `hift_holdback_frames` frames of a call lack right context; they are held back and
-  emitted by the next call, cross-faded with their first rendering over `crossfade_samples`.
+* Flow (MelWindows): each call runs over [prompt | up to `context_tokens` already-rendered
+  tokens | the new tokens | 3 lookahead tokens] and keeps only the new tokens' mel frames.
+  The CFM noise is a fixed, position-indexed buffer (`fixed_noise`), so a frame gets the
+  same noise whichever window it is in. Every mel frame is computed exactly once.
+* HiFT (HiftStream): each call vocodes [`hift_context_frames` emitted frames | the new
+  frames]. The excitation source and the harmonic phase are committed only for frames whose
+  F0 had its full right context, and the last `hift_holdback_frames` frames wait for the
+  next call, so the emitted samples equal one-shot vocoding of the same mel.
 * Accounting is exact: a segment of N tokens yields exactly 960 N samples, as one-shot
   synthesis of the same tokens does (`render_tokens`, which uses the same noise scheme).
 
-Long text is split into sentences and clauses under the reference's limits and streamed
-segment after segment in the same voice; a token budget proportional to the text and a
-stop on long runs of one repeated token guard against runaway generation.
+Long text is split into sentences (models/text.py) and streamed segment after segment in
+the same voice; a token budget proportional to the text and a stop on long runs of one
+repeated token guard against runaway generation. T3 runs on its own thread ahead of the
+renderer (TokenPump), through a bounded queue. model.synthesize is the concatenation of
+this stream, so a file and a stream of the same request hold the same samples.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import re
+import queue
 import secrets
+import threading
 import time
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import mlx.core as mx
 import numpy as np
@@ -36,9 +38,9 @@ import numpy as np
 from . import dsp
 from .conds import Conditionals
 from .s3gen.flow import fixed_noise
-from .punctuation import CLAUSE_END, SENTENCE_END, join
 from .positions import SegmentPositions, segment_origins, tracked_tokens
 from .stream import SAMPLE_RATE, SAMPLES_PER_TOKEN, AudioChunk, check_cancel
+from .text import split_text
 
 logger = logging.getLogger(__name__)
 
@@ -46,11 +48,12 @@ START_SPEECH_TOKEN = 6561
 MEL_FRAMES_PER_TOKEN = 2
 SAMPLES_PER_FRAME = SAMPLES_PER_TOKEN // MEL_FRAMES_PER_TOKEN  # 480 at 24 kHz
 LOOKAHEAD_TOKENS = 3  # the flow encoder's pre-lookahead conv sees 3 tokens ahead
-MAX_SEGMENT_CHARS = 300  # the reference's practical limit per generate() call
 SOURCE_NOISE_BLOCK_FRAMES = 64
 BUDGET_BASE_TOKENS = 40  # runaway guard: base + per-text-token allowance, capped by max_new_tokens
 BUDGET_TOKENS_PER_TEXT_TOKEN = 8
 MAX_REPEAT_RUN = 50  # 2 s of one identical token ends the segment
+T3_QUEUE_CHUNKS = 2  # T3 may run this many chunks (plus lookahead) ahead of rendering
+FIRST_CHUNK_TIMESTEPS = 4  # CFM steps of an utterance's first chunk (StreamOptions)
 
 
 @dataclass(frozen=True)
@@ -61,10 +64,10 @@ class ChunkSchedule:
     per-call cost (the prompt is re-encoded and re-denoised on every call).
     """
 
-    # Measured on an H100 with INT8 (docs/benchmarks.md): a 12-token first chunk gave
-    # 0.37 s to first audio but ~0.45 s of stalls, since each S3Gen call costs ~0.4-0.5 s
-    # there whatever its size; 24 tokens gave 0.5-0.7 s and 0-0.3 s of stalls.
-    first: int = 24
+    # Measured on an H100 with INT8 (docs/benchmarks.md, issue 11): with T3 pipelined and
+    # a 4-step first chunk, 16 tokens gave 0.29 s to first audio and no stalls (24 tokens:
+    # 0.44-0.49 s). The first chunk emits first - 8 tokens of audio (HiFT holds 16 frames back).
+    first: int = 16
     growth: float = 2.0
     max_tokens: int = 48
 
@@ -97,68 +100,25 @@ class StreamOptions:
     chunk_schedule: ChunkSchedule = ChunkSchedule()
     context_tokens: int = 24  # left context of already-rendered tokens in each flow call
     hift_context_frames: int = 16  # mel frames of left context for each HiFT call
-    # Frames kept back for the next call (no right context yet). Measured on random HiFT
-    # weights (docs/benchmarks.md): 8 frames gave 25 dB SNR against one-shot vocoding of
-    # the same mel, 12 gave 78 dB, 16 was exact to float precision.
-    hift_holdback_frames: int = 12
-    crossfade_samples: int = 480  # 20 ms raised-cosine join of the held-back frames
+    # Frames kept back for the next call (no right context yet). Against one-shot vocoding of
+    # the same mel with a voiced tiny HiFT (F0 ~150 Hz), committed source and fixed-point
+    # phase: 12 frames gave 57 dB SNR, 14 gave 65-78 dB, 16 is exact to float precision
+    # (104 dB). The decoder reaches ~14 frames each way, the F0 predictor 5.
+    hift_holdback_frames: int = 16
     n_timesteps: int | None = None  # CFM steps (None: the model's 10)
+    # CFM steps of the utterance's first chunk only, capped by n_timesteps (None: the same
+    # as the rest): first audio sooner, at the cost of a rougher first 0.3 s. On an H100,
+    # 4 steps cut the first S3Gen call from ~110 to ~50 ms (bench/cfm.py: 4 steps give 21 dB
+    # mel SNR against 10 on random weights, as 8 steps do).
+    first_chunk_timesteps: int | None = FIRST_CHUNK_TIMESTEPS
     prompt_tokens: int | None = None  # shorten the S3Gen prompt to its last K tokens (None: all)
 
 
-# -- text ------------------------------------------------------------------------------
-
-_SENTENCE_END = SENTENCE_END  # models/punctuation.py: Latin, Arabic, Devanagari and CJK ends
-_CLAUSE_END = CLAUSE_END
+# -- text and token guards -----------------------------------------------------------
 
 
-def split_text(text: str, max_chars: int = MAX_SEGMENT_CHARS) -> list[str]:
-    """Sentences, split further at clauses and then words while longer than max_chars."""
-    segments: list[str] = []
-    for sentence in _SENTENCE_END.split(" ".join(text.split())):
-        sentence = sentence.strip()
-        if not sentence:
-            continue
-        if len(sentence) <= max_chars:
-            segments.append(sentence)
-            continue
-        current = ""
-        for piece in _split_long(sentence, max_chars):
-            if current and len(current) + 1 + len(piece) > max_chars:
-                segments.append(current)
-                current = piece
-            else:
-                current = join(current, piece).strip()
-        if current:
-            segments.append(current)
-    return segments
-
-
-def _split_long(sentence: str, max_chars: int) -> Iterator[str]:
-    for clause in _CLAUSE_END.split(sentence):
-        if len(clause) <= max_chars:
-            yield clause
-            continue
-        words = clause.split(" ")
-        current = ""
-        for word in words:
-            while len(word) > max_chars:  # one enormous "word": cut it
-                if current:
-                    yield current
-                    current = ""
-                yield word[:max_chars]
-                word = word[max_chars:]
-            if current and len(current) + 1 + len(word) > max_chars:
-                yield current
-                current = word
-            else:
-                current = f"{current} {word}".strip()
-        if current:
-            yield current
-
-
-def token_budget(n_text_tokens: int, max_new_tokens: int) -> int:
-    return min(max_new_tokens, BUDGET_BASE_TOKENS + BUDGET_TOKENS_PER_TEXT_TOKEN * n_text_tokens)
+def token_budget(n_text_tokens: int, max_new_tokens: int, per_text_token: int = BUDGET_TOKENS_PER_TEXT_TOKEN) -> int:
+    return min(max_new_tokens, BUDGET_BASE_TOKENS + per_text_token * n_text_tokens)
 
 
 def guard_runaway(tokens: Iterable[int], max_repeat_run: int = MAX_REPEAT_RUN) -> Iterator[int]:
@@ -253,34 +213,27 @@ def render_tokens(model, tokens: list[int], gen: dict, seed: int, options: Strea
 # -- the streaming renderer --------------------------------------------------------------
 
 
-class SegmentRenderer:
-    """Turns one segment's tokens, arriving in order, into exactly 960 samples per token."""
+class MelWindows:
+    """The flow stage: speech tokens in order -> each token's 2 mel frames, computed once.
 
-    def __init__(self, model, gen: dict, seed: int, options: StreamOptions, cancel=None):
-        self.cancel = cancel  # threading.Event or None: checked between CFM steps
-        self.flow = model.s3gen.flow
-        self.hift = model.s3gen.mel2wav
+    Each call runs `flow.inference` over [prompt | up to `context_tokens` rendered tokens |
+    new tokens | lookahead] and keeps the new tokens' frames. `flow` is any object with the
+    Flow.inference signature (Turbo swaps in its own decoder).
+    """
+
+    def __init__(self, flow, gen: dict, seed: int, options: StreamOptions, cancel: threading.Event | None = None,
+                 first_in_utterance: bool = True):
+        self.first_in_utterance = first_in_utterance  # the utterance's first chunk may use fewer CFM steps
+        self.flow = flow
         self.gen = gen
         self.seed = seed
         self.options = options
+        self.cancel = cancel
         self.prompt_token, self.prompt_feat = _prompt(gen, options.prompt_tokens)
-        self.n_prompt_frames = self.prompt_feat.shape[1]
-        self.prompt_noise = fixed_noise(self.n_prompt_frames, seed)
-        self.n_harm = self.hift.cfg.nb_harmonics + 1
-        self.phase = source_phase(seed, self.n_harm)
-        self.harmonics = mx.arange(1, self.n_harm + 1, dtype=mx.float32)
+        self.prompt_noise = fixed_noise(self.prompt_feat.shape[1], seed)
         self.tokens: list[int] = []
-        self.mel: mx.array | None = None  # (1, 80, F): every mel frame rendered so far
         self.rendered_tokens = 0  # tokens whose mel exists
-        self.emitted_frames = 0  # frames whose samples have been yielded (E)
-        self.source: mx.array | None = None  # (1, 1, 480 * (F_prev - window start)) of the last call
-        self.source_start = 0  # frame where self.source begins
-        self.cycles = mx.zeros((1, self.n_harm))  # harmonic phase (cycles) at frame F_prev
-        self.source_frames = 0  # F_prev: frames whose source samples exist
-        self.pending: np.ndarray | None = None  # first rendering of the held-back frames
-        self.frame_offset = 0  # absolute index of the first retained mel frame
-        self.last_flow_tokens = 0  # window sizes of the last calls: the per-chunk cost
-        self.last_hift_frames = 0
+        self.last_window_tokens = 0  # window size of the last call: the per-chunk cost
 
     def add(self, tokens: list[int]) -> None:
         self.tokens.extend(tokens)
@@ -289,15 +242,12 @@ class SegmentRenderer:
         """Enough tokens (chunk + lookahead) for the next non-final chunk?"""
         return len(self.tokens) - self.rendered_tokens >= chunk_tokens + LOOKAHEAD_TOKENS
 
-    def render(self, chunk_tokens: int | None, final: bool) -> np.ndarray:
-        """Render the next `chunk_tokens` (all remaining when final) and return new samples."""
+    def render(self, chunk_tokens: int | None, final: bool) -> mx.array | None:
+        """Mel (1, 80, 2n) of the next `chunk_tokens` (all remaining when final); None if none."""
         n0 = self.rendered_tokens
         n1 = len(self.tokens) if final else n0 + chunk_tokens
-        if n1 > n0:
-            self._render_mel(n0, n1, final)
-        return self._vocode(final)
-
-    def _render_mel(self, n0: int, n1: int, final: bool) -> None:
+        if n1 <= n0:
+            return None
         c0 = max(0, n0 - self.options.context_tokens)
         end = len(self.tokens) if final else min(len(self.tokens), n1 + LOOKAHEAD_TOKENS)
         window = self.tokens[c0:end]
@@ -307,66 +257,99 @@ class SegmentRenderer:
             self.prompt_feat,
             self.gen["embedding"],
             noise=mx.concatenate([self.prompt_noise, speech_noise(self.seed, c0, len(window))], axis=2),
-            n_timesteps=self.options.n_timesteps,
+            n_timesteps=self._timesteps(n0),
             frames=(MEL_FRAMES_PER_TOKEN * (n0 - c0), MEL_FRAMES_PER_TOKEN * (n1 - c0)),
             cancel=self.cancel,
         )
-        self.mel = mel if self.mel is None else mx.concatenate([self.mel, mel], axis=2)
         self.rendered_tokens = n1
-        self.last_flow_tokens = len(window)
+        self.last_window_tokens = len(window)
+        return mel
 
-    def _vocode(self, final: bool) -> np.ndarray:
+    def _timesteps(self, n0: int) -> int | None:
+        steps, first = self.options.n_timesteps, self.options.first_chunk_timesteps
+        if first is None or n0 != 0 or not self.first_in_utterance:
+            return steps
+        return min(first, steps if steps is not None else self.flow.cfg.n_timesteps)
+
+
+class HiftStream:
+    """The vocoder stage: mel frames in order -> exactly 480 samples per frame.
+
+    Each call vocodes [`hift_context_frames` emitted frames | the new frames] and emits all
+    but the last `hift_holdback_frames`, which lack right context (the next call emits them).
+    The excitation source must match one-shot vocoding, and the source of frame f depends
+    on F0[f], which the F0 predictor (five k3 convolutions) computes from mel frames
+    f - 5 .. f + 5. So the source and the carried harmonic phase are committed only for
+    frames whose F0 had its full right context (all but the last 5 of the window, or all at
+    the end); the rest of the window gets a provisional source, continuing the same phase,
+    that only held-back samples see and that the next call recomputes. With the hold-back
+    at least the decoder's reach beyond that, the emitted samples equal one-shot vocoding
+    of the same mel (tests/test_streaming.py states the bound).
+    """
+
+    def __init__(self, hift, seed: int, options: StreamOptions):
+        self.hift = hift
+        self.seed = seed
+        self.options = options
+        self.f0_context_frames = hift.f0_context_frames  # 5 for ConvRNNF0Predictor
+        if options.hift_holdback_frames < self.f0_context_frames:
+            raise ValueError(f"hift_holdback_frames must be >= {self.f0_context_frames} (the F0 predictor's reach)")
+        self.n_harm = hift.cfg.nb_harmonics + 1
+        self.phase = source_phase(seed, self.n_harm)
+        self.mel: mx.array | None = None  # (1, 80, F): the retained mel (context + pending)
+        self.frame_offset = 0  # absolute index of the first retained frame
+        self.emitted_frames = 0  # frames whose samples were yielded (relative)
+        self.source: mx.array | None = None  # committed source from frame source_start
+        self.source_start = 0
+        self.source_frames = 0  # frames whose source is committed (relative)
+        self.phase_at = mx.zeros((1, self.n_harm), dtype=mx.uint32)  # harmonic phase at source_frames (fixed point)
+        self.last_window_frames = 0
+
+    def push(self, mel: mx.array | None, final: bool) -> np.ndarray:
+        """Append mel (1, 80, n) (or None) and return the samples that are now final."""
+        if mel is not None and mel.shape[2]:
+            self.mel = mel if self.mel is None else mx.concatenate([self.mel, mel], axis=2)
         opts = self.options
         total = self.mel.shape[2] if self.mel is not None else 0
         e = self.emitted_frames
         stop = total if final else total - opts.hift_holdback_frames
-        if stop <= e and not final:
+        if stop <= e:
             return np.zeros(0, dtype=np.float32)
         w0 = max(0, e - opts.hift_context_frames)
-        if total <= w0:
-            return np.zeros(0, dtype=np.float32)
-        mel = self.mel[:, :, w0:total]
-        f0 = self.hift.f0(mel)  # (1, W)
-        source = self._window_source(f0, w0, total)
-        wav = np.array(self.hift.decode(mel, source)[0], dtype=np.float32)  # 480 (total - w0)
-        self.last_hift_frames = total - w0
-        out = wav[(e - w0) * SAMPLES_PER_FRAME : (stop - w0) * SAMPLES_PER_FRAME]
-        if self.pending is not None and len(self.pending):
-            n = min(opts.crossfade_samples, len(self.pending), len(out))
-            ramp = 0.5 - 0.5 * np.cos(np.pi * (np.arange(n) + 0.5) / n)
-            out = out.copy()
-            out[:n] = self.pending[:n] * (1.0 - ramp) + out[:n] * ramp
-        self.pending = None if final else wav[(stop - w0) * SAMPLES_PER_FRAME :].copy()
-        if e == 0 and len(out):
+        window = self.mel[:, :, w0:total]
+        f0 = self.hift.f0(window)  # (1, W)
+        committed = total if final else total - self.f0_context_frames
+        source = self._window_source(f0, w0, committed, total)
+        wav = self.hift.decode(window, source)[0]  # 480 (total - w0)
+        out = np.array(wav[(e - w0) * SAMPLES_PER_FRAME : (stop - w0) * SAMPLES_PER_FRAME], dtype=np.float32)
+        if self.frame_offset + e == 0:
             out = np.array(dsp.apply_trim_fade(mx.array(out)), dtype=np.float32)
+        self.last_window_frames = total - w0
         self.emitted_frames = stop
-        # keep only the mel a later HiFT window can need
-        keep_from = max(0, stop - opts.hift_context_frames)
-        if keep_from > 0 and self.mel is not None:
+        keep_from = max(0, stop - opts.hift_context_frames)  # what a later window can need
+        if keep_from > 0:
             self.mel = self.mel[:, :, keep_from:]
             self._shift_frames(keep_from)
         return out
 
-    def _window_source(self, f0: mx.array, w0: int, total: int) -> mx.array:
-        """The excitation for frames [w0, total): cached samples where they exist, new ones
-        after, with each harmonic's phase continuing from where the last call left it."""
-        new_from = self.source_frames  # first frame without source samples
-        # Cycles per frame of each harmonic under this window's F0.
-        per_frame = (f0[0, :, None] / SAMPLE_RATE) * SAMPLES_PER_FRAME * self.harmonics  # (W, H)
-        before_new = mx.sum(per_frame[: new_from - w0], axis=0, keepdims=True)  # cycles w0 -> new_from
-        start_cycles = self.cycles - before_new  # so the phase at new_from equals the carried phase
+    def _window_source(self, f0: mx.array, w0: int, committed: int, total: int) -> mx.array:
+        """Excitation (1, 1, 480 (total - w0)): committed samples where they exist, new ones
+        after, each harmonic's phase continuing from the committed phase at source_frames."""
+        new_from = self.source_frames
+        step = self.hift.phase_increments(f0)[0]  # (W, H) uint32: sums wrap exactly mod one cycle
+        start_phase = self.phase_at - mx.sum(step[: new_from - w0], axis=0, keepdims=True)
         src = self.hift.source(
             f0,
             phase=self.phase,
             noise=source_noise(self.seed, self.frame_offset + w0, total - w0, self.n_harm),
-            start_cycles=start_cycles,
+            start_phase=start_phase,
         )
         if self.source is not None and new_from > w0:
             cached = self.source[:, :, (w0 - self.source_start) * SAMPLES_PER_FRAME :]
             src = mx.concatenate([cached, src[:, :, cached.shape[2] :]], axis=2)
-        self.cycles = self.cycles + mx.sum(per_frame[new_from - w0 :], axis=0, keepdims=True)
-        self.cycles = self.cycles - mx.floor(self.cycles)
-        self.source, self.source_start, self.source_frames = src, w0, total
+        self.phase_at = self.phase_at + mx.sum(step[new_from - w0 : committed - w0], axis=0, keepdims=True)
+        self.source = src[:, :, : (committed - w0) * SAMPLES_PER_FRAME]
+        self.source_start, self.source_frames = w0, committed
         return src
 
     def _shift_frames(self, n: int) -> None:
@@ -380,6 +363,43 @@ class SegmentRenderer:
             self.source_start = 0
 
 
+class SegmentRenderer:
+    """One segment's tokens, arriving in order -> exactly 960 samples per token
+    (a MelWindows stage feeding a HiftStream stage). With keep_mel, every mel frame the
+    flow stage produced is kept in `mel_chunks` (tests compare it with one-shot vocoding)."""
+
+    def __init__(self, model, gen: dict, seed: int, options: StreamOptions, cancel: threading.Event | None = None,
+                 keep_mel: bool = False, first_in_utterance: bool = True):
+        self.mel_stage = MelWindows(model.s3gen.flow, gen, seed, options, cancel, first_in_utterance)
+        self.hift_stage = HiftStream(model.s3gen.mel2wav, seed, options)
+        self.mel_chunks: list[mx.array] | None = [] if keep_mel else None
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.mel_stage.tokens
+
+    @property
+    def rendered_tokens(self) -> int:
+        return self.mel_stage.rendered_tokens
+
+    def add(self, tokens: list[int]) -> None:
+        self.mel_stage.add(tokens)
+
+    def ready(self, chunk_tokens: int) -> bool:
+        return self.mel_stage.ready(chunk_tokens)
+
+    def render(self, chunk_tokens: int | None, final: bool) -> np.ndarray:
+        """Render the next `chunk_tokens` (all remaining when final) and return new samples."""
+        mel = self.mel_stage.render(chunk_tokens, final)
+        if mel is not None and self.mel_chunks is not None:
+            self.mel_chunks.append(mel)
+        return self.hift_stage.push(mel, final)
+
+    def timings(self) -> dict:
+        return {"flow_window_tokens": self.mel_stage.last_window_tokens,
+                "hift_window_frames": self.hift_stage.last_window_frames}
+
+
 def stream_tokens(
     model,
     tokens: Iterable[int],
@@ -389,16 +409,20 @@ def stream_tokens(
     options: StreamOptions = StreamOptions(),
     t_start: float | None = None,
     first_index: int = 0,
-    cancel=None,
+    cancel: threading.Event | None = None,
+    pump: "TokenPump | None" = None,
+    renderer: SegmentRenderer | None = None,
 ) -> Iterator[AudioChunk]:
     """Stream one segment: speech tokens in (any iterable, consumed lazily) -> AudioChunks.
 
     Ids >= 6561 are dropped as they arrive (the reference drops them after generation).
     `cancel` (threading.Event or None) is checked before each token is taken and between
-    CFM steps; once set, Cancelled (models/stream.py) is raised.
+    CFM steps; once set, Cancelled (models/stream.py) is raised. `pump` is the TokenPump
+    when T3 runs on its own thread (its rate and progress go into the timings); `renderer`
+    may be passed to inspect it.
     """
     t_start = time.perf_counter() if t_start is None else t_start
-    renderer = SegmentRenderer(model, conds.gen, seed, options, cancel)
+    renderer = renderer or SegmentRenderer(model, conds.gen, seed, options, cancel, first_in_utterance=first_index == 0)
     sizes = options.chunk_schedule.sizes()
     size = next(sizes)
     index = first_index
@@ -421,17 +445,21 @@ def stream_tokens(
             continue
         t_s3 = time.perf_counter()
         t3_seconds += t_s3 - t_mark
+        t3_at_start = pump.generated if pump else n_generated
         samples = renderer.render(None if exhausted else size, final=exhausted)
         t_done = time.perf_counter()
         token_end = renderer.rendered_tokens
         timings = {
-            "t3_ms": (t_s3 - t_mark) * 1000,
+            "t3_ms": (t_s3 - t_mark) * 1000,  # waiting for tokens (T3's own time when not pipelined)
             "s3gen_ms": (t_done - t_s3) * 1000,
-            "t3_tokens_per_s": n_generated / t3_seconds if t3_seconds > 0 else 0.0,
+            "t3_tokens_per_s": pump.rate() if pump else (n_generated / t3_seconds if t3_seconds > 0 else 0.0),
+            # T3's progress (tokens of the whole utterance) when this render started and ended:
+            # with the pump they differ, which is the overlap
+            "t3_tokens_at_render": [t3_at_start, pump.generated if pump else n_generated],
+            "render_start_ms": (t_s3 - t_start) * 1000,
             "audio_ms": len(samples) / SAMPLE_RATE * 1000,
             "elapsed_ms": (t_done - t_start) * 1000,
-            "flow_window_tokens": renderer.last_flow_tokens,
-            "hift_window_frames": renderer.last_hift_frames,
+            **renderer.timings(),
         }
         if index == 0:
             timings["ttfa_ms"] = timings["elapsed_ms"]
@@ -444,58 +472,213 @@ def stream_tokens(
         t_mark = time.perf_counter()
 
 
+# -- the pipelined engine: T3 on its own thread ------------------------------------------
+
+_END = object()  # end of one segment's tokens in the queue
+
+
+class TokenPump:
+    """Runs T3 on its own thread (its own MLX stream) into a bounded queue, segment after
+    segment, while the caller's thread renders audio from it.
+
+    `segments` yields (text, seed) pairs; it is consumed on the T3 thread, so a text feed
+    that blocks for more input blocks T3, not rendering. Each segment's tokens are followed
+    by an end marker; an exception on the T3 thread crosses the queue and is raised by
+    `tokens()`. close() (or `cancel`) stops T3 at its next token, and waits for the thread.
+    """
+
+    def __init__(self, generate: Callable[[str, int], Iterable[int]], segments: Iterable[tuple[str, int]],
+                 max_tokens: int, cancel: threading.Event | None = None):
+        self._generate = generate
+        self._segments = segments
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, max_tokens))
+        self._stop = threading.Event()
+        self._cancel = cancel
+        self.generated = 0
+        self.busy_s = 0.0  # T3's own time: the rate excludes time blocked on a full queue
+        self._thread = threading.Thread(target=self._run, name="nightingale-t3", daemon=True)
+        self._thread.start()
+
+    def _stopped(self) -> bool:
+        return self._stop.is_set() or (self._cancel is not None and self._cancel.is_set())
+
+    def _put(self, item) -> bool:
+        while not self._stopped():
+            try:
+                self._queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            for text, seed in self._segments:
+                if not self._put(("segment", text)):
+                    return
+                t = time.perf_counter()
+                for token in self._generate(text, seed):
+                    self.generated += 1
+                    self.busy_s += time.perf_counter() - t
+                    if self._stopped() or not self._put(token):
+                        return
+                    t = time.perf_counter()
+                if not self._put(_END):
+                    return
+            self._put(None)
+        except BaseException as err:  # crosses to the rendering thread
+            self._put(("error", err))
+        finally:
+            # MLX streams belong to the thread that made them; free them before it ends
+            mx.synchronize()
+            mx.clear_streams()
+
+    def rate(self) -> float:
+        return self.generated / self.busy_s if self.busy_s > 0 else 0.0
+
+    def _get(self):
+        while True:
+            check_cancel(self._cancel)
+            try:
+                item = self._queue.get(timeout=0.05)
+            except queue.Empty:
+                if not self._thread.is_alive() and self._queue.empty():
+                    return None
+                continue
+            if isinstance(item, tuple) and item[0] == "error":
+                raise item[1]
+            return item
+
+    def next_segment(self) -> str | None:
+        """Text of the next segment whose tokens follow; None at the end."""
+        item = self._get()
+        return None if item is None else item[1]
+
+    def tokens(self) -> Iterator[int]:
+        """The current segment's tokens, until its end marker."""
+        while True:
+            item = self._get()
+            if item is _END or item is None:
+                return
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        while self._thread.is_alive():
+            try:  # unblock a put on a full queue
+                self._queue.get_nowait()
+            except queue.Empty:
+                pass
+            self._thread.join(0.05)
+
+
 def stream_text(
     model,
-    text: str,
+    text: str | Iterable[str],
     *,
     voice=None,
     seed: int | None = None,
     chunk_schedule=None,
     context_tokens: int | None = None,
     n_timesteps: int | None = None,
+    first_chunk_timesteps: int | None = FIRST_CHUNK_TIMESTEPS,
     prompt_tokens: int | None = None,
     max_new_tokens: int = 1000,
     max_repeat_run: int = MAX_REPEAT_RUN,
-    cancel=None,
+    pipeline: bool = True,
+    cancel: threading.Event | None = None,
     **sampling,
 ) -> Iterator[AudioChunk]:
-    """model.stream: text -> AudioChunks, segment after segment, in one voice.
+    """model.stream: text -> AudioChunks, segment after segment (models/text.py), in one voice.
 
-    Chunk indices run across segments; the last chunk of the last segment has is_last.
-
-    cancel: a threading.Event or None. It is checked between T3 steps and between CFM
-    steps (and before each token is taken); once set, the generator raises
-    models.stream.Cancelled within about one step, even inside a long chunk.
+    `text` is a string, or an iterable of text runs (the daemon's feed) that are split the
+    same way; segment n uses seeds seed + 2n (T3) and seed + 2n + 1 (S3Gen), so a string and
+    the same text in runs that end at sentence ends give the same audio. Chunk indices run
+    across segments; the last chunk has is_last (for an iterable, an empty final chunk).
+    With `pipeline`, T3 runs on its own thread (TokenPump) ahead of rendering; the audio is
+    the same either way. `cancel` (threading.Event or None) is checked between T3 steps
+    and between CFM steps (and before each token is taken); once set, the generator raises
+    models.stream.Cancelled within about one step, and T3's thread ends with it.
     """
     t_start = time.perf_counter()
     conds = model.resolve_voice(voice)
+    # T3's thread must not evaluate arrays that are still lazy graphs of this thread's
+    # stream (a voice read with mx.load is): MLX refuses another thread's stream
+    mx.eval(conds.arrays())
     seed = secrets.randbits(62) if seed is None else seed
     options = StreamOptions(
         chunk_schedule=ChunkSchedule.parse(chunk_schedule),
         context_tokens=StreamOptions.context_tokens if context_tokens is None else context_tokens,
         n_timesteps=n_timesteps,
+        first_chunk_timesteps=first_chunk_timesteps,
         prompt_tokens=prompt_tokens,
     )
     language = model.resolve_language(sampling.pop("language", None), voice)
-    segments = split_text(text) or [text]
-    origins = segment_origins(text, segments)
+    known = isinstance(text, str)
+
+    def located(runs: Iterable[str]) -> Iterator[tuple[str, list[int]]]:
+        """Segments, each with its characters' indices in the text (the runs joined)."""
+        offset = 0
+        for run in runs:
+            pieces = split_text(run)
+            for segment, origins in zip(pieces, segment_origins(run, pieces)):
+                yield segment, [offset + k for k in origins]
+            offset += len(run)
+
+    segments = list(located([text])) if known else located(text)
+    # Per segment (keyed by its T3 seed): where its characters are, and the analyzer's text
+    # position of each rendered token (filled on T3's thread before the token is queued).
+    where: dict[int, tuple[SegmentPositions, list[int]]] = {}
+
+    def numbered() -> Iterator[tuple[str, int]]:
+        for number, (segment, origins) in enumerate(segments):
+            spans = model.text_spans(segment, language) if model.family == "multilingual" else None
+            where[seed + 2 * number] = (SegmentPositions(origins, spans), [])
+            yield segment, seed + 2 * number
+
+    def generate(segment: str, t3_seed: int) -> Iterator[int]:
+        text_ids = model.text_tokens(segment, language) if language is not None else model.text_tokens(segment)
+        budget = token_budget(len(text_ids), max_new_tokens,
+                              getattr(model, "budget_tokens_per_text_token", BUDGET_TOKENS_PER_TEXT_TOKEN))
+        tokens = tracked_tokens(model, segment, language, where[t3_seed][1], voice=conds, seed=t3_seed,
+                                max_new_tokens=budget, cancel=cancel, **sampling)
+        return guard_runaway(tokens, max_repeat_run)
+
+    def place(chunk: AudioChunk, t3_seed: int) -> None:
+        mapper, positions = where[t3_seed]
+        chunk.text_start, chunk.text_end = mapper.char_range(positions[chunk.token_start : chunk.token_end])
+
+    n_segments = len(segments) if known else None
     index = 0
-    for number, segment in enumerate(segments):
-        budget = token_budget(len(model.text_tokens(segment, language)), max_new_tokens)
-        positions: list[int] = []
-        spans = model.text_spans(segment, language) if model.family == "multilingual" else None
-        where = SegmentPositions(origins[number], spans)
-        tokens = guard_runaway(
-            tracked_tokens(model, segment, language, positions, voice=conds, seed=seed + 2 * number,
-                           max_new_tokens=budget, cancel=cancel, **sampling),
-            max_repeat_run,
-        )
-        last_segment = number == len(segments) - 1
-        for chunk in stream_tokens(
-            model, tokens, conds, seed=seed + 2 * number + 1, options=options, t_start=t_start, first_index=index,
-            cancel=cancel,
-        ):
-            chunk.text_start, chunk.text_end = where.char_range(positions[chunk.token_start : chunk.token_end])
-            chunk.is_last = chunk.is_last and last_segment
-            index = chunk.index + 1
-            yield chunk
+    if pipeline:
+        max_chunk = max(options.chunk_schedule.first, options.chunk_schedule.max_tokens)
+        pump = TokenPump(generate, numbered(), T3_QUEUE_CHUNKS * (max_chunk + LOOKAHEAD_TOKENS), cancel)
+        try:
+            number = 0
+            while pump.next_segment() is not None:
+                last = n_segments is not None and number == n_segments - 1
+                for chunk in stream_tokens(model, pump.tokens(), conds, seed=seed + 2 * number + 1, options=options,
+                                           t_start=t_start, first_index=index, cancel=cancel, pump=pump):
+                    chunk.is_last = chunk.is_last and last
+                    chunk.timings["segment"] = number
+                    place(chunk, seed + 2 * number)
+                    index = chunk.index + 1
+                    yield chunk
+                number += 1
+        finally:
+            pump.close()
+    else:
+        for number, (segment, t3_seed) in enumerate(numbered()):
+            last = n_segments is not None and number == n_segments - 1
+            for chunk in stream_tokens(model, generate(segment, t3_seed), conds, seed=t3_seed + 1, options=options,
+                                       t_start=t_start, first_index=index, cancel=cancel):
+                chunk.is_last = chunk.is_last and last
+                chunk.timings["segment"] = number
+                place(chunk, t3_seed)
+                index = chunk.index + 1
+                yield chunk
+    check_cancel(cancel)
+    if not known or index == 0:
+        # an iterable's end is known only now; blank text still ends with one (empty) last chunk
+        yield AudioChunk(np.zeros(0, dtype=np.float32), index, 0, 0, {"elapsed_ms": (time.perf_counter() - t_start) * 1000},
+                         is_last=True)

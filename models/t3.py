@@ -22,9 +22,11 @@ per-step host overhead on a GPU, so the step function builds as small a graph as
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import secrets
+import threading
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Iterator
 
@@ -168,22 +170,36 @@ def upstream_shapes(cfg: T3Config) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+# Merged at conversion: one matmul (one kernel launch) per group in each decode step, where
+# decoding is launch-bound. Rows are concatenated along the output axis, so quantization
+# groups (along the input axis) are unchanged and so are the quantized values.
+MERGED_PROJECTIONS = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+}
+
+
 def convert_weights(weights: dict[str, np.ndarray], cfg: T3Config) -> dict[str, mx.array]:
-    """Upstream T3 tensors -> MLX parameters (float32). Every key maps to itself: all layers
-    are Linear/Embedding/norms, whose torch layout is MLX's. Strict: keys and shapes must
-    equal `upstream_shapes(cfg)`."""
+    """Upstream T3 tensors -> MLX parameters (float32). Keys map to themselves (all layers
+    are Linear/Embedding/norms, whose torch layout is MLX's), except each layer's q/k/v and
+    gate/up projections, which are concatenated into `qkv_proj` and `gate_up_proj`
+    (MERGED_PROJECTIONS). Strict: keys and shapes must equal `upstream_shapes(cfg)`."""
     expected = upstream_shapes(cfg)
     missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
     if missing or unexpected:
         raise ValueError(f"T3 weights do not match the config: missing {missing[:5]} ({len(missing)}), "
                          f"unexpected {unexpected[:5]} ({len(unexpected)})")
-    params = {}
+    arrays = {}
     for key, shape in expected.items():
         value = np.asarray(weights[key])
         if tuple(value.shape) != shape:
             raise ValueError(f"{key}: shape {tuple(value.shape)}, expected {shape}")
-        params[key] = mx.array(value.astype(np.float32, copy=False))
-    return params
+        arrays[key] = value.astype(np.float32, copy=False)
+    for n in range(cfg.num_hidden_layers):
+        prefix = f"tfmr.layers.{n}."
+        for merged, parts in MERGED_PROJECTIONS.items():
+            arrays[prefix + merged + ".weight"] = np.concatenate([arrays.pop(prefix + p + ".weight") for p in parts])
+    return {key: mx.array(value) for key, value in arrays.items()}
 
 
 def build_t3(weights: dict[str, np.ndarray], cfg: T3Config, dtype: mx.Dtype = mx.float32) -> "T3":
@@ -305,9 +321,8 @@ class LlamaAttention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.scale = cfg.head_dim**-0.5
         d = cfg.hidden_size
-        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
+        # q_proj, k_proj and v_proj of the checkpoint, stacked (MERGED_PROJECTIONS)
+        self.qkv_proj = nn.Linear(d, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
         # Leading underscore: a constant, not a parameter (MLX skips such attributes).
         self._rope_periods = mx.array(llama3_rope_periods(cfg))
@@ -316,9 +331,11 @@ class LlamaAttention(nn.Module):
         """x (B, L, D) -> (B, L, D); attends to the cache plus x, causally. A probe
         records the attention weights of its heads of this layer."""
         b, length, _ = x.shape
-        q = self.q_proj(x).reshape(b, length, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
-        k = self.k_proj(x).reshape(b, length, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
-        v = self.v_proj(x).reshape(b, length, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        qkv = self.qkv_proj(x).reshape(b, length, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
+        qkv = qkv.transpose(0, 2, 1, 3)  # (B, H + 2 KV, L, hd)
+        q = qkv[:, : self.n_heads]
+        k = qkv[:, self.n_heads : self.n_heads + self.n_kv_heads]
+        v = qkv[:, self.n_heads + self.n_kv_heads :]
         # HF "rotate half" RoPE at absolute positions offset..offset+L-1.
         q = mx.fast.rope(q, self.head_dim, traditional=False, base=None, scale=1.0, offset=cache.offset,
                          freqs=self._rope_periods)
@@ -337,12 +354,13 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, cfg: T3Config) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        # gate_proj and up_proj of the checkpoint, stacked (MERGED_PROJECTIONS)
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
+        return self.down_proj(nn.silu(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -619,12 +637,35 @@ def process_logits(logits: mx.array, seen: mx.array | None, params: SamplingPara
     return x
 
 
-def sample_token(logits: mx.array, seen: mx.array | None, params: SamplingParams, key: mx.array | None) -> mx.array:
-    """Model logits (B, V) -> next token id, (1,) int32 (lazy). Greedy when temperature is 0."""
+def _sample(logits: mx.array, seen: mx.array | None, params: SamplingParams, key: mx.array | None) -> mx.array:
     x = process_logits(logits, seen, params)
     if params.temperature == 0:
         return mx.argmax(x, axis=-1).astype(mx.int32)
     return mx.random.categorical(x, axis=-1, key=key).astype(mx.int32)
+
+
+# The sampler is ~20 small ops per decode step; on GPU backends (launch-bound at batch 2)
+# it runs as one mx.compile'd function per set of sampling parameters: "auto" = on where
+# the default device is a GPU, off on the CPU backend (compiling shells out to a C++
+# compiler there); "on" / "off" force it.
+COMPILE_SAMPLER = "auto"
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_sampler(params: SamplingParams, with_seen: bool):
+    if with_seen:
+        return mx.compile(lambda logits, seen, key: _sample(logits, seen, params, key))
+    return mx.compile(lambda logits, key: _sample(logits, None, params, key))
+
+
+def sample_token(logits: mx.array, seen: mx.array | None, params: SamplingParams, key: mx.array | None) -> mx.array:
+    """Model logits (B, V) -> next token id, (1,) int32 (lazy). Greedy when temperature is 0."""
+    compiled = mx.default_device() != mx.cpu if COMPILE_SAMPLER == "auto" else COMPILE_SAMPLER == "on"
+    if not compiled or key is None:
+        return _sample(logits, seen, params, key)
+    if seen is None:
+        return _compiled_sampler(params, False)(logits, key)
+    return _compiled_sampler(params, True)(logits, seen, key)
 
 
 def generate_tokens(
@@ -639,7 +680,7 @@ def generate_tokens(
     top_p: float = 1.0,
     max_new_tokens: int = 1000,
     seed: int | None = None,
-    cancel=None,
+    cancel: threading.Event | None = None,
 ) -> Iterator[int]:
     """Yield speech tokens one by one as T3 samples them (upstream `T3.inference`).
 

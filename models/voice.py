@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -46,6 +47,37 @@ SILENCE_FRAME_S = 0.05
 
 SINC_LOWPASS_WIDTH = 6  # torchaudio.transforms.Resample defaults (sinc_interp_hann)
 SINC_ROLLOFF = 0.99
+
+
+@dataclass(frozen=True)
+class VoiceRecipe:
+    """What a model family's prepare_conditionals does with a reference clip."""
+
+    enc_cond_samples: int = ENC_COND_LEN  # T3 prompt tokens come from this many 16 kHz samples
+    t3_prompt_tokens: int = T3_PROMPT_TOKENS
+    min_duration_s: float = MIN_DURATION_S
+    longer_than_s: float | None = None  # Turbo asserts the 24 kHz clip is longer than this
+    loudness_lufs: float | None = None  # Turbo normalises the 24 kHz clip to this loudness
+    family: str = "Chatterbox"
+
+
+ORIGINAL_RECIPE = VoiceRecipe()
+# tts_turbo.prepare_conditionals: > 5 s, -27 LUFS, ENC_COND_LEN 15 s, 375 prompt tokens
+TURBO_RECIPE = VoiceRecipe(enc_cond_samples=15 * S3_SR, t3_prompt_tokens=375, longer_than_s=5.0,
+                           loudness_lufs=-27.0, family="Chatterbox Turbo")
+
+
+def normalize_loudness(wav: np.ndarray, sample_rate: int, target_lufs: float) -> np.ndarray:
+    """Scale `wav` to `target_lufs` integrated loudness (ITU-R BS.1770 via pyloudnorm), as the
+    reference's `norm_loudness`: unchanged when the gain is not finite and positive."""
+    import pyloudnorm
+
+    loudness = pyloudnorm.Meter(sample_rate).integrated_loudness(wav.astype(np.float64))
+    gain = 10.0 ** ((target_lufs - loudness) / 20.0)
+    if not (math.isfinite(gain) and gain > 0.0):
+        logger.warning("loudness normalisation skipped (measured %s LUFS)", loudness)
+        return wav
+    return (wav * np.float32(gain)).astype(np.float32)
 
 
 class VoiceError(ValueError):
@@ -132,15 +164,16 @@ def resample_sinc(wav: np.ndarray, sample_rate: int, target_rate: int) -> np.nda
 # Checks and the conditioning recipe
 
 
-def check_reference(wav: np.ndarray, sample_rate: int, source: str = "reference clip") -> None:
+def check_reference(wav: np.ndarray, sample_rate: int, source: str = "reference clip",
+                    min_duration_s: float = MIN_DURATION_S) -> None:
     """Raise VoiceError unless `wav` is a usable reference: finite, >= 2 s, and not silent."""
     if wav.ndim != 1 or wav.size == 0:
         raise VoiceError(f"{source} has no audio samples")
     if not np.all(np.isfinite(wav)):
         raise VoiceError(f"{source} contains NaN or infinite samples")
     duration_s = wav.size / sample_rate
-    if duration_s < MIN_DURATION_S:
-        raise VoiceError(f"{source} is {duration_s:.2f} s long; a voice needs at least {MIN_DURATION_S:g} s of speech")
+    if duration_s < min_duration_s:
+        raise VoiceError(f"{source} is {duration_s:.2f} s long; a voice needs at least {min_duration_s:g} s of speech")
     frame = max(1, int(SILENCE_FRAME_S * sample_rate))
     n_frames = wav.size // frame
     rms = np.sqrt(np.mean(wav[: n_frames * frame].astype(np.float64).reshape(n_frames, frame) ** 2, axis=1))
@@ -169,6 +202,7 @@ def compute_conditionals(
     exaggeration: float = DEFAULT_EXAGGERATION,
     *,
     source: str = "reference clip",
+    recipe: VoiceRecipe = ORIGINAL_RECIPE,
 ) -> Conditionals:
     """Voice conditioning from a mono waveform at any rate (prepare_conditionals + embed_ref).
 
@@ -179,8 +213,17 @@ def compute_conditionals(
     Raises VoiceError (naming `source`) for clips that are too short or silent.
     """
     wav = np.asarray(wav, dtype=np.float32)
-    check_reference(wav, sample_rate, source)
-    wav24, wav16 = reference_waveforms(wav, sample_rate)
+    check_reference(wav, sample_rate, source, recipe.min_duration_s)
+    if recipe.longer_than_s is None and recipe.loudness_lufs is None:
+        wav24, wav16 = reference_waveforms(wav, sample_rate)
+    else:
+        wav24 = resample_soxr(wav, sample_rate, S3GEN_SR)
+        if recipe.longer_than_s is not None and not wav24.size / S3GEN_SR > recipe.longer_than_s:
+            raise VoiceError(f"{source} is {wav24.size / S3GEN_SR:.2f} s long; {recipe.family} needs a voice "
+                             f"prompt longer than {recipe.longer_than_s:g} s")
+        if recipe.loudness_lufs is not None:
+            wav24 = normalize_loudness(wav24, S3GEN_SR, recipe.loudness_lufs)
+        wav16 = resample_soxr(wav24, S3GEN_SR, S3_SR)
 
     # S3Gen's reference dict (embed_ref) from the first 10 s at 24 kHz.
     ref24 = wav24[:DEC_COND_LEN]
@@ -199,7 +242,7 @@ def compute_conditionals(
         "embedding": embedding,
     }
 
-    t3_tokens = tokenize_wav(tokenizer, wav16[:ENC_COND_LEN], max_len=T3_PROMPT_TOKENS)  # (1, <=150)
+    t3_tokens = tokenize_wav(tokenizer, wav16[: recipe.enc_cond_samples], max_len=recipe.t3_prompt_tokens)  # (1, <=150)
     speaker_emb = embed_utterance(ve, wav16)  # (1, 256), over the whole clip
     if not bool(mx.all(mx.isfinite(speaker_emb)).item()):
         raise VoiceError("the voice encoder found no usable speech in the clip")
@@ -217,6 +260,7 @@ def prepare_voice(
     path_or_samples: str | os.PathLike | np.ndarray,
     sample_rate: int | None = None,
     exaggeration: float = DEFAULT_EXAGGERATION,
+    recipe: VoiceRecipe = ORIGINAL_RECIPE,
 ) -> Conditionals:
     """A voice from a reference file, or from samples with their rate (VoiceError if unusable).
 
@@ -234,4 +278,5 @@ def prepare_voice(
             wav = np.mean(wav.T, axis=0)
         source = "reference audio"
     s3gen = model.s3gen
-    return compute_conditionals(model.ve, s3gen.tokenizer, s3gen.speaker_encoder, wav, sample_rate, exaggeration, source=source)
+    return compute_conditionals(model.ve, s3gen.tokenizer, s3gen.speaker_encoder, wav, sample_rate, exaggeration,
+                                source=source, recipe=recipe)

@@ -34,6 +34,22 @@ def tiny_model(tiny_checkpoint):
     return load_model(tiny_checkpoint)
 
 
+@pytest.fixture(scope="session")
+def tiny_turbo_checkpoint(tmp_path_factory) -> Path:
+    """A tiny random Chatterbox Turbo checkpoint (the upstream files + dims.json), seed 0."""
+    from nightingale.models.checkpoint import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("tiny-turbo"), "tiny", seed=TINY_SEED, family="turbo")
+
+
+@pytest.fixture(scope="session")
+def tiny_turbo_model(tiny_turbo_checkpoint):
+    """The tiny Turbo checkpoint loaded in float32 (shared: tests must not mutate it)."""
+    from nightingale.models import load_model
+
+    return load_model(tiny_turbo_checkpoint)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_user_dirs(tmp_path, monkeypatch):
     """Voices and sockets go to a per-test directory, never the real user's."""

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import pytest
 
 from nightingale.daemon.queue import SpeechQueue
-from nightingale.daemon.utterance import TextFeed, take_segment
+from nightingale.daemon.utterance import TextFeed
 
 _seq = itertools.count()
 
@@ -128,13 +128,32 @@ def test_remove_and_position():
 # --- text feed
 
 
-def test_take_segment_cuts_at_sentence_ends():
-    text = "First sentence here. " * 20
-    head, rest = take_segment(text, 100)
-    assert head.endswith(". ") or head.endswith(".")
-    assert len(head) <= 100 and head + rest == text
-    head, rest = take_segment("word " * 100, 50)
-    assert len(head) <= 50 and head.endswith(" ")
+def test_feed_runs_split_as_the_whole_text_does():
+    """The feed cuts only at sentence ends (the model's splitter's), so the model's
+    segments of the runs equal those of the whole text."""
+    from nightingale.models.text import split_text
+
+    text = "First sentence here. Then a question? " + ", ".join(["a clause"] * 60) + ". Last!"
+    feed = TextFeed()
+    runs: list[str] = []
+    for i in range(0, len(text), 7):  # arrives in pieces; the engine takes what is ready
+        feed.push(text[i : i + 7])
+        while True:
+            try:
+                runs.append(feed.next_segment(timeout=0.001))
+            except TimeoutError:
+                break
+    feed.end()
+    runs.extend(feed.segments(threading.Event()))
+    assert len(runs) >= 3
+    assert [s for run in runs for s in split_text(run)] == split_text(text)
+
+
+def test_feed_without_sentence_ends_is_still_spoken():
+    feed = TextFeed()
+    feed.push("word " * 100)  # 500 characters, no sentence end: one full segment is ready
+    run = feed.next_segment(timeout=1.0)
+    assert run.startswith("word word") and 250 < len(run) <= 300
 
 
 def test_feed_yields_complete_sentences_before_the_input_ends():

@@ -55,12 +55,13 @@ def daemon(tiny_checkpoint, tmp_path_factory):
 
 
 def test_model_stream_stops_between_cfm_steps(tiny_model):
-    # 100,000 CFM steps would take hours; the event is set at its 40th check.
+    # 100,000 CFM steps would take hours; the event is set at its 40th check. (T3's own
+    # thread checks it too, so a few more checks happen around the one that stops.)
     cancel = CountdownEvent(40)
     with pytest.raises(Cancelled):
         for _ in tiny_model.stream(HEAVY_TEXT, seed=1, max_new_tokens=60, n_timesteps=100_000, chunk_schedule="48", cancel=cancel):
             pass
-    assert cancel.calls == 40
+    assert 40 <= cancel.calls < 60
 
 
 def test_model_stream_stops_between_t3_steps(tiny_model):
@@ -169,6 +170,8 @@ def test_out_of_range_options_are_bad_field(daemon, options, field, allowed):
 
 
 def test_options_at_their_bounds_are_accepted():
+    # every numeric option has bounds (an option without one would raise KeyError, not bad_field)
+    assert set(p.OPTION_RANGES) == set(p.SPEAK_OPTIONS) - {"chunk_schedule"}
     for name, (low, high) in p.OPTION_RANGES.items():
         for value in (low, high):
             assert p.check_option(name, value) == value

@@ -100,13 +100,15 @@ def snr_db(ref: np.ndarray, est: np.ndarray) -> float:
 
 def test_predicate_rules():
     t3p, flowp = t3_predicate(64), flow_predicate(64)
-    assert t3p("tfmr.layers.3.mlp.up_proj", nn.Linear(128, 256))
-    assert not t3p("tfmr.layers.3.mlp.up_proj", nn.Linear(100, 256)), "input width not a multiple of the group"
-    assert not t3p("tfmr.layers.3.mlp.up_proj", nn.Linear(128, 32)), "too few outputs to be worth it"
+    assert t3p("tfmr.layers.3.mlp.gate_up_proj", nn.Linear(128, 256))
+    assert t3p("tfmr.layers.3.self_attn.qkv_proj", nn.Linear(128, 256))
+    assert not t3p("tfmr.layers.3.mlp.up_proj", nn.Linear(128, 256)), "merged at conversion: the old name is gone"
+    assert not t3p("tfmr.layers.3.mlp.gate_up_proj", nn.Linear(100, 256)), "input width not a multiple of the group"
+    assert not t3p("tfmr.layers.3.mlp.gate_up_proj", nn.Linear(128, 32)), "too few outputs to be worth it"
     assert not t3p("text_head", nn.Linear(128, 256)), "not in the list"
     assert not t3p("speech_emb", nn.Embedding(256, 128)), "embeddings stay float"
     assert not t3p("cond_enc.emotion_adv_fc", nn.Linear(1, 256)), "one input column cannot be grouped"
-    assert flowp("decoder.estimator.mid_blocks.0.1.0.attn1.to_q", nn.Linear(256, 512))
+    assert flowp("decoder.estimator.mid_blocks.0.1.0.attn1.to_qkv", nn.Linear(256, 512))
     assert not flowp("encoder_proj", nn.Linear(512, 80)), "outside the encoder and estimator"
     assert flowp("encoder.encoders.0.feed_forward.w_1", nn.Linear(512, 2048))
     assert not flowp("encoder.encoders.0.feed_forward.w_1", nn.Linear(512, 2048).to_quantized(group_size=64, bits=8))
@@ -117,7 +119,7 @@ def test_quantized_model_keeps_the_promised_layers_float(int8_model):
     t3_float = sorted(p for p, m in t3.named_modules() if type(m) is nn.Linear)
     assert t3_float == ["cond_enc.emotion_adv_fc", "text_head"]
     assert all(T3_QUANTIZED.match(p) for p in quantized_paths(t3))
-    assert len(quantized_paths(t3)) == 7 * t3.cfg.num_hidden_layers + 1 + 1 + 4  # layers, head, speaker, perceiver
+    assert len(quantized_paths(t3)) == 4 * t3.cfg.num_hidden_layers + 1 + 1 + 4  # layers (qkv, o, gate_up, down), head, speaker, perceiver
     flow_float = sorted(p for p, m in flow.named_modules() if type(m) is nn.Linear)
     assert flow_float == ["encoder_proj", "spk_embed_affine_layer"]
     assert all(p.startswith(("encoder.", "decoder.estimator.")) for p in quantized_paths(flow))
@@ -154,7 +156,7 @@ def test_scales_dtype_rule():
 @pytest.mark.skipif(mx.default_device() != mx.cpu, reason="the CPU backend's float32 rule")
 def test_quantized_matmuls_get_float32_activations_on_cpu(tiny_checkpoint):
     model = load_model(tiny_checkpoint, quantize=8, dtype="float16")
-    layer = model.t3.tfmr.layers[0].self_attn.q_proj
+    layer = model.t3.tfmr.layers[0].self_attn.qkv_proj
     assert layer.scales.dtype == mx.float32
     assert layer(mx.zeros((1, 1, model.t3.cfg.hidden_size), dtype=mx.float16)).dtype == mx.float32
     assert model.t3.speech_emb.weight.dtype == mx.float16  # the float parts keep the chosen dtype

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from nightingale.models.model import filter_speech_tokens
 
 
 def run_cli(*args, env=None, timeout=120):
@@ -31,7 +30,7 @@ def test_synth_writes_24k_mono_wav_of_960_samples_per_token(tiny_checkpoint, tin
     audio, rate = sf.read(out, dtype="float32")
     info = sf.info(out)
     assert rate == 24000 and info.channels == 1 and info.format == "WAV"
-    tokens = filter_speech_tokens(list(tiny_model.generate_tokens("Hello there.", seed=7, max_new_tokens=12)))
+    tokens = [t for t in tiny_model.generate_tokens("Hello there.", seed=7, max_new_tokens=12) if t < 6561]
     assert len(audio) == 960 * len(tokens) > 0
     expected = tiny_model.synthesize("Hello there.", seed=7, max_new_tokens=12)
     # Two float32 runs of the same model agree to float32 rounding scaled by the signal (the

@@ -89,8 +89,22 @@ def test_upstream_layout_full():
 
 
 def test_module_names_are_checkpoint_keys(model, weights):
+    """Every parameter is a checkpoint key, except the merged projections, each of which
+    is its parts' rows stacked in order."""
     names = {k for k, _ in tree_flatten(model.parameters())}
-    assert names == set(upstream_shapes(T3Config.tiny()))
+    merged = {"self_attn.q_proj": "self_attn.qkv_proj", "self_attn.k_proj": "self_attn.qkv_proj",
+              "self_attn.v_proj": "self_attn.qkv_proj", "mlp.gate_proj": "mlp.gate_up_proj", "mlp.up_proj": "mlp.gate_up_proj"}
+    expected = set()
+    for key in upstream_shapes(T3Config.tiny()):
+        for part, whole in merged.items():
+            key = key.replace(f".{part}.", f".{whole}.")
+        expected.add(key)
+    assert names == expected
+    params = convert_weights(weights, T3Config.tiny())
+    stacked = np.concatenate([weights[f"tfmr.layers.1.self_attn.{p}_proj.weight"] for p in "qkv"])
+    np.testing.assert_array_equal(np.array(params["tfmr.layers.1.self_attn.qkv_proj.weight"]), stacked)
+    stacked = np.concatenate([weights[f"tfmr.layers.0.mlp.{p}_proj.weight"] for p in ("gate", "up")])
+    np.testing.assert_array_equal(np.array(params["tfmr.layers.0.mlp.gate_up_proj.weight"]), stacked)
     broken = dict(weights)
     del broken["text_head.weight"]
     with pytest.raises(ValueError, match="missing"):

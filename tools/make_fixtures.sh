@@ -20,5 +20,6 @@ work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
 "$OUR_PYTHON" tools/fixtures_voice.py clip                  # spoken reference clip (espeak-ng)
 "$OUR_PYTHON" tools/fixtures_voice.py weights "$work/voice"
 "$REF_PYTHON" tools/fixtures_voice.py fixtures "$work/voice"  # VE, S3Tokenizer, CAMPPlus, conditionals
+"$REF_PYTHON" tools/fixtures_turbo.py                       # Turbo: layout, tokenizer, GPT-2 T3, MeanFlow
 "$REF_PYTHON" tools/fixtures_conds.py                       # conds.pt written by torch, and our writer read by torch
 echo "fixtures written to tests/fixtures"

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import threading
 from dataclasses import asdict, dataclass, fields
 
 import mlx.core as mx
@@ -36,6 +37,14 @@ from .estimator import ConditionalDecoder
 logger = logging.getLogger(__name__)
 
 L2_NORM_EPS = 1e-12  # F.normalize default
+# Whether each CFM step (estimator batch + guidance + Euler update) runs as one mx.compile'd
+# function: "auto" = on GPU backends (Metal, CUDA), where per-op launch and host overhead
+# dominate a step and compiling fuses the elementwise ops and replays the graph without
+# Python; off on the CPU backend (compiling shells out to a C++ compiler there, seconds per
+# new kernel, for no measured gain). "on" / "off" force it. A window shape is compiled the
+# second time it is seen (tracing costs about one eager call): shapes that repeat (first
+# and steady streaming chunks) run compiled, one-off shapes (a segment's last chunk) eager.
+COMPILE_STEP = "auto"
 NOISE_BLOCK_FRAMES = 1024  # fixed_noise draws noise in blocks of this many frames
 
 
@@ -210,24 +219,36 @@ def upstream_shapes(cfg: FlowConfig) -> dict[str, tuple[int, ...]]:
     return s
 
 
+# The estimator's attention q/k/v are stacked into one projection at conversion (fewer
+# launches in every CFM step; rows stack along the output axis, so quantization groups and
+# values are unchanged).
+MERGED_PROJECTIONS = {"attn1.to_qkv": ("attn1.to_q", "attn1.to_k", "attn1.to_v")}
+
+
 def convert_weights(weights: dict[str, np.ndarray], cfg: FlowConfig) -> dict[str, mx.array]:
     """Upstream `flow.`-relative keys (torch layout) -> Flow parameter names (MLX layout).
 
-    Names are unchanged (the module mirrors the checkpoint); every 3-D tensor is a Conv1d
-    weight and changes layout. Strict: the key set must equal upstream_shapes(cfg).
+    Names are unchanged (the module mirrors the checkpoint) except the merged projections
+    (MERGED_PROJECTIONS); every 3-D tensor is a Conv1d weight and changes layout. Strict:
+    the key set must equal upstream_shapes(cfg).
     """
     expected = upstream_shapes(cfg)
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
     if missing or unexpected:
         raise ValueError(f"flow weights mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    out: dict[str, mx.array] = {}
+    arrays: dict[str, np.ndarray] = {}
     for key, value in weights.items():
         if tuple(value.shape) != tuple(expected[key]):
             raise ValueError(f"{key}: shape {tuple(value.shape)}, expected {expected[key]}")
         value = np.asarray(value, dtype=np.float32)
-        out[key] = mx.array(conv1d_from_torch(value) if value.ndim == 3 else value)
-    return out
+        arrays[key] = conv1d_from_torch(value) if value.ndim == 3 else value
+    for merged, parts in MERGED_PROJECTIONS.items():
+        first = "." + parts[0] + ".weight"
+        for key in [k for k in arrays if k.endswith(first)]:
+            prefix = key[: -len(first)]
+            arrays[f"{prefix}.{merged}.weight"] = np.concatenate([arrays.pop(f"{prefix}.{p}.weight") for p in parts])
+    return {key: mx.array(value) for key, value in arrays.items()}
 
 
 def cosine_t_span(n_timesteps: int) -> np.ndarray:
@@ -260,6 +281,14 @@ def fixed_noise(num_frames: int, seed: int = 0, start: int = 0, mel_bins: int = 
     return mx.array(blocks[:, offset : offset + num_frames])[None]
 
 
+def compile_steps() -> bool:
+    if COMPILE_STEP == "auto":
+        return mx.default_device() != mx.cpu
+    if COMPILE_STEP not in ("on", "off"):
+        raise ValueError(f"COMPILE_STEP must be 'auto', 'on' or 'off', not {COMPILE_STEP!r}")
+    return COMPILE_STEP == "on"
+
+
 class CausalConditionalCFM(nn.Module):
     """The CFM sampler around the estimator (`flow.decoder`; holds `estimator`)."""
 
@@ -267,6 +296,32 @@ class CausalConditionalCFM(nn.Module):
         super().__init__()
         self.estimator = estimator
         self.inference_cfg_rate = inference_cfg_rate
+        # mx.compile of `euler_step`, made on first use (after the weights are loaded: it
+        # captures them), and how often each window shape was seen; the leading underscores
+        # keep both out of the parameters
+        self._compiled_step = None
+        self._shapes_seen: dict[tuple[int, ...], int] = {}
+
+    def euler_step(self, x: mx.array, t: mx.array, dt: mx.array, mu_in: mx.array, spks_in: mx.array,
+                   cond_in: mx.array) -> mx.array:
+        """One guided Euler step without a mask: x (B, 80, T) float32 at time t (2B,) -> x + dt v."""
+        b = x.shape[0]
+        rate = self.inference_cfg_rate
+        v = self.estimator(mx.concatenate([x, x], axis=0), None, mu_in, t, spks_in, cond_in)
+        v = ((1.0 + rate) * v[:b] - rate * v[b:]).astype(mx.float32)
+        return x + dt * v
+
+    def step_function(self, shape: tuple[int, ...]):
+        """The Euler step for inputs of `shape`: compiled once the shape repeats (COMPILE_STEP)."""
+        if not compile_steps():
+            return self.euler_step
+        seen = self._shapes_seen.get(shape, 0)
+        self._shapes_seen[shape] = seen + 1
+        if not seen:
+            return self.euler_step
+        if self._compiled_step is None:
+            self._compiled_step = mx.compile(self.euler_step)
+        return self._compiled_step
 
     def solve_euler(
         self,
@@ -276,7 +331,7 @@ class CausalConditionalCFM(nn.Module):
         spks: mx.array,
         cond: mx.array,
         n_timesteps: int = 10,
-        cancel=None,
+        cancel: threading.Event | None = None,
     ) -> mx.array:
         """Euler integration of dx/dt = v(x, t) from x = z at t = 0 to t = 1, cosine schedule.
 
@@ -295,6 +350,7 @@ class CausalConditionalCFM(nn.Module):
         mask_in = None if mask is None else mx.concatenate([mask, mask], axis=0)
         t_span = cosine_t_span(n_timesteps)
         x = z.astype(mx.float32)
+        step = self.step_function(tuple(z.shape)) if mask is None else None
         previous = None
         for t, r in zip(t_span[:-1], t_span[1:]):
             check_cancel(cancel)
@@ -303,9 +359,12 @@ class CausalConditionalCFM(nn.Module):
                 mx.eval(previous)
             previous = x
             t_in = mx.full((2 * b,), float(t), dtype=mx.float32)
-            v = self.estimator(mx.concatenate([x, x], axis=0), mask_in, mu_in, t_in, spks_in, cond_in)
-            v = ((1.0 + rate) * v[:b] - rate * v[b:]).astype(mx.float32)
-            x = x + float(r - t) * v
+            if step is not None:
+                x = step(x, t_in, mx.array(float(r - t), dtype=mx.float32), mu_in, spks_in, cond_in)
+            else:
+                v = self.estimator(mx.concatenate([x, x], axis=0), mask_in, mu_in, t_in, spks_in, cond_in)
+                v = ((1.0 + rate) * v[:b] - rate * v[b:]).astype(mx.float32)
+                x = x + float(r - t) * v
             # start this step while Python builds the next one
             mx.async_eval(x)
         return x
@@ -372,7 +431,7 @@ class Flow(nn.Module):
         spks: mx.array,
         cond: mx.array,
         n_timesteps: int = 10,
-        cancel=None,
+        cancel: threading.Event | None = None,
     ) -> mx.array:
         """The CFM solve (see CausalConditionalCFM.solve_euler); spks already projected."""
         return self.decoder.solve_euler(z, mu, mask, spks, cond, n_timesteps, cancel)
@@ -388,7 +447,7 @@ class Flow(nn.Module):
         key: mx.array | None = None,
         n_timesteps: int | None = None,
         frames: tuple[int, int] | None = None,
-        cancel=None,
+        cancel: threading.Event | None = None,
     ) -> mx.array:
         """Mel for `token` spoken in the prompt's voice.
 

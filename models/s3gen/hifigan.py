@@ -286,6 +286,22 @@ class SourceModule(nn.Module):
         return mx.tanh(self.l_linear(harmonics))
 
 
+PHASE_ONE = 4294967296.0  # 2^32: one cycle in the fixed-point phase
+PHASE_MAX = 4294967040.0  # the largest float32 below 2^32
+
+
+def phase_to_fixed(cycles: mx.array) -> mx.array:
+    """Cycles (any float) -> uint32 fixed point, one cycle = 2^32 (so wrap-around is mod 1)."""
+    frac = cycles.astype(mx.float32) - mx.floor(cycles.astype(mx.float32))
+    return mx.minimum(frac * PHASE_ONE, PHASE_MAX).astype(mx.uint32)
+
+
+def phase_increments(f0: mx.array, *, upsample: int, sampling_rate: int, n_harm: int) -> mx.array:
+    """F0 (B, T) Hz -> each harmonic's phase advance over each frame, uint32 fixed point (B, T, H)."""
+    harmonic = mx.arange(1, n_harm + 1, dtype=mx.float32)
+    return phase_to_fixed((f0.astype(mx.float32) / sampling_rate)[..., None] * harmonic * upsample)
+
+
 def sine_harmonics(
     f0: mx.array,
     phase: mx.array,
@@ -296,7 +312,7 @@ def sine_harmonics(
     sine_amp: float,
     noise_std: float,
     voiced_threshold: float,
-    start_cycles: mx.array | None = None,
+    start_phase: mx.array | None = None,
 ) -> mx.array:
     """SineGen on a frame-rate F0: (B, T) Hz -> (B, T * upsample, H) harmonics plus noise.
 
@@ -304,22 +320,23 @@ def sine_harmonics(
     the reference); noise (B, T * upsample, H) standard normal.
 
     The reference takes theta_h[n] = 2 pi frac(sum_{m<=n} h f0[m] / sr) over the
-    nearest-upsampled F0. F0 is constant within a frame, so that sum is the (wrapped)
-    phase at the frame start plus a linear ramp: it is formed per frame here, which keeps
-    float32 phase exact to ~1e-6 cycle at any length (a float32 running sum over a 10 s
-    utterance would drift by ~1e-3 cycle).
+    nearest-upsampled F0. F0 is constant within a frame, so that sum is the phase at the
+    frame start plus a linear ramp. The frame-start phases are a running sum of per-frame
+    advances in uint32 fixed point (one cycle = 2^32), where wrap-around is exactly mod 1:
+    the phase is exact to 2^-24 cycle at any length, and a stream that carries it
+    (start_phase (B, H), uint32, the phase at the first frame) gets bit-identical values.
+    (A float32 running sum drifts by ~1e-5 cycle per 300 frames, which alone limited
+    streamed voiced audio to ~45 dB against one-shot.)
     """
     batch, n_frames = f0.shape
     n_harm = phase.shape[-1]
     harmonic = mx.arange(1, n_harm + 1, dtype=mx.float32)  # (H,)
     cycles_per_sample = (f0.astype(mx.float32) / sampling_rate)[..., None] * harmonic  # (B, T, H)
-    per_frame = cycles_per_sample * upsample
-    per_frame = per_frame - mx.floor(per_frame)
-    start = mx.cumsum(per_frame, axis=1) - per_frame  # exclusive: phase at each frame start
-    if start_cycles is not None:
-        # streaming: continue each harmonic's phase from where the previous window left it
-        start = start + start_cycles.astype(mx.float32)[:, None, :]
-    start = start - mx.floor(start)
+    step = phase_increments(f0, upsample=upsample, sampling_rate=sampling_rate, n_harm=n_harm)
+    start_fixed = mx.cumsum(step, axis=1) - step  # exclusive: phase at each frame start
+    if start_phase is not None:
+        start_fixed = start_fixed + start_phase.astype(mx.uint32)[:, None, :]
+    start = start_fixed.astype(mx.float32) * (1.0 / PHASE_ONE)
     ramp = mx.arange(1, upsample + 1, dtype=mx.float32)[:, None]  # (U, 1): sum includes sample n
     cycles = start[:, :, None, :] + ramp * cycles_per_sample[:, :, None, :]  # (B, T, U, H)
     theta = (2.0 * math.pi) * (cycles - mx.floor(cycles))
@@ -365,6 +382,16 @@ class HiFTGenerator(nn.Module):
         self.f0_predictor = F0Predictor(cfg.in_channels, cfg.f0_cond_channels, cfg.f0_num_class)
         self._window = dsp.hann_window(cfg.istft_n_fft)  # float32 numpy, not a parameter
 
+    @property
+    def f0_context_frames(self) -> int:
+        """How many mel frames on each side the F0 of one frame depends on (5: five k3 convs)."""
+        return sum(layer.weight.shape[1] // 2 for layer in self.f0_predictor.condnet if isinstance(layer, Conv1d))
+
+    def phase_increments(self, f0: mx.array) -> mx.array:
+        """F0 (B, T) Hz -> per-frame phase advance of each harmonic, uint32 (B, T, H+1)."""
+        cfg = self.cfg
+        return phase_increments(f0, upsample=cfg.upsample_total, sampling_rate=cfg.sampling_rate, n_harm=cfg.nb_harmonics + 1)
+
     def f0(self, mel: mx.array) -> mx.array:
         """mel (B, 80, T) -> F0 in Hz (B, T)."""
         return self.f0_predictor(mel.transpose(0, 2, 1))
@@ -376,12 +403,13 @@ class HiFTGenerator(nn.Module):
         phase: mx.array | None = None,
         noise: mx.array | None = None,
         key: mx.array | None = None,
-        start_cycles: mx.array | None = None,
+        start_phase: mx.array | None = None,
     ) -> mx.array:
         """F0 (B, T) Hz -> excitation source (B, 1, 480 T).
 
-        start_cycles (B, H+1): phase of each harmonic at the first sample, in cycles
-        (default 0, as the reference), so a streamed window continues the previous one.
+        start_phase (B, H+1) uint32: phase of each harmonic at the first frame, fixed point
+        (see `sine_harmonics`; default 0, as the reference), so a streamed window continues
+        the previous one.
 
         phase (B, H+1): initial phase per harmonic in radians (entry 0 is ignored: the
         fundamental starts at 0); noise (B, H+1, 480 T): standard normal, as the
@@ -410,7 +438,7 @@ class HiFTGenerator(nn.Module):
             sine_amp=cfg.nsf_alpha,
             noise_std=cfg.nsf_sigma,
             voiced_threshold=cfg.nsf_voiced_threshold,
-            start_cycles=None if start_cycles is None else start_cycles.reshape(batch, n_harm),
+            start_phase=None if start_phase is None else start_phase.reshape(batch, n_harm),
         )
         return self.m_source(harmonics).transpose(0, 2, 1)
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from .. import campplus, s3tokenizer
 from . import flow as flow_mod
-from . import hifigan
+from . import hifigan, meanflow
 
 # (attribute / key prefix, component module)
 PARTS = (
@@ -33,10 +33,15 @@ class S3GenConfig:
     campplus: campplus.CAMPPlusConfig = field(default_factory=campplus.CAMPPlusConfig.full)
     flow: flow_mod.FlowConfig = field(default_factory=flow_mod.FlowConfig.full)
     hift: hifigan.HiFTConfig = field(default_factory=hifigan.HiFTConfig.full)
+    meanflow: bool = False  # Turbo's decoder (s3gen_meanflow.safetensors; models/s3gen/meanflow.py)
 
     @classmethod
     def full(cls) -> "S3GenConfig":
         return cls()
+
+    def with_meanflow(self) -> "S3GenConfig":
+        """The same dimensions as a MeanFlow S3Gen (2 Euler steps, no CFG, the time mixer)."""
+        return S3GenConfig(self.tokenizer, self.campplus, meanflow.meanflow_config(self.flow), self.hift, True)
 
     @classmethod
     def tiny(cls) -> "S3GenConfig":
@@ -56,6 +61,7 @@ class S3GenConfig:
             campplus.CAMPPlusConfig.from_dict(d["campplus"]) if "campplus" in d else full.campplus,
             flow_mod.FlowConfig.from_dict(d["flow"]) if "flow" in d else full.flow,
             hifigan.HiFTConfig.from_dict(d["hift"]) if "hift" in d else full.hift,
+            bool(d.get("meanflow", False)),
         )
 
     def to_dict(self) -> dict:
@@ -64,16 +70,25 @@ class S3GenConfig:
             "campplus": self.campplus.to_dict(),
             "flow": self.flow.to_dict(),
             "hift": self.hift.to_dict(),
+            "meanflow": self.meanflow,
         }
 
     def part(self, prefix: str):
         return getattr(self, CONFIG_NAMES[prefix])
 
 
+def parts(cfg: S3GenConfig) -> tuple:
+    """(prefix, component module) of this config: the flow is MeanFlow's when cfg.meanflow."""
+    if not cfg.meanflow:
+        return PARTS
+    return tuple((prefix, meanflow if prefix == "flow" else module) for prefix, module in PARTS)
+
+
 def upstream_shapes(cfg: S3GenConfig) -> dict[str, tuple[int, ...]]:
-    """Every key S3Gen().state_dict() saves to s3gen.safetensors, in torch layout."""
+    """Every key S3Gen().state_dict() saves to s3gen.safetensors (S3Gen(meanflow=True) to
+    s3gen_meanflow.safetensors), in torch layout."""
     shapes: dict[str, tuple[int, ...]] = {}
-    for prefix, module in PARTS:
+    for prefix, module in parts(cfg):
         for key, shape in module.upstream_shapes(cfg.part(prefix)).items():
             shapes[f"{prefix}.{key}"] = tuple(shape)
     return shapes
@@ -92,12 +107,12 @@ class S3Gen(nn.Module):
         self.cfg = cfg
         self.tokenizer = s3tokenizer.S3Tokenizer(cfg.tokenizer)
         self.speaker_encoder = campplus.CAMPPlus(cfg.campplus)
-        self.flow = flow_mod.Flow(cfg.flow)
+        self.flow = meanflow.MeanFlow(cfg.flow) if cfg.meanflow else flow_mod.Flow(cfg.flow)
         self.mel2wav = hifigan.HiFTGenerator(cfg.hift)
 
     def load_upstream(self, weights: dict[str, np.ndarray]) -> None:
         """Load s3gen.safetensors tensors (already checked against upstream_shapes)."""
-        for prefix, module in PARTS:
+        for prefix, module in parts(self.cfg):
             part = {k[len(prefix) + 1 :]: v for k, v in weights.items() if k.startswith(prefix + ".")}
             converted = module.convert_weights(part, self.cfg.part(prefix))
             getattr(self, prefix).load_weights(list(converted.items()), strict=True)

@@ -1,0 +1,410 @@
+"""Turbo T3: Chatterbox Turbo's text-to-speech-token model (GPT-2 medium), on MLX.
+
+Port of chatterbox-tts 0.1.7 `models/t3/t3.py` as `tts_turbo.py` configures it
+(`llama_config_name = "GPT2_medium"`, `input_pos_emb = None`, no perceiver, no emotion
+input, 6563 speech ids) and of the HF `GPT2Model` it wraps (transformers 5.2). What the
+reference does, and this module reproduces:
+
+- Conditioning: [speaker (1) | speech_emb(prompt tokens) (P <= 375)]; the prompt tokens
+  get no position embedding of their own (`prepare_conditioning` adds `speech_pos_emb`
+  only for the Llama model).
+- Prefill: `[cond | text | BOS]` with one BOS, no SOT/EOT around the text (the GPT-2 BPE
+  ids go in as the tokenizer gives them); GPT-2's learned positions `wpe` over the whole
+  sequence 0..L-1, continuing through the decode.
+- No CFG (batch 1). Sampler (`inference_turbo`): temperature, top-k, top-p, then the
+  repetition penalty, softmax, multinomial. The penalty sees BOS for the first token and
+  only the generated tokens after that (BOS is not among them).
+- `tfmr.wte` (GPT-2's own token table, deleted by the reference after loading) and
+  `text_head` (unused at inference) are in the checkpoint and checked, but not kept.
+
+GPT-2's Conv1D layers store weights (in, out); they become MLX Linears (out, in).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import asdict, dataclass, fields
+from typing import Iterator
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .conds import T3Cond
+from .stream import check_cancel
+from .t3 import T3Cache
+
+logger = logging.getLogger(__name__)
+
+# Checkpoint keys the reference loads but never uses at inference (not kept here).
+UNUSED_KEYS = ("tfmr.wte.weight", "text_head.weight")
+S3GEN_SIL = 4299  # chatterbox/models/s3gen/const.py: the silence token appended before S3Gen
+SILENCE_TOKENS = 3
+
+
+@dataclass
+class TurboT3Config:
+    """Turbo T3 dimensions. Field names follow GPT2_MEDIUM_CONFIG and T3Config."""
+
+    # GPT-2 backbone (GPT2_MEDIUM_CONFIG)
+    n_layer: int = 24
+    n_embd: int = 1024
+    n_head: int = 16
+    n_positions: int = 8196
+    layer_norm_epsilon: float = 1e-5
+    vocab_size: int = 50276  # tfmr.wte rows (unused)
+    # T3 (tts_turbo.from_local's hp)
+    text_tokens_dict_size: int = 50276
+    speech_tokens_dict_size: int = 6563
+    start_speech_token: int = 6561
+    stop_speech_token: int = 6562
+    speaker_embed_size: int = 256
+    speech_cond_prompt_len: int = 375
+
+    @classmethod
+    def full(cls) -> "TurboT3Config":
+        return cls()
+
+    @classmethod
+    def tiny(cls, text_vocab: int | None = None) -> "TurboT3Config":
+        """A few-MB model for tests: 2 layers of width 256. Speech ids keep their real
+        values; the text vocabulary is the stand-in tokenizer's size (its ids must fit)."""
+        if text_vocab is None:
+            from .tokenizer_turbo import stand_in_vocab_size
+
+            text_vocab = stand_in_vocab_size()
+        return cls(n_layer=2, n_embd=256, n_head=4, n_positions=2048, vocab_size=text_vocab,
+                   text_tokens_dict_size=text_vocab)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TurboT3Config":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown TurboT3Config fields: {sorted(unknown)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+def upstream_shapes(cfg: TurboT3Config) -> dict[str, tuple[int, ...]]:
+    """Every key of t3_turbo_v1.safetensors (no prefix) with its PyTorch shape."""
+    d = cfg.n_embd
+    shapes: dict[str, tuple[int, ...]] = {
+        "tfmr.wte.weight": (cfg.vocab_size, d),
+        "tfmr.wpe.weight": (cfg.n_positions, d),
+    }
+    for n in range(cfg.n_layer):
+        p = f"tfmr.h.{n}."
+        shapes[p + "ln_1.weight"] = (d,)
+        shapes[p + "ln_1.bias"] = (d,)
+        shapes[p + "attn.c_attn.weight"] = (d, 3 * d)  # Conv1D: (in, out)
+        shapes[p + "attn.c_attn.bias"] = (3 * d,)
+        shapes[p + "attn.c_proj.weight"] = (d, d)
+        shapes[p + "attn.c_proj.bias"] = (d,)
+        shapes[p + "ln_2.weight"] = (d,)
+        shapes[p + "ln_2.bias"] = (d,)
+        shapes[p + "mlp.c_fc.weight"] = (d, 4 * d)
+        shapes[p + "mlp.c_fc.bias"] = (4 * d,)
+        shapes[p + "mlp.c_proj.weight"] = (4 * d, d)
+        shapes[p + "mlp.c_proj.bias"] = (d,)
+    shapes["tfmr.ln_f.weight"] = (d,)
+    shapes["tfmr.ln_f.bias"] = (d,)
+    shapes["cond_enc.spkr_enc.weight"] = (d, cfg.speaker_embed_size)
+    shapes["cond_enc.spkr_enc.bias"] = (d,)
+    shapes["text_emb.weight"] = (cfg.text_tokens_dict_size, d)
+    shapes["speech_emb.weight"] = (cfg.speech_tokens_dict_size, d)
+    shapes["text_head.weight"] = (cfg.text_tokens_dict_size, d)
+    shapes["speech_head.weight"] = (cfg.speech_tokens_dict_size, d)
+    shapes["speech_head.bias"] = (cfg.speech_tokens_dict_size,)
+    return shapes
+
+
+_CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
+
+
+def convert_weights(weights: dict[str, np.ndarray], cfg: TurboT3Config) -> dict[str, mx.array]:
+    """Upstream tensors -> MLX parameters (float32): GPT-2 Conv1D weights are transposed to
+    Linear layout; `UNUSED_KEYS` are dropped. Strict: keys and shapes must equal
+    `upstream_shapes(cfg)`."""
+    expected = upstream_shapes(cfg)
+    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"Turbo T3 weights do not match the config: missing {missing[:5]} ({len(missing)}), "
+                         f"unexpected {unexpected[:5]} ({len(unexpected)})")
+    params = {}
+    for key, shape in expected.items():
+        value = np.asarray(weights[key])
+        if tuple(value.shape) != shape:
+            raise ValueError(f"{key}: shape {tuple(value.shape)}, expected {shape}")
+        if key in UNUSED_KEYS:
+            continue
+        value = value.astype(np.float32, copy=False)
+        if key.endswith(_CONV1D):
+            value = np.ascontiguousarray(value.T)
+        params[key] = mx.array(value)
+    return params
+
+
+def build_t3(weights: dict[str, np.ndarray], cfg: TurboT3Config, dtype: mx.Dtype = mx.float32) -> "TurboT3":
+    model = TurboT3(cfg)
+    model.load_weights(list(convert_weights(weights, cfg).items()), strict=True)
+    if dtype != mx.float32:
+        model.set_dtype(dtype)
+    mx.eval(model.parameters())
+    return model
+
+
+# ---------------------------------------------------------------------------------------
+# GPT-2 backbone (names follow transformers' GPT2Model so the checkpoint keys map 1:1)
+
+
+class GPT2Attention(nn.Module):
+    def __init__(self, cfg: TurboT3Config) -> None:
+        super().__init__()
+        d = cfg.n_embd
+        self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
+        self.c_attn = nn.Linear(d, 3 * d)
+        self.c_proj = nn.Linear(d, d)
+
+    def __call__(self, x: mx.array, cache: T3Cache, layer: int) -> mx.array:
+        """x (B, L, D) -> (B, L, D); attends to the cache plus x, causally."""
+        b, length, d = x.shape
+        qkv = self.c_attn(x)
+        q, k, v = (qkv[..., i * d : (i + 1) * d].reshape(b, length, self.n_head, self.head_dim).transpose(0, 2, 1, 3)
+                   for i in range(3))
+        k, v = cache.update(layer, k, v)
+        mask = "causal" if length > 1 else None
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5, mask=mask)
+        return self.c_proj(out.transpose(0, 2, 1, 3).reshape(b, length, d))
+
+
+class GPT2MLP(nn.Module):
+    def __init__(self, cfg: TurboT3Config) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        # gelu_new: the tanh approximation, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+        return self.c_proj(nn.gelu_approx(self.c_fc(x)))
+
+
+class GPT2Block(nn.Module):
+    def __init__(self, cfg: TurboT3Config) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.attn = GPT2Attention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.mlp = GPT2MLP(cfg)
+
+    def __call__(self, x: mx.array, cache: T3Cache, layer: int) -> mx.array:
+        h = x + self.attn(self.ln_1(x), cache, layer)
+        return h + self.mlp(self.ln_2(h))
+
+
+class GPT2Model(nn.Module):
+    def __init__(self, cfg: TurboT3Config) -> None:
+        super().__init__()
+        self.wpe = nn.Embedding(cfg.n_positions, cfg.n_embd)
+        self.h = [GPT2Block(cfg) for _ in range(cfg.n_layer)]
+        self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+
+    def __call__(self, embeds: mx.array, cache: T3Cache) -> mx.array:
+        """embeds (B, L, D) at positions cache.offset.. -> hidden state after ln_f (B, L, D)."""
+        length = embeds.shape[1]
+        h = embeds + self.wpe(mx.arange(cache.offset, cache.offset + length))
+        for n, block in enumerate(self.h):
+            h = block(h, cache, n)
+        cache.advance(length)
+        return self.ln_f(h)
+
+
+class TurboCondEnc(nn.Module):
+    def __init__(self, cfg: TurboT3Config) -> None:
+        super().__init__()
+        self.spkr_enc = nn.Linear(cfg.speaker_embed_size, cfg.n_embd)
+
+
+class TurboT3(nn.Module):
+    """The whole Turbo T3. Attribute names equal the checkpoint's key segments."""
+
+    def __init__(self, cfg: TurboT3Config) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.n_embd
+        self.tfmr = GPT2Model(cfg)
+        self.cond_enc = TurboCondEnc(cfg)
+        self.text_emb = nn.Embedding(cfg.text_tokens_dict_size, d)
+        self.speech_emb = nn.Embedding(cfg.speech_tokens_dict_size, d)
+        self.speech_head = nn.Linear(d, cfg.speech_tokens_dict_size)
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        return self.speech_emb.weight.dtype
+
+    def make_cache(self, batch: int = 1) -> T3Cache:
+        return T3Cache(self.cfg.n_layer, batch)
+
+    def prepare_conditioning(self, cond: T3Cond) -> mx.array:
+        """T3Cond -> (1, 1 + P, D): the speaker projection, then the prompt tokens' speech
+        embeddings (no positions; GPT-2 adds its own over the whole sequence)."""
+        speaker = cond.speaker_emb.reshape(-1, self.cfg.speaker_embed_size).astype(self.dtype)
+        parts = [self.cond_enc.spkr_enc(speaker)[:, None]]
+        prompt = cond.cond_prompt_speech_emb
+        if prompt is None and cond.cond_prompt_speech_tokens is not None:
+            prompt = self.speech_emb(cond.cond_prompt_speech_tokens.astype(mx.int32))
+        if prompt is not None:
+            parts.append(prompt.astype(self.dtype))
+        return mx.concatenate(parts, axis=1)
+
+    def prefill_embeds(self, cond_emb: mx.array, text_tokens: mx.array) -> mx.array:
+        """[cond | text | BOS], (1, C + T + 1, D). text_tokens (T,) int, as the tokenizer gives them."""
+        text = self.text_emb(text_tokens.astype(mx.int32))[None]
+        bos = self.speech_emb(mx.array([[self.cfg.start_speech_token]]))
+        return mx.concatenate([cond_emb, text, bos], axis=1)
+
+    def forward(self, embeds: mx.array, cache: T3Cache | None = None) -> tuple[mx.array, T3Cache]:
+        """embeds (B, L, D) -> (float32 speech logits (B, L, V), cache)."""
+        if cache is None:
+            cache = self.make_cache(embeds.shape[0])
+        hidden = self.tfmr(embeds, cache)
+        return self.speech_head(hidden).astype(mx.float32), cache
+
+    def prefill(self, cond_emb: mx.array, text_tokens: mx.array) -> tuple[mx.array, T3Cache]:
+        """The prefill; returns the last position's float32 logits (1, V) and the cache."""
+        embeds = self.prefill_embeds(cond_emb, text_tokens)
+        cache = self.make_cache(1)
+        hidden = self.tfmr(embeds, cache)
+        return self.speech_head(hidden[:, -1, :]).astype(mx.float32), cache
+
+    def step(self, token: mx.array | int, cache: T3Cache) -> tuple[mx.array, T3Cache]:
+        """Feed one generated token ((1,) int32 or int); returns float32 logits (1, V)."""
+        if isinstance(token, int):
+            token = mx.array([token], dtype=mx.int32)
+        hidden = self.tfmr(self.speech_emb(token.reshape(1, 1)), cache)
+        return self.speech_head(hidden[:, 0, :]).astype(mx.float32), cache
+
+    def teacher_forced_logits(self, cond_emb: mx.array, text_tokens: mx.array, speech_tokens: mx.array) -> mx.array:
+        """One forward pass over [cond | text | BOS | speech_tokens] -> float32 logits
+        (1, C + T + 1 + N, V); position C + T + k predicts generated token k."""
+        embeds = self.prefill_embeds(cond_emb, text_tokens)
+        if speech_tokens.shape[0]:
+            embeds = mx.concatenate([embeds, self.speech_emb(speech_tokens.astype(mx.int32))[None]], axis=1)
+        logits, _ = self.forward(embeds)
+        return logits
+
+
+# ---------------------------------------------------------------------------------------
+# Sampler (inference_turbo: temperature, top-k, top-p, repetition penalty, multinomial)
+
+
+@dataclass(frozen=True)
+class TurboSamplingParams:
+    temperature: float = 0.8  # 0: greedy (argmax of the processed logits)
+    top_k: int = 1000
+    top_p: float = 0.95
+    repetition_penalty: float = 1.2
+
+
+def process_logits(logits: mx.array, seen: mx.array | None, params: TurboSamplingParams) -> mx.array:
+    """(1, V) float32 -> the logits multinomial samples from, in the reference's order.
+
+    seen: (V,) bool, the ids the repetition penalty applies to (None: no penalty).
+    """
+    x = logits
+    if params.temperature > 0 and params.temperature != 1.0:
+        x = x / params.temperature
+    if params.top_k > 0:
+        # TopKLogitsWarper: drop everything below the k-th largest logit (ties kept)
+        k = min(params.top_k, x.shape[-1])
+        kth = mx.sort(x, axis=-1)[..., x.shape[-1] - k : x.shape[-1] - k + 1]
+        x = mx.where(x < kth, -mx.inf, x)
+    if params.top_p < 1.0:
+        # TopPLogitsWarper: ascending sort, drop the prefix whose cumulative probability is
+        # <= 1 - top_p, always keep the top token
+        order = mx.argsort(x, axis=-1)
+        sorted_x = mx.take_along_axis(x, order, axis=-1)
+        cum = mx.cumsum(mx.softmax(sorted_x, axis=-1), axis=-1)
+        drop_sorted = cum <= (1.0 - params.top_p)
+        drop_sorted[..., -1] = False
+        drop = mx.put_along_axis(mx.zeros(x.shape, dtype=mx.bool_), order, drop_sorted, axis=-1)
+        x = mx.where(drop, -mx.inf, x)
+    if seen is not None and params.repetition_penalty != 1.0:
+        rp = params.repetition_penalty
+        x = mx.where(seen, mx.where(x < 0, x * rp, x / rp), x)
+    return x
+
+
+def sample_token(logits: mx.array, seen: mx.array | None, params: TurboSamplingParams, key: mx.array | None) -> mx.array:
+    """(1, V) -> next token id, (1,) int32 (lazy)."""
+    x = process_logits(logits, seen, params)
+    if params.temperature == 0:
+        return mx.argmax(x, axis=-1).astype(mx.int32)
+    return mx.random.categorical(x, axis=-1, key=key).astype(mx.int32)
+
+
+def generate_tokens(
+    t3: TurboT3,
+    cond: T3Cond,
+    text_tokens: list[int],
+    *,
+    temperature: float = 0.8,
+    top_k: int = 1000,
+    top_p: float = 0.95,
+    repetition_penalty: float = 1.2,
+    max_new_tokens: int = 1000,
+    seed: int | None = None,
+    cancel=None,
+) -> Iterator[int]:
+    """Yield speech tokens one by one as Turbo T3 samples them (upstream `inference_turbo`).
+
+    text_tokens: the GPT-2 tokenizer's ids (no BOS/EOS; upstream adds none). EOS (6562) is
+    not yielded and ends the generator; at most `max_new_tokens` tokens are sampled (EOS
+    counts; the reference's loop allows 1 + max_gen_len). `cancel` (threading.Event or None)
+    is checked before each step; when set, Cancelled (models/stream.py) is raised.
+    """
+    cfg = t3.cfg
+    if max_new_tokens < 0:
+        raise ValueError("max_new_tokens must be >= 0")
+    if max_new_tokens == 0:
+        return
+    cond_emb = t3.prepare_conditioning(cond)
+    prefill_len = cond_emb.shape[1] + len(text_tokens) + 1
+    if prefill_len + max_new_tokens - 1 > cfg.n_positions:
+        raise ValueError(f"text is too long: {len(text_tokens)} text tokens and {max_new_tokens} speech tokens "
+                         f"exceed GPT-2's {cfg.n_positions} positions")
+    params = TurboSamplingParams(temperature, top_k, top_p, repetition_penalty)
+    seed = secrets.randbits(63) if seed is None else seed
+    keys = mx.random.split(mx.random.key(seed), cfg.n_positions + 1)
+    vocab_ids = mx.arange(cfg.speech_tokens_dict_size)
+    use_penalty = repetition_penalty != 1.0
+    # the first token is penalised for BOS only; later ones for the generated tokens only
+    seen = (vocab_ids == cfg.start_speech_token) if use_penalty else None
+
+    logits, cache = t3.prefill(cond_emb, mx.array([int(t) for t in text_tokens], dtype=mx.int32))
+    token = sample_token(logits, seen, params, keys[0])
+    mx.async_eval(token)
+    if use_penalty:
+        seen = mx.zeros(vocab_ids.shape, dtype=mx.bool_)
+    for i in range(max_new_tokens):
+        check_cancel(cancel)
+        if i + 1 < max_new_tokens:
+            if use_penalty:
+                seen = seen | (vocab_ids == token)
+            logits, cache = t3.step(token, cache)
+            next_token = sample_token(logits, seen, params, keys[i + 1])
+            mx.async_eval(next_token)
+        value = token.item()
+        if value == cfg.stop_speech_token:
+            logger.debug("Turbo T3 EOS after %d tokens", i)
+            return
+        yield value
+        if i + 1 < max_new_tokens:
+            token = next_token

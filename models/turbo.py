@@ -1,0 +1,284 @@
+"""Chatterbox Turbo: Turbo T3 (GPT-2) + the MeanFlow S3Gen, loaded from the upstream layout.
+
+The `ResembleAI/chatterbox-turbo` repository holds (what `ChatterboxTurboTTS.from_local`
+reads): `t3_turbo_v1.safetensors` (loaded strictly), `s3gen_meanflow.safetensors` (strictly,
+the two S3Tokenizer buffers included), `ve.safetensors`, `conds.pt`, and the GPT-2 tokenizer
+files (vocab.json, merges.txt, added_tokens.json, special_tokens_map.json,
+tokenizer_config.json). `make_turbo_checkpoint` writes random checkpoints in exactly that
+layout; `load_turbo_upstream` reads them with every key and shape checked.
+
+`TurboModel` is a `ChatterboxModel` (same voices, streaming renderer, warm-up, daemon
+interface) whose text front end, T3 and sampler are Turbo's; its decoder is the MeanFlow
+S3Gen (2 Euler steps, no CFG). As `tts_turbo.generate` does, three silence tokens
+(S3GEN_SIL) follow the sampled tokens into S3Gen.
+
+`load_meanflow_decoder` loads only Turbo's S3Gen, for pairing it with the original T3
+(`load_model(..., decoder=...)`): a combination Resemble does not ship.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Iterator
+
+import mlx.core as mx
+import numpy as np
+
+from . import loading, t3_turbo, voice_encoder
+from .checkpoint import random_conds, random_weights, _save_safetensors
+from .conds import Conditionals
+from .model import DTYPES, Checkpoint, ChatterboxModel
+from .s3gen import s3gen as s3gen_mod
+from .tokenizer_turbo import TurboTokenizer, punc_norm, write_stand_in_tokenizer
+
+logger = logging.getLogger(__name__)
+
+FAMILY = "turbo"
+T3_FILE = "t3_turbo_v1.safetensors"
+S3GEN_FILE = "s3gen_meanflow.safetensors"
+VE_FILE = "ve.safetensors"
+DIMS_FILE = "dims.json"
+CONDS_PROMPT_TOKENS = {"tiny": (50, 25), "full": (375, 250)}  # (T3 prompt, S3Gen prompt)
+
+
+def is_turbo_dir(path: str | os.PathLike) -> bool:
+    """Whether a checkpoint directory is in the Turbo layout (it holds t3_turbo_v1.safetensors)."""
+    return (Path(path) / T3_FILE).is_file()
+
+
+def turbo_configs(size: str) -> dict:
+    from .checkpoint import SIZES
+
+    if size not in SIZES:
+        raise ValueError(f"unknown checkpoint size {size!r}; choose from {', '.join(SIZES)}")
+    if size == "tiny":
+        return {
+            "t3": t3_turbo.TurboT3Config.tiny(),
+            "ve": voice_encoder.VoiceEncoderConfig.tiny(),
+            "s3gen": s3gen_mod.S3GenConfig.tiny().with_meanflow(),
+        }
+    return {
+        "t3": t3_turbo.TurboT3Config.full(),
+        "ve": voice_encoder.VoiceEncoderConfig.full(),
+        "s3gen": s3gen_mod.S3GenConfig.full().with_meanflow(),
+    }
+
+
+def meanflow_shapes(cfg: s3gen_mod.S3GenConfig) -> dict[str, tuple[int, ...]]:
+    """Every key of s3gen_meanflow.safetensors: the reference loads it strictly, so the two
+    S3Tokenizer buffers the original file may omit are required here."""
+    return {**s3gen_mod.upstream_shapes(cfg), **s3gen_mod.optional_shapes(cfg)}
+
+
+def _tokenizer_buffers(cfg: s3gen_mod.S3GenConfig) -> dict[str, np.ndarray]:
+    """The S3Tokenizer's mel filterbank and window, as the reference registers them."""
+    from .dsp import hann_window, mel_filters
+    from .s3tokenizer import N_FFT, S3_SR
+
+    return {
+        "tokenizer._mel_filters": np.asarray(mel_filters(S3_SR, N_FFT, cfg.tokenizer.n_mels, 0.0, S3_SR / 2), dtype=np.float32),
+        "tokenizer.window": np.asarray(hann_window(N_FFT), dtype=np.float32),
+    }
+
+
+def make_turbo_checkpoint(directory: str | os.PathLike, size: str = "tiny", seed: int = 0) -> Path:
+    """Write a random Turbo checkpoint (the upstream files plus dims.json) into `directory`.
+
+    Deterministic: the same (size, seed) gives the same tensors on every machine.
+    """
+    from . import torchpickle
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    cfgs = turbo_configs(size)
+    specs = {
+        T3_FILE: t3_turbo.upstream_shapes(cfgs["t3"]),
+        VE_FILE: voice_encoder.upstream_shapes(cfgs["ve"]),
+        S3GEN_FILE: s3gen_mod.upstream_shapes(cfgs["s3gen"]),
+    }
+    for index, (name, spec) in enumerate(specs.items()):
+        logger.info("writing %s (%d tensors)", name, len(spec))
+        weights = random_weights(spec, np.random.default_rng([seed, 100 + index]))
+        if name == S3GEN_FILE:
+            weights |= _tokenizer_buffers(cfgs["s3gen"])
+        _save_safetensors(out / name, weights)
+        del weights
+    write_stand_in_tokenizer(out)
+    t3_tokens, gen_tokens = CONDS_PROMPT_TOKENS[size]
+    conds = random_conds(np.random.default_rng([seed, 103]), size, speaker_dim=cfgs["t3"].speaker_embed_size,
+                         xvector_dim=cfgs["s3gen"].flow.spk_embed_dim)
+    rng = np.random.default_rng([seed, 104])
+    prompt = rng.integers(0, 6561, size=(1, max(t3_tokens, gen_tokens)), dtype=np.int64)
+    conds["t3"]["cond_prompt_speech_tokens"] = prompt[:, :t3_tokens].copy()
+    conds["gen"]["prompt_token"] = prompt[:, :gen_tokens].copy()
+    conds["gen"]["prompt_token_len"] = np.array([gen_tokens], dtype=np.int64)
+    conds["gen"]["prompt_feat"] = (rng.standard_normal((1, 2 * gen_tokens, 80)) * 2.0 - 3.5).astype(np.float32)
+    torchpickle.save(out / "conds.pt", conds)
+    dims = {"family": FAMILY, "size": size, "seed": seed,
+            **{name: cfg.to_dict() for name, cfg in cfgs.items()}}
+    (out / DIMS_FILE).write_text(json.dumps(dims, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def _configs(dims: dict) -> tuple[t3_turbo.TurboT3Config, voice_encoder.VoiceEncoderConfig, s3gen_mod.S3GenConfig]:
+    full = turbo_configs("full")
+    return (
+        t3_turbo.TurboT3Config.from_dict(dims["t3"]) if dims.get("t3") else full["t3"],
+        voice_encoder.VoiceEncoderConfig.from_dict(dims["ve"]) if dims.get("ve") else full["ve"],
+        s3gen_mod.S3GenConfig.from_dict(dims["s3gen"]) if dims.get("s3gen") else full["s3gen"],
+    )
+
+
+def read_meanflow_s3gen(directory: Path, s3_cfg: s3gen_mod.S3GenConfig, dtype: str = "float32") -> s3gen_mod.S3Gen:
+    """s3gen_meanflow.safetensors, checked strictly, as an MLX S3Gen (meanflow)."""
+    if not s3_cfg.meanflow:
+        raise ValueError("a MeanFlow S3Gen needs S3GenConfig(meanflow=True)")
+    weights = loading.read_safetensors(directory / S3GEN_FILE)
+    loading.check_keys(S3GEN_FILE, weights, meanflow_shapes(s3_cfg))
+    s3gen = s3gen_mod.S3Gen(s3_cfg)
+    s3gen.load_upstream(weights)
+    del weights
+    if dtype != "float32":
+        s3gen.flow.set_dtype(DTYPES[dtype])
+    mx.eval(s3gen.parameters())
+    return s3gen
+
+
+class TurboModel(ChatterboxModel):
+    """Turbo T3 + MeanFlow S3Gen + VoiceEncoder, with the GPT-2 tokenizer and built-in voice."""
+
+    family = FAMILY
+    # runaway guard of models/streaming.py: a GPT-2 BPE token (about 4 characters, or a tag
+    # such as [laugh]) is worth several of the original's 1-2 character tokens
+    budget_tokens_per_text_token = 25
+    copied_files = ("conds.pt", "vocab.json", "merges.txt", "added_tokens.json", "special_tokens_map.json",
+                    "tokenizer_config.json")
+
+    def prepare_voice(self, path_or_samples, sample_rate: int | None = None, exaggeration: float = 0.0) -> Conditionals:
+        """Conditionals from reference audio, as `ChatterboxTurboTTS.prepare_conditionals`:
+        longer than 5 s, loudness-normalised to -27 LUFS, T3 prompt of up to 375 tokens from
+        the first 15 s."""
+        from . import voice
+
+        return voice.prepare_voice(self, path_or_samples, sample_rate=sample_rate, exaggeration=exaggeration,
+                                   recipe=voice.TURBO_RECIPE)
+
+    def text_tokens(self, text: str) -> list[int]:
+        return self.tokenizer.encode(punc_norm(text))
+
+    def generate_tokens(
+        self,
+        text: str,
+        *,
+        voice: Conditionals | str | None = None,
+        temperature: float = 0.8,
+        top_k: int = 1000,
+        top_p: float = 0.95,
+        repetition_penalty: float = 1.2,
+        max_new_tokens: int = 1000,
+        seed: int | None = None,
+        exaggeration: float | None = None,
+        cfg_weight: float | None = None,
+        min_p: float | None = None,
+        cancel=None,
+    ) -> Iterator[int]:
+        """Yield every token Turbo T3 samples (EOS excluded), then the 3 silence tokens the
+        reference appends before S3Gen. exaggeration, cfg_weight and min_p are the original
+        model's; Turbo ignores them, as the reference does."""
+        if any(v for v in (exaggeration, cfg_weight, min_p)):
+            logger.debug("Turbo ignores exaggeration, cfg_weight and min_p")
+        conds = self.resolve_voice(voice)
+        yield from t3_turbo.generate_tokens(
+            self.t3, conds.t3, self.text_tokens(text), temperature=temperature, top_k=top_k, top_p=top_p,
+            repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens, seed=seed, cancel=cancel,
+        )
+        yield from [t3_turbo.S3GEN_SIL] * t3_turbo.SILENCE_TOKENS
+
+
+def load_turbo_upstream(directory: Path, *, quantize: int | None = None, dtype: str = "float32",
+                        group_size: int = 64) -> TurboModel:
+    """Read the Turbo files strictly, convert layouts, optionally quantize."""
+    t0 = time.perf_counter()
+    dims = loading.Dims.read(directory).raw
+    t3_cfg, ve_cfg, s3_cfg = _configs(dims)
+
+    t3_weights = loading.read_safetensors(directory / T3_FILE)
+    loading.check_keys(T3_FILE, t3_weights, t3_turbo.upstream_shapes(t3_cfg))
+    t3 = t3_turbo.build_t3(t3_weights, t3_cfg, DTYPES[dtype])
+    del t3_weights
+
+    ve_weights = loading.read_safetensors(directory / VE_FILE)
+    loading.check_keys(VE_FILE, ve_weights, voice_encoder.upstream_shapes(ve_cfg))
+    ve = voice_encoder.VoiceEncoder(ve_cfg)
+    ve.load_weights(list(voice_encoder.convert_weights(ve_weights, ve_cfg).items()), strict=True)
+    mx.eval(ve.parameters())
+
+    s3gen = read_meanflow_s3gen(directory, s3_cfg, dtype)
+    tokenizer, conds = _tokenizer_and_voice(directory)
+    size = dims.get("size", "full")
+    model = TurboModel(t3, s3gen, ve, tokenizer, conds, Checkpoint(source=str(directory), path=directory, size=size),
+                       dtype=dtype)
+    model.dims = {"family": FAMILY, "size": size, "t3": t3_cfg.to_dict(), "ve": ve_cfg.to_dict(), "s3gen": s3_cfg.to_dict()}
+    if quantize is not None:
+        from .quantize import quantize_model
+
+        quantize_model(model, bits=quantize, group_size=group_size)
+    logger.info("loaded Turbo %s in %.2f s", directory, time.perf_counter() - t0)
+    return model
+
+
+def _tokenizer_and_voice(directory: Path) -> tuple[TurboTokenizer, Conditionals | None]:
+    from . import torchpickle
+
+    conds_path = directory / "conds.pt"
+    conds = torchpickle.load_conds(conds_path) if conds_path.exists() else None
+    return TurboTokenizer(directory), conds
+
+
+def load_turbo_converted(directory: Path, config: dict) -> TurboModel:
+    """An MLX-native Turbo directory (models/cache.py)."""
+    from . import cache as cache_mod
+    from .quantize import quantized_structure
+
+    t0 = time.perf_counter()
+    t3_cfg, ve_cfg, s3_cfg = _configs(config["dims"])
+    dtype, bits, group_size = config["dtype"], config["quantize"], config["group_size"]
+    t3 = t3_turbo.TurboT3(t3_cfg)
+    s3gen = s3gen_mod.S3Gen(s3_cfg)
+    ve = voice_encoder.VoiceEncoder(ve_cfg)
+    if bits is not None:
+        quantized_structure(t3, s3gen.flow, bits, group_size)
+    for name, module in (("t3", t3), ("s3gen", s3gen), ("ve", ve)):
+        weights = mx.load(str(directory / cache_mod.COMPONENT_FILES[name]))
+        module.load_weights(list(weights.items()), strict=True)
+    mx.eval(t3.parameters(), s3gen.flow.parameters(), s3gen.mel2wav.parameters(), ve.parameters())
+    tokenizer, conds = _tokenizer_and_voice(directory)
+    size = config["dims"].get("size", "full")
+    checkpoint = Checkpoint(source=config.get("source", str(directory)), path=directory, size=size)
+    model = TurboModel(t3, s3gen, ve, tokenizer, conds, checkpoint, quantize=bits, dtype=dtype)
+    model.group_size = group_size
+    model.dims = config["dims"]
+    logger.info("loaded converted Turbo model %s in %.2f s", directory, time.perf_counter() - t0)
+    return model
+
+
+def load_meanflow_decoder(path_or_repo: str | os.PathLike, *, quantize: int | None = None, dtype: str = "float32",
+                          group_size: int = 64) -> tuple[s3gen_mod.S3Gen, Path]:
+    """Turbo's MeanFlow S3Gen alone (from a Turbo checkpoint directory or repo id), converted
+    and optionally quantized with the same flow predicate as a whole model."""
+    from . import hub
+
+    directory = hub.resolve_checkpoint(str(path_or_repo))
+    if not is_turbo_dir(directory):
+        raise hub.CheckpointNotFoundError(f"{directory} is not a Chatterbox Turbo checkpoint (no {S3GEN_FILE})")
+    _, _, s3_cfg = _configs(loading.Dims.read(directory).raw)
+    s3gen = read_meanflow_s3gen(directory, s3_cfg, dtype)
+    if quantize is not None:
+        from .quantize import quantize_flow
+
+        quantize_flow(s3gen.flow, quantize, group_size, DTYPES[dtype])
+    return s3gen, directory
