@@ -114,18 +114,22 @@ class SocketBinding:
         self._lock_fd = fd
         try:
             self._clear_stale()
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                sock.bind(str(self.path))
-                os.chmod(self.path, 0o600)
-                # a deep backlog, so a connect flood queues instead of failing with EAGAIN
-                sock.listen(LISTEN_BACKLOG)
-                sock.setblocking(False)
-            except BaseException:
-                sock.close()
-                raise
+            return self._listen()
         except BaseException:
             self._release_lock()
+            raise
+
+    def _listen(self) -> socket.socket:
+        """Bind and listen at the path (owner-only); remember the socket file's inode."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(str(self.path))
+            os.chmod(self.path, 0o600)
+            # a deep backlog, so a connect flood queues instead of failing with EAGAIN
+            sock.listen(LISTEN_BACKLOG)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
             raise
         self._ino = os.stat(self.path).st_ino
         self.sock = sock
@@ -189,17 +193,7 @@ class SocketBinding:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.bind(str(self.path))
-            os.chmod(self.path, 0o600)
-            sock.listen(LISTEN_BACKLOG)
-            sock.setblocking(False)
-        except BaseException:
-            sock.close()
-            raise
-        self._ino = os.stat(self.path).st_ino
-        self.sock = sock
+        self._listen()
         return False
 
     def _clear_stale(self) -> None:
