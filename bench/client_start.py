@@ -1,6 +1,6 @@
 """nsay's own overhead: process start to request sent.
 
-A stub daemon (this process, speaking protocol v1 through nightingale.client.protocol) listens
+A stub daemon (this process, speaking protocol v1 through nightingale.protocol) listens
 on a temporary socket, greets with `hello` (state ready), and notes the moment the `speak`
 frame is complete; the time from just before spawning `nsay` to that moment is nsay's
 start-up overhead: interpreter start, imports, argument parsing, connect, hello, send.
@@ -28,7 +28,7 @@ import tempfile
 import threading
 import time
 
-from nightingale.client import protocol as p
+from nightingale import protocol as p
 
 SAMPLE_RATE = 24000
 AUDIO_SAMPLES = 24000  # 1 s of silence for the -o case

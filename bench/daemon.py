@@ -28,7 +28,7 @@ import threading
 import time
 from pathlib import Path
 
-from nightingale.client import protocol as p
+from nightingale import protocol as p
 
 TEXTS = [
     "Hello there.",
@@ -57,15 +57,19 @@ def status(path: Path) -> p.Status:
 
 def start_daemon(args, path: Path, log_file) -> subprocess.Popen:
     cmd = [
-        sys.executable, "-m", "nightingale.daemon.cli", "serve",
+        sys.executable, "-m", "nightingale.cli", "serve",
         "--model", str(args.model), "--socket", str(path), "--no-playback", "--quantize", args.quantize,
         *(["--decoder", str(args.decoder)] if args.decoder else []),
     ]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
+    # The daemon runs in the scratch directory: started from a source checkout, the checkout's
+    # own nightingale/ folder would shadow the installed package.
+    proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, cwd=path.parent)
     deadline = time.monotonic() + args.start_timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"the daemon exited with {proc.returncode} during start-up; see {log_file.name}")
+            log_file.flush()
+            tail = Path(log_file.name).read_text(errors="replace").strip().splitlines()[-20:]
+            raise SystemExit(f"the daemon exited with {proc.returncode} during start-up; its log ends:\n" + "\n".join(tail))
         try:
             with p.Connection(path, timeout=args.start_timeout) as c:
                 if c.hello.state != "ready":

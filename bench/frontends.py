@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from nightingale.client import protocol as p
+from nightingale import protocol as p
 from wyoming.event import read_event, write_event
 from wyoming.tts import Synthesize
 
@@ -139,7 +139,7 @@ def main() -> int:
             args.model = make_checkpoint(tmp_path / "tiny", "tiny", seed=0)
         path = tmp_path / "n.sock"
         hport, wport = free_port(), free_port()
-        cmd = [sys.executable, "-m", "nightingale.daemon.cli", "serve", "--model", str(args.model), "--socket", str(path),
+        cmd = [sys.executable, "-m", "nightingale.cli", "serve", "--model", str(args.model), "--socket", str(path),
                "--no-playback", "--quantize", args.quantize, "--http", f"127.0.0.1:{hport}", "--wyoming", f"tcp://127.0.0.1:{wport}",
                "--frontend-options", json.dumps(OPTIONS)]  # fmt: skip
         log = open(tmp_path / "daemon.log", "w")

@@ -34,7 +34,7 @@ import msgpack
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from daemon import start_daemon, status  # noqa: E402  (bench/daemon.py)
 
-from nightingale.client import protocol as p  # noqa: E402
+from nightingale import protocol as p  # noqa: E402
 
 NASTY_VALUES = [
     float("nan"), float("inf"), -float("inf"), 1e308, -1e308, 0, -1, 2**63 - 1, -(2**63), 2**64 - 1,

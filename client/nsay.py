@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Iterator
 
-from nightingale.client import protocol as p
+from nightingale import protocol as p
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -37,7 +37,7 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 # `-r` takes words per minute like say(1). Chatterbox's own pace is about NATURAL_WPM; the
-# time-stretch (client/timestretch.py) is clean between half and double speed.
+# time-stretch (nightingale/timestretch.py) is clean between half and double speed.
 NATURAL_WPM = 175
 WPM_MIN = 90
 WPM_MAX = 350
@@ -142,7 +142,7 @@ def check_args(args: argparse.Namespace) -> None:
             raise NsayError(f"cannot read {args.input_file}: {err.strerror or err}", EXIT_USAGE) from None
     args.output_spec = None
     if args.output_file:
-        from nightingale.client.audiofile import resolve_output  # stdlib-only checks
+        from nightingale.audiofile import resolve_output  # stdlib-only checks
 
         try:
             args.output_spec = resolve_output(args.output_file, args.file_format, args.data_format)
@@ -413,11 +413,11 @@ class AudioSink:
         self._np = np
         self._rate = sample_rate
         if self.args.speed != 1.0:
-            from nightingale.client.timestretch import TimeStretcher
+            from nightingale.timestretch import TimeStretcher
 
             self._stretcher = TimeStretcher(self.args.speed, sample_rate)
         if self.args.output_spec is not None:
-            from nightingale.client.audiofile import AudioFileWriter
+            from nightingale.audiofile import AudioFileWriter
 
             self._writer = AudioFileWriter(self.args.output_spec)
         else:

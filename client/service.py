@@ -111,9 +111,9 @@ def nightingale_program() -> tuple[str, ...]:
     script = Path(sysconfig.get_path("scripts")) / "nightingale"
     if script.is_file() and os.access(script, os.X_OK):
         return (os.path.abspath(script),)
-    # What the console script does. (Not `-m nightingale.daemon.cli`: that runs cli.py as
+    # What the console script does. (Not `-m nightingale.cli`: that runs cli.py as
     # __main__, whose CliError is not the class the handlers raise.)
-    return (os.path.abspath(sys.executable), "-c", "import sys; from nightingale.daemon.cli import main; sys.exit(main())")
+    return (os.path.abspath(sys.executable), "-c", "import sys; from nightingale.cli import main; sys.exit(main())")
 
 
 def serve_arguments(
@@ -329,7 +329,7 @@ def installed_socket(service_plan: ServicePlan) -> str | None:
 
 def daemon_status_line(socket: str | None) -> tuple[bool, str]:
     """(answering, one line) from the daemon's own `status`."""
-    from nightingale.client import protocol as p
+    from nightingale import protocol as p
 
     try:
         with p.Connection(socket, timeout=3.0) as conn:
@@ -438,8 +438,8 @@ def print_dry_run(service_plan: ServicePlan, out=sys.stdout, err=sys.stderr) -> 
 
 
 def service_main(args: argparse.Namespace) -> int:
-    """Handler of `nightingale service ...` (see daemon/cli.py for the arguments)."""
-    from nightingale.daemon.cli import CliError  # light module: argparse only
+    """Handler of `nightingale service ...` (see nightingale/cli.py for the arguments)."""
+    from nightingale.cli import CliError  # light module: argparse only
 
     platform = args.platform or current_platform()
     action = args.service_command

@@ -26,9 +26,9 @@ from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 
-from nightingale.client.protocol import MAX_AUDIO_FRAME_SAMPLES
+from nightingale.protocol import MAX_AUDIO_FRAME_SAMPLES
 from nightingale.models.positions import segment_origins
-from nightingale.models.stream import Cancelled
+from nightingale.models.chunks import Cancelled
 
 from .playback import PlaybackError
 from .utterance import Utterance
@@ -144,15 +144,15 @@ def voice_file_stamp(name: str) -> tuple | None:
     """Identity of the file a voice name or path loads from (inode, size, mtime), or None when
     there is none (the built-in voice, a missing file). A stored voice is replaced by renaming
     a new record over the old one, so any change gives a new stamp."""
-    from nightingale.models import voices
+    from nightingale.models import voice_store
 
     if name == "default":
         return ("default",)
     path = Path(name)
     if path.suffix != ".pt" and os.sep not in name:
         try:
-            path = voices.voices_dir() / f"{voices.normalize_name(name)}.json"
-        except voices.VoiceError:
+            path = voice_store.voices_dir() / f"{voice_store.normalize_name(name)}.json"
+        except voice_store.VoiceError:
             return None
     try:
         st = path.stat()

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import anyio
-from nightingale.client import protocol as p
+from nightingale import protocol as p
 
 if TYPE_CHECKING:
     from .server import Daemon

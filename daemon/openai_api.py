@@ -23,7 +23,7 @@ import anyio
 import anyio.abc
 import numpy as np
 from aiohttp import web
-from nightingale.client import protocol as p
+from nightingale import protocol as p
 
 from .audio_encode import FORMATS, Encoder
 from .frontend import Frontdoor, network_voice
@@ -240,7 +240,7 @@ class _Speech:
         self.encoder = Encoder(fmt, door.sample_rate)
         self.stretcher = None
         if speed != 1.0:
-            from nightingale.client.timestretch import TimeStretcher
+            from nightingale.timestretch import TimeStretcher
 
             self.stretcher = TimeStretcher(speed, door.sample_rate)
         self.response: web.StreamResponse | None = None

@@ -35,7 +35,7 @@ import anyio
 import anyio.abc
 
 from nightingale import __version__
-from nightingale.client import protocol as p
+from nightingale import protocol as p
 
 from .engine import Engine, EngineInfo
 from .frontend import Frontdoor, build_frontends
@@ -49,7 +49,7 @@ DRAIN_TIMEOUT_S = 5.0  # how long a drain lets the current utterance finish
 CLOSE_TIMEOUT_S = 2.0  # how long a drain waits for clients to receive their last events
 MAX_OUTBOX_BYTES = 16 << 20  # events queued for one client before it counts as not reading
 HISTORY = 50  # utterances kept for status metrics
-SAMPLE_RATE = 24000  # the model's output rate (models/stream.py); the player opens at it
+SAMPLE_RATE = 24000  # the model's output rate (models/chunks.py); the player opens at it
 LISTEN_BACKLOG = max(socket.SOMAXCONN, 1024)  # the kernel caps it at net.core.somaxconn
 MAX_CONNECTIONS = 256  # clients at once; more are told `busy` and closed
 MAX_PENDING_BYTES = 64 << 20  # bytes of unfinished frames buffered over all clients
@@ -1149,8 +1149,8 @@ def _load_model(model: str | None, quantize: int | None, dtype: str | None, deco
 
 
 def serve_main(args: Any) -> int:
-    """`nightingale serve` (see daemon/cli.py for the options)."""
-    from .cli import EXIT_FAILURE, EXIT_USAGE, CliError, parse_quantize
+    """`nightingale serve` (see nightingale/cli.py for the options)."""
+    from nightingale.cli import EXIT_FAILURE, EXIT_USAGE, CliError, parse_quantize
 
     try:
         path = p.socket_path(args.socket)

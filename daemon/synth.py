@@ -11,7 +11,7 @@ import logging
 import sys
 import time
 
-from .cli import EXIT_FAILURE, EXIT_USAGE, CliError, parse_quantize
+from nightingale.cli import EXIT_FAILURE, EXIT_USAGE, CliError, parse_quantize
 
 logger = logging.getLogger(__name__)
 
@@ -21,7 +21,7 @@ def running_daemon_model(timeout_s: float = 5.0) -> str | None:
     None when no daemon answers or it has not loaded one yet."""
     import os
 
-    from nightingale.client import protocol as p
+    from nightingale import protocol as p
 
     try:
         with p.Connection(None, timeout=timeout_s) as conn:
@@ -52,18 +52,18 @@ def _load(args: argparse.Namespace, quantize: int | None = None):
 
 
 def _voice(model, name: str | None):
-    from nightingale.models import torchpickle, voice, voices
+    from nightingale.models import cloning, torchpickle, voice_store
 
     try:
         return model.resolve_voice(name)
-    except (voices.VoiceStoreError, voice.VoiceError, torchpickle.TorchPickleError, KeyError) as err:
+    except (voice_store.VoiceStoreError, cloning.VoiceError, torchpickle.TorchPickleError, KeyError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err  # KeyError's str() adds quotes
         raise CliError(str(message), EXIT_USAGE) from None
 
 
 def _check_options(args: argparse.Namespace, names: tuple[str, ...]) -> None:
-    """The daemon's bounds for sampling options (client/protocol.py check_option)."""
-    from nightingale.client.protocol import OptionError, check_option
+    """The daemon's bounds for sampling options (nightingale/protocol.py check_option)."""
+    from nightingale.protocol import OptionError, check_option
 
     for name in names:
         value = getattr(args, name, None)
@@ -90,7 +90,7 @@ def _language(model, language: str | None, voice: str | None) -> str | None:
 
 
 def synth_main(args: argparse.Namespace) -> int:
-    from nightingale.client.audiofile import AudioFileWriter, resolve_output
+    from nightingale.audiofile import AudioFileWriter, resolve_output
 
     _check_options(args, ("seed", "exaggeration", "cfg_weight", "temperature", "max_new_tokens"))
     if not args.text.strip():
@@ -189,32 +189,32 @@ class _Player:
 
 
 def voices_main(args: argparse.Namespace) -> int:
-    from nightingale.models import voice, voices
+    from nightingale.models import cloning, voice_store
     from nightingale.models.model import DEFAULT_VOICE
 
     try:
         if args.voices_command == "remove":
-            voices.remove(args.name)
+            voice_store.remove(args.name)
             print(f"removed voice {args.name!r}")
             return 0
         if args.voices_command == "list":
             # `default` is the checkpoint's conds.pt; listed without loading the model
             print(f"{DEFAULT_VOICE}\t(built-in voice of the checkpoint, conds.pt)")
-            for entry in voices.list_voices():
-                print(voices.describe(entry))
+            for entry in voice_store.list_voices():
+                print(voice_store.describe(entry))
             return 0
         # add: validate the name, the options and the slot before any expensive work
         _check_options(args, ("exaggeration",))
-        voices.check_new_name(args.name, force=args.force)
+        voice_store.check_new_name(args.name, force=args.force)
         model = _load(args)
         language = getattr(args, "language", None)
         if language is not None:
             language = _language(model, language, None)
         conds = model.prepare_voice(args.audio, exaggeration=args.exaggeration)
-        entry = voices.add(args.name, conds, args.audio, force=args.force, language=language)
-        print(voices.describe(entry))
+        entry = voice_store.add(args.name, conds, args.audio, force=args.force, language=language)
+        print(voice_store.describe(entry))
         return 0
-    except (voices.VoiceStoreError, voice.VoiceError) as err:
+    except (voice_store.VoiceStoreError, cloning.VoiceError) as err:
         raise CliError(str(err), EXIT_USAGE) from None
 
 

@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 
 import anyio
 import anyio.abc
-from nightingale.client import protocol as p
+from nightingale import protocol as p
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.error import Error
 from wyoming.event import Event, async_write_event

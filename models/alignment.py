@@ -31,7 +31,7 @@ import numpy as np
 
 from . import t3 as t3_mod
 from .conds import T3Cond
-from .stream import check_cancel
+from .chunks import check_cancel
 from .tokenizer import wrap_text_tokens
 
 logger = logging.getLogger(__name__)

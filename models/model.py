@@ -24,7 +24,7 @@ import numpy as np
 from . import loading, t3 as t3_mod, voice_encoder
 from .conds import Conditionals
 from .s3gen import s3gen as s3gen_mod
-from .stream import SAMPLE_RATE, AudioChunk
+from .chunks import SAMPLE_RATE, AudioChunk
 from .mtl_tokenizer import MTLTokenizer, UnsupportedLanguageError, check_language, punc_norm as mtl_punc_norm
 from .tokenizer import EnTokenizer, punc_norm
 
@@ -108,40 +108,40 @@ class ChatterboxModel:
 
     def prepare_voice(self, path_or_samples, sample_rate: int | None = None, exaggeration: float = 0.5) -> Conditionals:
         """Conditionals from reference audio (a file path, or samples with their rate)."""
-        from . import voice
+        from . import cloning
 
-        return voice.prepare_voice(self, path_or_samples, sample_rate=sample_rate, exaggeration=exaggeration)
+        return cloning.prepare_voice(self, path_or_samples, sample_rate=sample_rate, exaggeration=exaggeration)
 
     def load_voice(self, path_or_name: str | os.PathLike) -> Conditionals:
         """A conds.pt file (upstream format), a stored voice name, or "default"."""
-        from . import torchpickle, voices
+        from . import torchpickle, voice_store
 
         if str(path_or_name) == DEFAULT_VOICE:
             if self.conds is None:
-                raise voices.VoiceNotFoundError("this checkpoint has no built-in voice (conds.pt)")
+                raise voice_store.VoiceNotFoundError("this checkpoint has no built-in voice (conds.pt)")
             return self.conds
         path = Path(path_or_name)
         if path.suffix == ".pt" or os.sep in str(path_or_name):
             if not path.is_file():
-                raise voices.VoiceNotFoundError(f"voice file not found: {path}")
+                raise voice_store.VoiceNotFoundError(f"voice file not found: {path}")
             return torchpickle.load_conds(path)
-        return voices.load(str(path_or_name))
+        return voice_store.load(str(path_or_name))
 
     def list_voices(self) -> list[str]:
-        from . import voices
+        from . import voice_store
 
         names = [DEFAULT_VOICE] if self.conds is not None else []
-        return names + [v for v in voices.names() if v != DEFAULT_VOICE]
+        return names + [v for v in voice_store.names() if v != DEFAULT_VOICE]
 
     def voice_language(self, voice: Conditionals | str | None) -> str | None:
         """The default language stored with a named voice (None for others)."""
-        from . import voices
+        from . import voice_store
 
         if not isinstance(voice, str) or voice == DEFAULT_VOICE or voice.endswith(".pt") or os.sep in voice:
             return None
         try:
-            return voices.info(voice).language
-        except voices.VoiceStoreError:
+            return voice_store.info(voice).language
+        except voice_store.VoiceStoreError:
             return None
 
     def resolve_language(self, language: str | None, voice: Conditionals | str | None = None) -> str | None:
@@ -275,7 +275,7 @@ class ChatterboxModel:
         """Streaming synthesis (see models/streaming.stream_text for the options).
 
         cancel: a threading.Event (or None). It is checked between T3 steps and between CFM
-        steps; once it is set the generator raises models.stream.Cancelled within about one
+        steps; once it is set the generator raises models.chunks.Cancelled within about one
         step, even in the middle of a long chunk, and T3's thread stops with it.
         """
         from .streaming import stream_text

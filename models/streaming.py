@@ -39,7 +39,7 @@ from . import dsp
 from .conds import Conditionals
 from .s3gen.flow import fixed_noise
 from .positions import SegmentPositions, segment_origins, tracked_tokens
-from .stream import SAMPLE_RATE, SAMPLES_PER_TOKEN, AudioChunk, check_cancel
+from .chunks import SAMPLE_RATE, SAMPLES_PER_TOKEN, AudioChunk, check_cancel
 from .text import split_text
 
 logger = logging.getLogger(__name__)
@@ -417,7 +417,7 @@ def stream_tokens(
 
     Ids >= 6561 are dropped as they arrive (the reference drops them after generation).
     `cancel` (threading.Event or None) is checked before each token is taken and between
-    CFM steps; once set, Cancelled (models/stream.py) is raised. `pump` is the TokenPump
+    CFM steps; once set, Cancelled (models/chunks.py) is raised. `pump` is the TokenPump
     when T3 runs on its own thread (its rate and progress go into the timings); `renderer`
     may be passed to inspect it.
     """
@@ -598,7 +598,7 @@ def stream_text(
     With `pipeline`, T3 runs on its own thread (TokenPump) ahead of rendering; the audio is
     the same either way. `cancel` (threading.Event or None) is checked between T3 steps
     and between CFM steps (and before each token is taken); once set, the generator raises
-    models.stream.Cancelled within about one step, and T3's thread ends with it.
+    models.chunks.Cancelled within about one step, and T3's thread ends with it.
     """
     t_start = time.perf_counter()
     conds = model.resolve_voice(voice)

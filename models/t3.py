@@ -35,7 +35,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .conds import T3Cond
-from .stream import check_cancel
+from .chunks import check_cancel
 from .tokenizer import wrap_text_tokens
 
 logger = logging.getLogger(__name__)
@@ -691,7 +691,7 @@ def generate_tokens(
     With cfg_weight 0 the unconditional row is skipped (batch 1): the logits equal what
     upstream's c + 0 (c - u) gives, where upstream itself crashes. `seed` fixes the mx.random
     key (None: a random seed). `cancel` (threading.Event or None) is checked before each
-    step; when set, Cancelled (models/stream.py) is raised.
+    step; when set, Cancelled (models/chunks.py) is raised.
     """
     cfg = t3.cfg
     if max_new_tokens < 0 or max_new_tokens > cfg.max_speech_tokens + 3:

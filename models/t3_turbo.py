@@ -32,7 +32,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .conds import T3Cond
-from .stream import check_cancel
+from .chunks import check_cancel
 from .t3 import T3Cache
 
 logger = logging.getLogger(__name__)
@@ -368,7 +368,7 @@ def generate_tokens(
     text_tokens: the GPT-2 tokenizer's ids (no BOS/EOS; upstream adds none). EOS (6562) is
     not yielded and ends the generator; at most `max_new_tokens` tokens are sampled (EOS
     counts; the reference's loop allows 1 + max_gen_len). `cancel` (threading.Event or None)
-    is checked before each step; when set, Cancelled (models/stream.py) is raised.
+    is checked before each step; when set, Cancelled (models/chunks.py) is raised.
     """
     cfg = t3.cfg
     if max_new_tokens < 0:

@@ -162,10 +162,10 @@ class TurboModel(ChatterboxModel):
         """Conditionals from reference audio, as `ChatterboxTurboTTS.prepare_conditionals`:
         longer than 5 s, loudness-normalised to -27 LUFS, T3 prompt of up to 375 tokens from
         the first 15 s."""
-        from . import voice
+        from . import cloning
 
-        return voice.prepare_voice(self, path_or_samples, sample_rate=sample_rate, exaggeration=exaggeration,
-                                   recipe=voice.TURBO_RECIPE)
+        return cloning.prepare_voice(self, path_or_samples, sample_rate=sample_rate, exaggeration=exaggeration,
+                                     recipe=cloning.TURBO_RECIPE)
 
     def text_tokens(self, text: str) -> list[int]:
         return self.tokenizer.encode(punc_norm(text))

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import soundfile
 
-from nightingale.client.audiofile import AudioFileWriter, DataFormat, parse_data_format, resolve_output
-from nightingale.client.timestretch import NATURAL_WPM, WPM_MAX, WPM_MIN, TimeStretcher, speed_for_wpm
+from nightingale.audiofile import AudioFileWriter, DataFormat, parse_data_format, resolve_output
+from nightingale.timestretch import NATURAL_WPM, WPM_MAX, WPM_MIN, TimeStretcher, speed_for_wpm
 
 SR = 24000
 

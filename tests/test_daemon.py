@@ -22,7 +22,7 @@ import anyio
 import numpy as np
 import pytest
 
-from nightingale.client import protocol as p
+from nightingale import protocol as p
 from nightingale.daemon.server import Daemon, DaemonConfig, SocketBinding, SocketInUse
 
 # Small, fast utterances: few tokens, one flow step. LONG makes many 4-token chunks.
@@ -343,7 +343,7 @@ def test_twenty_concurrent_clients(daemon):
 def test_client_killed_mid_stream(daemon):
     code = f"""
 import sys
-from nightingale.client import protocol as p
+from nightingale import protocol as p
 c = p.Connection({str(daemon.path)!r}, timeout=60)
 c.send(p.Speak(id="k", text={LONG_TEXT!r}, output="stream", options={LONG!r}))
 while not isinstance(c.recv(60), p.Audio):

@@ -11,12 +11,12 @@ import sys
 import time
 from pathlib import Path
 
-from nightingale.client import protocol as p
+from nightingale import protocol as p
 from test_daemon import FAST, LONG, LONG_TEXT, TIMEOUT, connect_when_up, request, until_done, wait_for
 
 
 def serve(checkpoint: Path, sock: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "nightingale.daemon.cli", "serve", "--model", str(checkpoint), "--socket", str(sock), "--quantize", "none", *extra]
+    cmd = [sys.executable, "-m", "nightingale.cli", "serve", "--model", str(checkpoint), "--socket", str(sock), "--quantize", "none", *extra]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 
@@ -54,7 +54,7 @@ def test_sigterm_during_speech_drains_and_cleans_up(tiny_checkpoint, tmp_path):
 
             # A second daemon on the same socket refuses to start and says who serves it.
             second = subprocess.run(
-                [sys.executable, "-m", "nightingale.daemon.cli", "serve", "--socket", str(sock), "--model", str(tiny_checkpoint), "--no-playback"],
+                [sys.executable, "-m", "nightingale.cli", "serve", "--socket", str(sock), "--model", str(tiny_checkpoint), "--no-playback"],
                 capture_output=True, text=True, timeout=TIMEOUT,
             )  # fmt: skip
             assert second.returncode == 1
@@ -111,12 +111,12 @@ def test_sigint_lets_the_current_utterance_finish(tiny_checkpoint, tmp_path):
 def test_bad_socket_path_and_device_are_usage_errors(tmp_path):
     long_path = tmp_path / ("x" * 120) / "n.sock"
     out = subprocess.run(
-        [sys.executable, "-m", "nightingale.daemon.cli", "serve", "--socket", str(long_path)],
+        [sys.executable, "-m", "nightingale.cli", "serve", "--socket", str(long_path)],
         capture_output=True, text=True, timeout=TIMEOUT,
     )  # fmt: skip
     assert out.returncode == 2 and "longer than" in out.stderr
     out = subprocess.run(
-        [sys.executable, "-m", "nightingale.daemon.cli", "serve", "--socket", str(tmp_path / "d.sock"), "--device", "no-such-device"],
+        [sys.executable, "-m", "nightingale.cli", "serve", "--socket", str(tmp_path / "d.sock"), "--device", "no-such-device"],
         capture_output=True, text=True, timeout=TIMEOUT,
     )  # fmt: skip
     assert out.returncode == 2 and "no-such-device" in out.stderr and "not found" in out.stderr
@@ -128,7 +128,7 @@ def test_serve_without_a_checkpoint_says_so_once_without_traceback(tmp_path):
     env["HF_HUB_OFFLINE"] = "1"  # the default repo cannot be fetched, and is not cached here
     env["HF_HOME"] = str(tmp_path / "hf")
     result = subprocess.run(
-        [sys.executable, "-m", "nightingale.daemon.cli", "serve", "--socket", str(tmp_path / "d.sock"), "--no-playback"],
+        [sys.executable, "-m", "nightingale.cli", "serve", "--socket", str(tmp_path / "d.sock"), "--no-playback"],
         capture_output=True, text=True, timeout=TIMEOUT, env=env,
     )  # fmt: skip
     out = result.stdout + result.stderr

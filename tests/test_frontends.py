@@ -22,7 +22,7 @@ import numpy as np
 import openai
 import pytest
 import soundfile as sf
-from nightingale.client import protocol as p
+from nightingale import protocol as p
 from nightingale.daemon.openai_api import HttpFrontend
 from nightingale.daemon.wyoming_server import WyomingFrontend
 from test_daemon import FAST, LONG, LONG_TEXT, DaemonThread, assert_idle, request, tiny_factory, until_done
@@ -253,7 +253,7 @@ def test_cli_refuses_http_off_loopback_without_token(tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "nightingale.daemon.cli",
+        "nightingale.cli",
         "serve",
         "--no-playback",
         "--socket",
@@ -265,7 +265,7 @@ def test_cli_refuses_http_off_loopback_without_token(tmp_path):
     assert res.returncode == 2
     assert res.stderr.strip().count("\n") == 0 and "token" in res.stderr
     for bad, words in (('{"bogus": 1}', "unknown option"), ("[1]", "JSON object"), ("{", "not JSON")):
-        cmd = [sys.executable, "-m", "nightingale.daemon.cli", "serve", "--no-playback", "--socket", str(tmp_path / "s"),
+        cmd = [sys.executable, "-m", "nightingale.cli", "serve", "--no-playback", "--socket", str(tmp_path / "s"),
                "--wyoming", "tcp://127.0.0.1:0", "--frontend-options", bad]  # fmt: skip
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
         assert res.returncode == 2 and words in res.stderr and res.stderr.strip().count("\n") == 0, res.stderr

@@ -15,8 +15,8 @@ import time
 
 import pytest
 
-from nightingale.client import protocol as p
-from nightingale.models.stream import Cancelled
+from nightingale import protocol as p
+from nightingale.models.chunks import Cancelled
 from test_daemon import FAST, TIMEOUT, DaemonThread, assert_idle, connect_when_up, request, tiny_factory, until_done, wait_for
 from test_daemon_process import serve
 

@@ -337,24 +337,24 @@ def test_positions_map_to_the_words_of_the_input(mtl_model):
 def test_voice_remembers_its_language(mtl_model, tmp_path):
     import soundfile
 
-    from nightingale.models import voices
+    from nightingale.models import voice_store
 
     wav = tmp_path / "ref.wav"
     soundfile.write(wav, np.zeros(2400, dtype=np.float32), 24000)
-    info = voices.add("amelie", mtl_model.conds, wav, language="FR")
-    assert info.language == "fr" and voices.info("amelie").language == "fr"
-    assert "language fr" in voices.describe(info)
+    info = voice_store.add("amelie", mtl_model.conds, wav, language="FR")
+    assert info.language == "fr" and voice_store.info("amelie").language == "fr"
+    assert "language fr" in voice_store.describe(info)
     assert mtl_model.resolve_language(None, "amelie") == "fr"
     assert mtl_model.resolve_language("de", "amelie") == "de"  # the request wins
     assert mtl_model.resolve_language(None, None) == "en"
     # older records (no language field) still load
-    record = voices.voices_dir() / "amelie.json"
+    record = voice_store.voices_dir() / "amelie.json"
     import json
 
     data = json.loads(record.read_text())
     del data["language"]
     record.write_text(json.dumps(data))
-    assert voices.info("amelie").language is None and mtl_model.resolve_language(None, "amelie") == "en"
+    assert voice_store.info("amelie").language is None and mtl_model.resolve_language(None, "amelie") == "en"
 
 
 def test_stream_reports_text_ranges_in_order_of_segments(mtl_model):
@@ -373,7 +373,7 @@ def test_stream_reports_text_ranges_in_order_of_segments(mtl_model):
 def test_aligned_decode_stops_on_cancel(mtl_model):
     import threading
 
-    from nightingale.models.stream import Cancelled
+    from nightingale.models.chunks import Cancelled
 
     cancel = threading.Event()
     tokens = mtl_model.generate_tokens("Bonjour.", language="fr", seed=0, max_new_tokens=50, cancel=cancel)

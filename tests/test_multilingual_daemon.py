@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from nightingale.client import protocol as p
+from nightingale import protocol as p
 from pulse import MonitorRecorder, compare_playback
 from test_daemon import TIMEOUT, DaemonThread, pcm_of, request, tiny_factory, until_done
 from test_playback import pulse, pulse_device, wait_generated  # noqa: F401 (pulse is a fixture)

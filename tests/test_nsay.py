@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from nightingale.client import protocol as p
+from nightingale import protocol as p
 
 from pulse import PulseNullSink  # tests/ is on sys.path (pytest rootdir import mode)
 
@@ -30,7 +30,7 @@ NSAY = [str(_SCRIPTS / "nsay")] if (_SCRIPTS / "nsay").is_file() else [
     sys.executable, "-c", "import sys; from nightingale.client.nsay import main; sys.exit(main())"
 ]  # fmt: skip
 NIGHTINGALE = [str(_SCRIPTS / "nightingale")] if (_SCRIPTS / "nightingale").is_file() else [
-    sys.executable, "-c", "import sys; from nightingale.daemon.cli import main; sys.exit(main())"
+    sys.executable, "-c", "import sys; from nightingale.cli import main; sys.exit(main())"
 ]  # fmt: skip
 
 

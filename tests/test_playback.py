@@ -17,7 +17,7 @@ import time
 import numpy as np
 import pytest
 
-from nightingale.client import protocol as p
+from nightingale import protocol as p
 from nightingale.daemon.playback import DeviceNotFound, Player, probe_output
 from pulse import MonitorRecorder, PulseNullSink, PulseUnavailable, compare_playback
 from test_daemon import FAST, LONG, LONG_TEXT, TIMEOUT, DaemonThread, connect_when_up, pcm_of, request, tiny_factory, until_done, wait_for
@@ -246,7 +246,7 @@ def test_serve_command_plays_speech(pulse, tiny_checkpoint, tmp_path):
     """`nightingale serve --model DIR` (default INT8) answers status and plays speak requests."""
     sock = tmp_path / "cli.sock"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "nightingale.daemon.cli", "serve", "--model", str(tiny_checkpoint), "--socket", str(sock)],
+        [sys.executable, "-m", "nightingale.cli", "serve", "--model", str(tiny_checkpoint), "--socket", str(sock)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -11,7 +11,7 @@ import threading
 import msgpack
 import pytest
 
-from nightingale.client import protocol as p
+from nightingale import protocol as p
 
 
 def roundtrip_request(msg: p.Request) -> p.Request:
@@ -199,7 +199,7 @@ def test_connection_over_a_real_socket(tmp_path):
 
 
 def test_protocol_module_imports_neither_mlx_nor_numpy():
-    code = "import sys; import nightingale.client.protocol; print(sorted(m for m in ('mlx', 'numpy') if m in sys.modules))"
+    code = "import sys; import nightingale.protocol; print(sorted(m for m in ('mlx', 'numpy') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=dict(os.environ))
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

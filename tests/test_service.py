@@ -26,9 +26,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def nightingale(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        # Not `-m nightingale.daemon.cli`: that runs cli.py as __main__, a second copy whose
+        # Not `-m nightingale.cli`: that runs cli.py as __main__, a second copy whose
         # CliError class is not the one the handlers raise.
-        [sys.executable, "-c", "import sys; from nightingale.daemon.cli import main; sys.exit(main())", *args],
+        [sys.executable, "-c", "import sys; from nightingale.cli import main; sys.exit(main())", *args],
         capture_output=True,
         text=True,
         env=env,
@@ -262,7 +262,7 @@ def test_install_can_enable_the_http_and_wyoming_front_ends(tmp_path):
 def test_service_keeps_the_model_family():
     args = service.serve_arguments("ResembleAI/chatterbox", "8", None, None, family="multilingual")
     assert args[args.index("--family") + 1] == "multilingual"
-    from nightingale.daemon.cli import build_parser
+    from nightingale.cli import build_parser
 
     parsed = build_parser().parse_args(["serve", *args])  # the unit's command line parses
     assert parsed.family == "multilingual" and parsed.model == "ResembleAI/chatterbox"

@@ -29,7 +29,7 @@ from nightingale.models.streaming import (
     stream_tokens,
     token_budget,
 )
-from nightingale.models.stream import Cancelled
+from nightingale.models.chunks import Cancelled
 from nightingale.models.text import MAX_SEGMENT_CHARS, split_text
 
 VOICED_F0_BIAS_HZ = 150.0  # classifier bias that switches the tiny HiFT's sine source on (as tools/fixtures_hift.py)

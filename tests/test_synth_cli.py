@@ -14,7 +14,7 @@ import soundfile as sf
 
 def run_cli(*args, env=None, timeout=120):
     return subprocess.run(
-        [sys.executable, "-m", "nightingale.daemon.cli", *args],
+        [sys.executable, "-m", "nightingale.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -112,7 +112,7 @@ def _parsers(parser, path=("nightingale",)):
 def test_every_command_and_option_is_described():
     import argparse
 
-    from nightingale.daemon.cli import build_parser
+    from nightingale.cli import build_parser
 
     undescribed = []
     for path, parser in _parsers(build_parser()):

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from nightingale.client import protocol as p
-from nightingale.models import voice
+from nightingale import protocol as p
+from nightingale.models import cloning
 from nightingale.models.metrics import log_spectral_distance
 from nightingale.models.model import START_SPEECH_TOKEN
 from nightingale.models.streaming import ChunkSchedule, StreamOptions, render_tokens, stream_tokens
@@ -32,7 +32,7 @@ def speech_tokens(tokens: list[int]) -> list[int]:
 
 
 def run_cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nightingale.daemon.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "nightingale.cli", *args], capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -68,18 +68,18 @@ def test_stream_matches_one_shot(tiny_turbo_model):
 
 def test_voice_prompt_must_be_longer_than_5_s(tiny_turbo_model):
     wav24 = np.load(FIXTURES / "voice_audio.npz")["wav24"]
-    with pytest.raises(voice.VoiceError, match=r"4\.00 s long; Chatterbox Turbo needs a voice prompt longer than 5 s"):
+    with pytest.raises(cloning.VoiceError, match=r"4\.00 s long; Chatterbox Turbo needs a voice prompt longer than 5 s"):
         tiny_turbo_model.prepare_voice(wav24[: 4 * RATE], sample_rate=RATE)
 
 
 def test_voice_loudness_matches_reference_and_makes_prompts_gain_invariant(tiny_turbo_model):
     ref = np.load(FIXTURES / "turbo_voice.npz")
     wav24 = np.load(FIXTURES / "voice_audio.npz")["wav24"]
-    normed = voice.normalize_loudness(wav24, RATE, -27.0)
+    normed = cloning.normalize_loudness(wav24, RATE, -27.0)
     peak = int(np.argmax(np.abs(wav24)))
     assert normed[peak] / wav24[peak] == pytest.approx(float(ref["gain"]), rel=1e-5)
     np.testing.assert_allclose(normed[:RATE], ref["normed24_head"], atol=1e-6)
-    np.testing.assert_allclose(voice.resample_soxr(normed, RATE, 16000)[:16000], ref["normed16_head"], atol=1e-5)
+    np.testing.assert_allclose(cloning.resample_soxr(normed, RATE, 16000)[:16000], ref["normed16_head"], atol=1e-5)
 
     loud = tiny_turbo_model.prepare_voice(wav24, sample_rate=RATE)
     quiet = tiny_turbo_model.prepare_voice(wav24 * 0.05, sample_rate=RATE)
@@ -202,7 +202,7 @@ def test_cancel_stops_turbo_within_a_step(tiny_turbo_model):
     """The cancel hooks reach Turbo's T3 loop and the MeanFlow steps: with 100,000 flow
     steps (hours of work) an event that turns set at its 40th check, past the first chunk's
     15 T3 steps, stops the stream inside the flow solve; at its 5th, inside T3."""
-    from nightingale.models.stream import Cancelled
+    from nightingale.models.chunks import Cancelled
     from test_hostile import CountdownEvent
 
     for checks in (5, 40):

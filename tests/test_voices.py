@@ -17,7 +17,7 @@ import soundfile
 
 from nightingale.models import campplus as cpm
 from nightingale.models import s3tokenizer as stm
-from nightingale.models import voice, voices
+from nightingale.models import cloning, voice_store
 from nightingale.models import voice_encoder as vem
 from nightingale.models.checkpoint import random_weights
 from nightingale.models.conds import Conditionals, T3Cond
@@ -53,7 +53,7 @@ def ref_conds():
 
 @pytest.fixture(scope="module")
 def clip_conds(tiny):
-    return voice.prepare_voice(tiny, CLIP)
+    return cloning.prepare_voice(tiny, CLIP)
 
 
 def _as_conditionals(ref: dict) -> Conditionals:
@@ -82,18 +82,18 @@ def _tone(seconds: float, sample_rate: int = 16000, amplitude: float = 0.3) -> n
 
 def test_load_and_resample_match_librosa():
     audio = np.load(FIXTURES / "voice_audio.npz")
-    wav, sample_rate = voice.load_audio(CLIP)
+    wav, sample_rate = cloning.load_audio(CLIP)
     assert sample_rate == 22050  # espeak-ng's rate: the load path resamples
-    wav24, wav16 = voice.reference_waveforms(wav, sample_rate)
+    wav24, wav16 = cloning.reference_waveforms(wav, sample_rate)
     # librosa.load/resample call the same soxr_hq; the samples agree exactly.
     np.testing.assert_array_equal(wav24, audio["wav24"])
     np.testing.assert_array_equal(wav16, audio["wav16"])
 
 
 def test_sinc_resampler_matches_torchaudio():
-    wav24 = np.load(FIXTURES / "voice_audio.npz")["wav24"][: voice.DEC_COND_LEN]
+    wav24 = np.load(FIXTURES / "voice_audio.npz")["wav24"][: cloning.DEC_COND_LEN]
     ref = np.load(FIXTURES / "voice_campplus.npz")["wav16_sinc"]
-    ours = voice.resample_sinc(wav24, 24000, 16000)
+    ours = cloning.resample_sinc(wav24, 24000, 16000)
     assert ours.shape == ref.shape
     np.testing.assert_allclose(ours, ref, atol=1e-6)
 
@@ -102,10 +102,10 @@ def test_sinc_resampler_matches_torchaudio():
 def test_compressed_formats_load(tmp_path, fmt, subtype):
     if fmt not in soundfile.available_formats():
         pytest.skip(f"this libsndfile cannot write {fmt}")
-    wav, sample_rate = voice.load_audio(CLIP)
+    wav, sample_rate = cloning.load_audio(CLIP)
     path = tmp_path / f"clip.{fmt.lower()}"
     soundfile.write(str(path), wav, sample_rate, format=fmt, subtype=subtype)
-    loaded, rate = voice.load_audio(path)
+    loaded, rate = cloning.load_audio(path)
     assert rate == sample_rate and loaded.dtype == np.float32 and loaded.ndim == 1
     assert abs(loaded.shape[0] - wav.shape[0]) < 0.1 * sample_rate  # lossy codecs may pad frames
     rms = lambda x: float(np.sqrt(np.mean(x.astype(np.float64) ** 2)))  # noqa: E731
@@ -118,7 +118,7 @@ def test_stereo_is_averaged(tmp_path):
     left, right = _tone(2.5, 44100), _tone(2.5, 44100, amplitude=0.1)
     path = tmp_path / "stereo.wav"
     soundfile.write(str(path), np.stack([left, right], axis=1), 44100, subtype="FLOAT")
-    wav, rate = voice.load_audio(path)
+    wav, rate = cloning.load_audio(path)
     assert rate == 44100
     np.testing.assert_allclose(wav, (left + right) / 2, atol=1e-7)
 
@@ -144,7 +144,7 @@ def test_conditionals_match_reference(clip_conds, ref_conds):
 
 
 def test_same_voice_twice_is_bit_identical(tiny, clip_conds):
-    again = voice.prepare_voice(tiny, CLIP)
+    again = cloning.prepare_voice(tiny, CLIP)
     for key in ("speaker_emb", "cond_prompt_speech_tokens", "emotion_adv"):
         assert np.array_equal(np.array(getattr(again.t3, key)), np.array(getattr(clip_conds.t3, key)))
     for key in ("prompt_token", "prompt_token_len", "prompt_feat", "embedding"):
@@ -153,9 +153,9 @@ def test_same_voice_twice_is_bit_identical(tiny, clip_conds):
 
 def test_long_reference_is_cut_like_the_reference(tiny):
     # 12 s of speech: T3 gets 150 tokens from the first 6 s, S3Gen a 10 s (500-frame) prompt.
-    wav, sample_rate = voice.load_audio(CLIP)
+    wav, sample_rate = cloning.load_audio(CLIP)
     long = np.tile(wav, 3)[: 12 * sample_rate]
-    conds = voice.compute_conditionals(tiny.ve, tiny.s3gen.tokenizer, tiny.s3gen.speaker_encoder, long, sample_rate, 0.7)
+    conds = cloning.compute_conditionals(tiny.ve, tiny.s3gen.tokenizer, tiny.s3gen.speaker_encoder, long, sample_rate, 0.7)
     assert conds.t3.cond_prompt_speech_tokens.shape == (1, 150)
     assert conds.gen["prompt_feat"].shape == (1, 500, 80)
     assert conds.gen["prompt_token"].shape == (1, 250)
@@ -169,8 +169,8 @@ def test_long_reference_is_cut_like_the_reference(tiny):
 
 @pytest.fixture
 def store_with_a_voice(ref_conds):
-    voices.add("alice", _as_conditionals(ref_conds), CLIP)
-    root = voices.voices_dir()
+    voice_store.add("alice", _as_conditionals(ref_conds), CLIP)
+    root = voice_store.voices_dir()
     return root, _snapshot(root)
 
 
@@ -189,17 +189,17 @@ def _bad_files(tmp_path: Path) -> dict[str, Path]:
 ])
 def test_bad_reference_is_a_clear_error(tiny, tmp_path, store_with_a_voice, case, message):
     root, before = store_with_a_voice
-    with pytest.raises(voice.VoiceError, match=message):
-        voice.prepare_voice(tiny, _bad_files(tmp_path)[case])
+    with pytest.raises(cloning.VoiceError, match=message):
+        cloning.prepare_voice(tiny, _bad_files(tmp_path)[case])
     assert _snapshot(root) == before
 
 
 def test_taken_name_without_force(ref_conds, store_with_a_voice):
     root, before = store_with_a_voice
-    with pytest.raises(voices.VoiceStoreError, match="already exists"):
-        voices.check_new_name("Alice")
-    with pytest.raises(voices.VoiceStoreError, match="already exists"):
-        voices.add("alice", _as_conditionals(ref_conds), CLIP)
+    with pytest.raises(voice_store.VoiceStoreError, match="already exists"):
+        voice_store.check_new_name("Alice")
+    with pytest.raises(voice_store.VoiceStoreError, match="already exists"):
+        voice_store.add("alice", _as_conditionals(ref_conds), CLIP)
     assert _snapshot(root) == before
 
 
@@ -208,8 +208,8 @@ def test_taken_name_without_force(ref_conds, store_with_a_voice):
 )
 def test_invalid_names(ref_conds, store_with_a_voice, name):
     root, before = store_with_a_voice
-    with pytest.raises(voices.VoiceStoreError):
-        voices.add(name, _as_conditionals(ref_conds), CLIP)
+    with pytest.raises(voice_store.VoiceStoreError):
+        voice_store.add(name, _as_conditionals(ref_conds), CLIP)
     assert _snapshot(root) == before
 
 
@@ -218,24 +218,24 @@ def test_invalid_names(ref_conds, store_with_a_voice, name):
 
 
 def test_store_round_trip(clip_conds, monkeypatch):
-    assert voices.list_voices() == [] and voices.names() == []
-    info = voices.add("Narrator_1", clip_conds, CLIP)
+    assert voice_store.list_voices() == [] and voice_store.names() == []
+    info = voice_store.add("Narrator_1", clip_conds, CLIP)
     assert info.name == "narrator_1"  # names are case-folded
     assert info.source_sha256 == hashlib.sha256(CLIP.read_bytes()).hexdigest()
     assert info.duration_s == pytest.approx(soundfile.info(str(CLIP)).duration, abs=1e-3)
     assert info.exaggeration == 0.5
-    assert voices.names() == ["narrator_1"]
-    assert voices.describe(info).startswith("narrator_1\t5.4 s from ref_clip.wav")
-    assert voices.data_dir() == Path(os.environ["NIGHTINGALE_DATA_DIR"])
+    assert voice_store.names() == ["narrator_1"]
+    assert voice_store.describe(info).startswith("narrator_1\t5.4 s from ref_clip.wav")
+    assert voice_store.data_dir() == Path(os.environ["NIGHTINGALE_DATA_DIR"])
 
-    assert voices.load("NARRATOR_1").t3.speaker_emb is not None  # case-folded lookup
+    assert voice_store.load("NARRATOR_1").t3.speaker_emb is not None  # case-folded lookup
 
     def no_audio(*args, **kwargs):
         raise AssertionError("a stored voice loads from the store, never from audio")
 
     monkeypatch.setattr(soundfile, "read", no_audio)  # (its speed is a bench figure, not a test's)
     monkeypatch.setattr(soundfile, "SoundFile", no_audio)
-    loaded = voices.load("narrator_1")
+    loaded = voice_store.load("narrator_1")
     mx.eval(loaded.t3.speaker_emb, loaded.gen["prompt_feat"])
     for key in ("speaker_emb", "cond_prompt_speech_tokens", "emotion_adv"):
         assert np.array_equal(np.array(getattr(loaded.t3, key)), np.array(getattr(clip_conds.t3, key)))
@@ -244,24 +244,24 @@ def test_store_round_trip(clip_conds, monkeypatch):
         assert np.array_equal(np.array(loaded.gen[key]), np.array(clip_conds.gen[key]))
     assert loaded.gen["prompt_feat_len"] is None
 
-    voices.remove("narrator_1")
-    assert voices.names() == [] and not any(voices.voices_dir().iterdir())
-    with pytest.raises(voices.VoiceNotFoundError):
-        voices.load("narrator_1")
-    with pytest.raises(voices.VoiceNotFoundError):
-        voices.remove("narrator_1")
-    with pytest.raises(voices.VoiceNotFoundError, match="built-in"):
-        voices.load("default")
+    voice_store.remove("narrator_1")
+    assert voice_store.names() == [] and not any(voice_store.voices_dir().iterdir())
+    with pytest.raises(voice_store.VoiceNotFoundError):
+        voice_store.load("narrator_1")
+    with pytest.raises(voice_store.VoiceNotFoundError):
+        voice_store.remove("narrator_1")
+    with pytest.raises(voice_store.VoiceNotFoundError, match="built-in"):
+        voice_store.load("default")
 
 
 def test_force_replaces_atomically(ref_conds, clip_conds, store_with_a_voice):
     root, _ = store_with_a_voice
-    old_weights = voices.info("alice").weights
-    voices.add("alice", clip_conds, CLIP, force=True)
-    new_weights = voices.info("alice").weights
+    old_weights = voice_store.info("alice").weights
+    voice_store.add("alice", clip_conds, CLIP, force=True)
+    new_weights = voice_store.info("alice").weights
     assert new_weights != old_weights
     assert sorted(p.name for p in root.iterdir()) == sorted(["alice.json", new_weights])  # old tensors gone
-    assert np.array_equal(np.array(voices.load("alice").gen["prompt_feat"]), np.array(clip_conds.gen["prompt_feat"]))
+    assert np.array_equal(np.array(voice_store.load("alice").gen["prompt_feat"]), np.array(clip_conds.gen["prompt_feat"]))
 
 
 def test_a_crash_mid_add_leaves_the_old_voice(ref_conds, clip_conds, store_with_a_voice, monkeypatch):
@@ -274,36 +274,36 @@ def test_a_crash_mid_add_leaves_the_old_voice(ref_conds, clip_conds, store_with_
         return real_replace(src, dst)
 
     with monkeypatch.context() as patch, pytest.raises(OSError, match="power cut"):
-        patch.setattr(voices.os, "replace", crash_on_publish)
-        voices.add("alice", clip_conds, CLIP, force=True)
+        patch.setattr(voice_store.os, "replace", crash_on_publish)
+        voice_store.add("alice", clip_conds, CLIP, force=True)
     # The record still points at the old tensors; only an unreferenced new tensor file remains.
     assert (root / "alice.json").read_bytes() == before["alice.json"]
-    assert np.array_equal(np.array(voices.load("alice").gen["prompt_feat"]), ref_conds["prompt_feat"])
+    assert np.array_equal(np.array(voice_store.load("alice").gen["prompt_feat"]), ref_conds["prompt_feat"])
     assert not any(p.name.startswith(".tmp-") for p in root.iterdir())
 
 
 def test_debris_of_crashed_adds_is_swept(ref_conds):
-    root = voices.voices_dir()
+    root = voice_store.voices_dir()
     root.mkdir(parents=True)
     orphan, temp, fresh = root / "bob-0123456789ab.safetensors", root / ".tmp-x.part", root / "carol-ba9876543210.safetensors"
     for path in (orphan, temp, fresh):
         path.write_bytes(b"partial")
-    old = time.time() - 2 * voices.STALE_AFTER_S
+    old = time.time() - 2 * voice_store.STALE_AFTER_S
     os.utime(orphan, (old, old))
     os.utime(temp, (old, old))
-    voices.add("alice", _as_conditionals(ref_conds), CLIP)
+    voice_store.add("alice", _as_conditionals(ref_conds), CLIP)
     assert not orphan.exists() and not temp.exists()
     assert fresh.exists()  # young enough to belong to an add in progress
 
 
 def test_damaged_record_is_reported(ref_conds):
-    voices.add("alice", _as_conditionals(ref_conds), CLIP)
-    record = voices.voices_dir() / "alice.json"
+    voice_store.add("alice", _as_conditionals(ref_conds), CLIP)
+    record = voice_store.voices_dir() / "alice.json"
     data = json.loads(record.read_text())
-    (voices.voices_dir() / data["weights"]).write_bytes(b"garbage")
-    with pytest.raises(voices.VoiceStoreError, match="damaged"):
-        voices.load("alice")
+    (voice_store.voices_dir() / data["weights"]).write_bytes(b"garbage")
+    with pytest.raises(voice_store.VoiceStoreError, match="damaged"):
+        voice_store.load("alice")
     record.write_text("{not json")
-    assert voices.list_voices() == []  # skipped with a warning, not fatal
-    voices.add("alice", _as_conditionals(ref_conds), CLIP, force=True)  # force repairs it
-    assert voices.names() == ["alice"]
+    assert voice_store.list_voices() == []  # skipped with a warning, not fatal
+    voice_store.add("alice", _as_conditionals(ref_conds), CLIP, force=True)  # force repairs it
+    assert voice_store.names() == ["alice"]

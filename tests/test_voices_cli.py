@@ -48,7 +48,7 @@ def test_add_rejects_bad_input_with_one_line(tiny_checkpoint, tmp_path):
 
 
 def test_voice_language_is_stored_and_used(tiny_mtl_checkpoint, tmp_path, monkeypatch):
-    from nightingale.models import voices
+    from nightingale.models import voice_store
 
     env = {"NIGHTINGALE_DATA_DIR": str(tmp_path / "data")}
     model = ["--model", str(tiny_mtl_checkpoint)]
@@ -58,7 +58,7 @@ def test_voice_language_is_stored_and_used(tiny_mtl_checkpoint, tmp_path, monkey
     assert res.returncode == 0, res.stderr
     assert "language ko" in run_cli("voices", "list", *model, env=env).stdout
     monkeypatch.setenv("NIGHTINGALE_DATA_DIR", env["NIGHTINGALE_DATA_DIR"])
-    assert voices.info("hana").language == "ko"
+    assert voice_store.info("hana").language == "ko"
     out = tmp_path / "hana.wav"
     res = run_cli("synth", "안녕하세요.", "--voice", "hana", "-o", str(out), "--seed", "3", "--max-new-tokens", "8",
                   *model, env=env)

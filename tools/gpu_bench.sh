@@ -25,7 +25,7 @@ python3 -m pip install -q --no-deps --no-build-isolation --target "$S" . >/dev/n
 python3 -c "import mlx.core as mx; print(mx.default_device(), mx.ones(4).sum())"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 # (from /tmp: the repository's own nightingale/ folder would shadow the installed package)
-[ -f $CKPT/dims.json ] || (cd /tmp && python3 -m nightingale.daemon.cli dev make-checkpoint $CKPT --size full --seed 0)
+[ -f $CKPT/dims.json ] || (cd /tmp && python3 -m nightingale.cli dev make-checkpoint $CKPT --size full --seed 0)
 mkdir -p "$OUT"
 if [ "$what" = precision ] || [ "$what" = all ]; then
     python3 bench/precision.py --model $CKPT --cache /tmp/bench-cache ${PRECISION_ARGS:-} --out "$OUT" 2>&1 | tee "$OUT/precision.log"

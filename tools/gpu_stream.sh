@@ -28,7 +28,7 @@ python3 -m pip install -q --no-deps --no-build-isolation --upgrade --target "$S"
 [ -d "$O/nightingale" ] || python3 -m pip install -q --no-deps --no-build-isolation --target "$O" /tmp/gpu/old >/dev/null 2>&1 \
     || echo "old install failed"
 python3 -c "import mlx.core as mx; print(mx.default_device(), mx.ones(4).sum())"
-[ -f $CKPT/dims.json ] || (cd /tmp && python3 -m nightingale.daemon.cli dev make-checkpoint $CKPT --size full --seed 0)
+[ -f $CKPT/dims.json ] || (cd /tmp && python3 -m nightingale.cli dev make-checkpoint $CKPT --size full --seed 0)
 mkdir -p "$OUT"
 old() {  # the code before issue 11, with its own conversion cache
     (cd /tmp && PYTHONPATH=$O:$S:$R NIGHTINGALE_CACHE_DIR=/tmp/ngcache-old "$@")

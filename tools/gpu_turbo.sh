@@ -25,8 +25,8 @@ cd .turbo
 python3 -m pip install -q --no-deps --no-build-isolation --target "$S" . >/dev/null 2>&1 || \
     python3 -m pip install -q --no-deps --no-build-isolation --upgrade --target "$S" .
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-(cd /tmp && python3 -m nightingale.daemon.cli dev make-checkpoint /tmp/turbo-full --family turbo --size full) &
-(cd /tmp && python3 -m nightingale.daemon.cli dev make-checkpoint /tmp/ckpt-full --size full) &
+(cd /tmp && python3 -m nightingale.cli dev make-checkpoint /tmp/turbo-full --family turbo --size full) &
+(cd /tmp && python3 -m nightingale.cli dev make-checkpoint /tmp/ckpt-full --size full) &
 wait
 B="python3 bench/turbo.py --turbo /tmp/turbo-full --original /tmp/ckpt-full ${TURBO_ARGS:-}"
 $B --runs "${RUNS_A:-turbo:int8,paired:int8}" --out "$OUT/a" 2>&1 | tee "$OUT/turbo_a.log"

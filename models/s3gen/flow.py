@@ -30,7 +30,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..convert import conv1d_from_torch
-from ..stream import check_cancel
+from ..chunks import check_cancel
 from .encoder import UpsampleConformerEncoder
 from .estimator import ConditionalDecoder
 

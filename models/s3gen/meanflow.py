@@ -22,7 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..stream import check_cancel
+from ..chunks import check_cancel
 from . import flow as flow_mod
 from .estimator import ConditionalDecoder
 from .flow import Flow, FlowConfig

@@ -34,7 +34,7 @@ import numpy as np
 from safetensors.numpy import save as safetensors_bytes
 
 from .conds import Conditionals, T3Cond
-from .voice import VoiceError
+from .cloning import VoiceError
 
 logger = logging.getLogger(__name__)
 

@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     # Run the imported module's main, so CliError raised by subcommand modules (which
-    # import nightingale.daemon.cli) is the class caught there, not __main__'s twin.
-    from nightingale.daemon.cli import main as _main
+    # import nightingale.cli) is the class caught there, not __main__'s twin.
+    from nightingale.cli import main as _main
 
     sys.exit(_main())
