@@ -21,6 +21,7 @@ Per run:
 `--reference` adds the PyTorch reference's Turbo (`ChatterboxTurboTTS.from_local` on the
 same Turbo checkpoint, /work/ref-venv, CPU): `inference_turbo` tokens/s (timed at each
 multinomial) and one `S3Gen.inference` (2 MeanFlow steps + HiFT) on prompt + 48 tokens.
+With `--reference-device cuda` it runs the reference's Turbo T3 alone on the GPU.
 Random weights never emit EOS, so budgets bound every utterance.
 """
 
@@ -152,16 +153,49 @@ def worker_decoders(args) -> dict:
             "flow_speedup": med["original"][0] / med["meanflow"][0]}
 
 
-def worker_reference(args) -> dict:
-    import numpy as np
+def _import_reference_t3_only() -> None:
+    """Make `chatterbox` a bare namespace so that importing chatterbox.models.t3 skips the
+    package's __init__ (the whole TTS/VC pipelines and their audio dependencies, which a
+    GPU machine without them cannot import); the T3 code itself is the reference's."""
+    import importlib.util
+    import types
+
+    spec = importlib.util.find_spec("chatterbox")
+    package = types.ModuleType("chatterbox")
+    package.__path__ = list(spec.submodule_search_locations)
+    sys.modules["chatterbox"] = package
+
+
+def _reference_turbo_t3(directory: Path, device: str):
+    """The reference's Turbo T3, built as `ChatterboxTurboTTS.from_local` builds it."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from chatterbox.models.t3 import T3
+    from chatterbox.models.t3.modules.cond_enc import T3Cond
+    from chatterbox.models.t3.modules.t3_config import T3Config
+
+    hp = T3Config(text_tokens_dict_size=50276)
+    hp.llama_config_name = "GPT2_medium"
+    hp.speech_tokens_dict_size = 6563
+    hp.input_pos_emb = None
+    hp.speech_cond_prompt_len = 375
+    hp.use_perceiver_resampler = False
+    hp.emotion_adv = False
+    t3 = T3(hp)
+    t3.load_state_dict(load_file(directory / "t3_turbo_v1.safetensors"))
+    del t3.tfmr.wte
+    t3.to(device).eval()
+    conds = torch.load(directory / "conds.pt", map_location=device, weights_only=True)
+    cond = T3Cond(**conds["t3"]).to(device=device)
+    return t3, cond, AutoTokenizer.from_pretrained(directory)
+
+
+def _time_inference_turbo(t3, cond, text, tokens: int) -> tuple[float, float]:
+    """Prefill ms and decode tokens/s of `T3.inference_turbo`, timed at each multinomial."""
     import torch
 
-    from chatterbox.tts_turbo import ChatterboxTurboTTS
-
-    torch.set_num_threads(int(os.environ.get("REFERENCE_THREADS", "2")))
-    t0 = time.perf_counter()
-    tts = ChatterboxTurboTTS.from_local(args.turbo, "cpu")
-    load_s = time.perf_counter() - t0
     stamps: list[float] = []
     original = torch.multinomial
 
@@ -169,23 +203,50 @@ def worker_reference(args) -> dict:
         stamps.append(time.perf_counter())
         return original(probs, num_samples)
 
-    text = tts.tokenizer(SHORT_TEXT, return_tensors="pt").input_ids
     torch.multinomial = timed
     try:
-        t_start = time.perf_counter()
-        tts.t3.inference_turbo(tts.conds.t3, text, max_gen_len=args.tokens - 1)
+        with torch.inference_mode():
+            t_start = time.perf_counter()
+            t3.inference_turbo(cond, text, max_gen_len=tokens - 1)
     finally:
         torch.multinomial = original
-    prefill_ms = (stamps[0] - t_start) * 1000
-    tokens_per_s = (len(stamps) - 1) / (stamps[-1] - stamps[0])
-    tokens = torch.from_numpy(np.random.default_rng(0).integers(0, 6561, CHUNK_TOKENS))
-    tts.s3gen.inference(tokens[:8], ref_dict=tts.conds.gen)  # warm-up
-    t1 = time.perf_counter()
-    tts.s3gen.inference(tokens, ref_dict=tts.conds.gen)
-    chunk_ms = (time.perf_counter() - t1) * 1000
-    return {"run": "reference-turbo:float32", "device": "cpu (torch)", "load_s": load_s, "prefill_ms": prefill_ms,
-            "t3_tokens_per_s": tokens_per_s, "steady_chunk_s3gen_ms": chunk_ms, "steady_chunk_tokens": CHUNK_TOKENS,
-            "n_timesteps": 2, "max_rss_mb": max_rss_mb()}
+    return (stamps[0] - t_start) * 1000, (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
+def worker_reference(args) -> dict:
+    """The reference's Turbo. On the CPU: the whole `ChatterboxTurboTTS` (T3 and one
+    `S3Gen.inference`). On a GPU (`--reference-device cuda`): T3 alone, in float32, as
+    `from_local` builds it (S3Gen's audio dependencies are not installed there)."""
+    import numpy as np
+    import torch
+
+    device = args.reference_device
+    torch.set_num_threads(int(os.environ.get("REFERENCE_THREADS", "2")))
+    t0 = time.perf_counter()
+    if device == "cpu":
+        from chatterbox.tts_turbo import ChatterboxTurboTTS
+
+        tts = ChatterboxTurboTTS.from_local(args.turbo, "cpu")
+        t3, cond, tokenizer = tts.t3, tts.conds.t3, tts.tokenizer
+    else:
+        _import_reference_t3_only()
+        t3, cond, tokenizer = _reference_turbo_t3(Path(args.turbo), device)
+    load_s = time.perf_counter() - t0
+    text = tokenizer(SHORT_TEXT, return_tensors="pt").input_ids.to(device)
+    _time_inference_turbo(t3, cond, text, 8)  # warm-up (CUDA kernels, allocator)
+    prefill_ms, tokens_per_s = _time_inference_turbo(t3, cond, text, args.tokens)
+    result = {"run": "reference-turbo:float32", "device": f"{device} (torch {torch.__version__})", "load_s": load_s,
+              "prefill_ms": prefill_ms, "t3_tokens_per_s": tokens_per_s, "steady_chunk_tokens": CHUNK_TOKENS,
+              "n_timesteps": 2, "max_rss_mb": max_rss_mb()}
+    if device == "cpu":
+        tokens = torch.from_numpy(np.random.default_rng(0).integers(0, 6561, CHUNK_TOKENS))
+        tts.s3gen.inference(tokens[:8], ref_dict=tts.conds.gen)  # warm-up
+        t1 = time.perf_counter()
+        tts.s3gen.inference(tokens, ref_dict=tts.conds.gen)
+        result["steady_chunk_s3gen_ms"] = (time.perf_counter() - t1) * 1000
+    else:
+        result["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    return result
 
 
 def render_decoders(r: dict) -> str:
@@ -225,8 +286,9 @@ def main() -> int:
     parser.add_argument("--turbo", required=True, help="full-size Turbo checkpoint directory (or repo id)")
     parser.add_argument("--original", help="full-size original checkpoint directory (original and paired runs)")
     parser.add_argument("--runs", default="turbo:int8,turbo:float16")
-    parser.add_argument("--reference", action="store_true", help="also run the PyTorch reference's Turbo (CPU)")
+    parser.add_argument("--reference", action="store_true", help="also run the PyTorch reference's Turbo")
     parser.add_argument("--reference-python", default=REFERENCE_PYTHON)
+    parser.add_argument("--reference-device", default="cpu", help="cpu (whole pipeline) or cuda (T3 alone)")
     parser.add_argument("--tokens", type=int, default=40, help="T3 decode steps timed")
     parser.add_argument("--short-tokens", type=int, default=75, help="T3 budget of the short sentence (3 s)")
     parser.add_argument("--chunk-tokens-total", type=int, default=150, help="tokens streamed for the chunk figures")
@@ -252,7 +314,8 @@ def main() -> int:
     jobs = [([sys.executable, __file__, "--worker", "ours", "--run", run, *common_args], run)
             for run in args.runs.split(",") if run]
     if args.reference:
-        jobs.append(([args.reference_python, __file__, "--worker", "reference", *common_args], "reference"))
+        jobs.append(([args.reference_python, __file__, "--worker", "reference", "--reference-device", args.reference_device,
+                      *common_args], "reference"))
     results = []
     for cmd, name in jobs:
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -262,13 +325,12 @@ def main() -> int:
             continue
         results.append(json.loads(lines[-1][7:]))
         print(f"{name}: done", file=sys.stderr, flush=True)
-    table = render(results)
-    print(table)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "turbo.json").write_text(json.dumps(results, indent=2))
-        (out / "turbo.md").write_text(table + "\n")
+        if args.out:  # after every run: a run cut short by a time limit keeps what it has
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "turbo.json").write_text(json.dumps(results, indent=2))
+            (out / "turbo.md").write_text(render(results) + "\n")
+    print(render(results))
     return 0
 
 
