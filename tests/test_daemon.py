@@ -23,7 +23,9 @@ import numpy as np
 import pytest
 
 from nightingale import protocol as p
-from nightingale.daemon.server import Daemon, DaemonConfig, SocketBinding, SocketInUse
+from nightingale.daemon.binding import SocketBinding, SocketInUse
+from nightingale.daemon.config import DaemonConfig
+from nightingale.daemon.server import Daemon
 
 # Small, fast utterances: few tokens, one flow step. LONG makes many 4-token chunks.
 FAST = {"seed": 1, "max_new_tokens": 6, "n_timesteps": 1}
@@ -435,7 +437,7 @@ def test_text_interrupts_itself_and_notifications_yield(daemon):
 
 
 def test_full_queue_answers_busy(daemon):
-    daemon.daemon.queue.max_size = 2
+    daemon.daemon.scheduler.queue.max_size = 2
     try:
         with daemon.connect() as c:
             c.send(p.Speak(id="run", text=LONG_TEXT, output="stream", options=LONG))
@@ -448,7 +450,7 @@ def test_full_queue_answers_busy(daemon):
             assert err.code == p.E_BUSY and "full" in err.message
             assert request(c, p.Cancel(all=True), p.Cancelled).ids.__len__() == 3
     finally:
-        daemon.daemon.queue.max_size = 64
+        daemon.daemon.scheduler.queue.max_size = 64
     assert_idle(daemon)
 
 

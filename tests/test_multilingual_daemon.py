@@ -50,7 +50,7 @@ def test_hello_lists_the_languages_and_unknown_ones_are_refused(mtl_daemon):
 
 
 def test_daemon_speaks_every_installable_language_into_the_null_sink(mtl_daemon, tmp_path):
-    assert set(SPOKEN) == set(mtl_daemon.daemon.info.describe["languages"]) - {"zh"}
+    assert set(SPOKEN) == set(mtl_daemon.daemon.scheduler.info.describe["languages"]) - {"zh"}
     results = {}
     with mtl_daemon.connect() as c:
         for language, text in SPOKEN.items():
