@@ -6,7 +6,6 @@ events it does not read (the outbox limit, then `slow_client`), bytes of unfinis
 from __future__ import annotations
 
 import logging
-import math
 import time
 
 import anyio
@@ -16,8 +15,8 @@ from nightingale import protocol as p
 
 from .config import DaemonConfig
 from .requests import Requests
+from .peers import Peer
 from .scheduler import Scheduler
-from .utterance import Utterance
 
 log = logging.getLogger(__name__)
 
@@ -33,27 +32,20 @@ class PendingBytes:
         self.total = 0
 
 
-class ClientConnection:
-    """One client of the socket (a scheduler.Peer). serve() runs it until it leaves."""
+class ClientConnection(Peer):
+    """One client of the socket. serve() runs it until it leaves; last_active is its
+    last bytes received."""
 
     def __init__(self, number: int, stream: anyio.abc.ByteStream, requests: Requests, scheduler: Scheduler,
                  config: DaemonConfig, pending: PendingBytes):
-        self.number = number
+        super().__init__(number, config.max_outbox_bytes)
         self.stream = stream
         self._requests = requests
         self._scheduler = scheduler
         self._config = config
         self._pending = pending
-        self.utterances: dict[str, Utterance] = {}
-        self.connected = True
-        self.outbox_bytes = 0
         self.pending_bytes = 0  # bytes of an unfinished frame held by the reader
-        self.last_active = time.monotonic()  # last bytes received
-        self.frame_started: float | None = None  # when the unfinished frame began
-        self.slow = False
-        self.dropping = False
         self.scope: anyio.CancelScope | None = None  # the connection's; cancelled to drop it
-        self._send, self._recv = anyio.create_memory_object_stream[bytes](math.inf)
 
     # ------------------------------------------------------------------ outbox (what the scheduler calls)
 
@@ -62,32 +54,13 @@ class ClientConnection:
         return self.scope is None or self.scope.cancel_called
 
     def post(self, event: p.Event, force: bool = False) -> bool:
-        """Queue an event for this client; False if it is gone or not reading. `force`
-        queues it past the outbox limit (the last error before a drop)."""
-        if not self.connected or (self.slow and not force):
-            return False
         frame = p.encode_frame(event)
-        if not force and self.outbox_bytes + len(frame) > self._config.max_outbox_bytes:
-            self.slow = True
-            return False
-        self.outbox_bytes += len(frame)
-        try:
-            self._send.send_nowait(frame)
-        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-            return False
-        return True
-
-    def close_outbox(self) -> None:
-        """No more events: the writer ends after sending what is queued."""
-        self._send.close()
+        return self._enqueue(frame, len(frame), force)
 
     def drop(self, error: p.Error) -> None:
         """Send `error` after what is queued, then close; the client gets a short grace
         (slow_client_grace_s) to read it."""
-        self.dropping = True
-        self.post(error, force=True)
-        self.slow = True  # nothing more is queued for it
-        self.close_outbox()
+        super().drop(error)
         if self.scope is not None:
             self.scope.deadline = min(self.scope.deadline, time.monotonic() + self._config.slow_client_grace_s)
 
@@ -153,14 +126,14 @@ class ClientConnection:
             decoder.feed(data)
             for item in decoder.frames():
                 if isinstance(item, p.ProtocolError):
-                    self._scheduler.send_error(self, item.to_event())
+                    self._scheduler.peers.send_error(self, item.to_event())
                     continue
                 self._handle_frame(item)
             self._account_pending(decoder.buffered, decoder.pending)
             if self.slow:
                 self._scheduler.drop_slow(self)
             elif self._pending.total > self._pending.limit:
-                self._scheduler.drop(self, p.E_BUSY, "busy: too many bytes of unfinished frames are buffered; send whole frames")
+                self._scheduler.peers.drop(self, p.E_BUSY, "busy: too many bytes of unfinished frames are buffered; send whole frames")
             if self.dropping:
                 self._account_pending(0, 0)
                 await self._discard_input()
@@ -185,7 +158,7 @@ class ClientConnection:
         except p.ProtocolError as err:
             event = err.to_event()
             event.ref = ref
-            self._scheduler.send_error(self, event)
+            self._scheduler.peers.send_error(self, event)
             return
         self._requests.handle(self, msg)
 
@@ -208,15 +181,15 @@ async def reap_idle(scheduler: Scheduler, config: DaemonConfig) -> None:
     while True:
         await anyio.sleep(period)
         now = time.monotonic()
-        for peer in list(scheduler.peers):
+        for peer in scheduler.peers:
             if peer.closing or not peer.connected:
                 continue
             if peer.frame_started is not None and now - peer.frame_started > config.frame_timeout_s:
-                scheduler.drop(peer, p.E_BAD_FRAME, f"a frame was not completed within {config.frame_timeout_s:g} s")
+                scheduler.peers.drop(peer, p.E_BAD_FRAME, f"a frame was not completed within {config.frame_timeout_s:g} s")
             elif (
                 scheduler.state == "ready"  # a client waiting for `ready` is not idle
                 and not peer.utterances
                 and peer is not scheduler.pause_owner
                 and now - max(peer.last_active, scheduler.ready_at) > config.idle_timeout_s
             ):
-                scheduler.drop(peer, p.E_IDLE, f"no request for {config.idle_timeout_s:g} s; closing the connection")
+                scheduler.peers.drop(peer, p.E_IDLE, f"no request for {config.idle_timeout_s:g} s; closing the connection")

@@ -15,7 +15,6 @@ Everything here runs on the daemon's event loop.
 from __future__ import annotations
 
 import itertools
-import math
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -25,9 +24,9 @@ from nightingale import protocol as p
 
 from .config import MAX_OUTBOX_BYTES, SAMPLE_RATE
 from .requests import Requests
+from .peers import Peer
 from .scheduler import Scheduler
 from .telemetry import model_line
-from .utterance import Utterance
 
 _numbers = itertools.count(100001)  # logged as "client N"; apart from the socket clients' 1, 2, ...
 _EVENT_BYTES = 256  # what an event other than audio counts against the outbox limit
@@ -37,53 +36,25 @@ def _size(event: p.Event) -> int:
     return len(event.pcm) if isinstance(event, p.Audio) else _EVENT_BYTES
 
 
-class LocalPeer:
-    """An in-process client (a scheduler.Peer): events go to a memory stream that the
-    front end's SpeechHandle reads."""
+class LocalPeer(Peer):
+    """An in-process client: events go to a memory stream that the front end's
+    SpeechHandle reads (a drop ends that stream after its error). It has no frames in
+    flight, and it is active whenever it posts (its front end times out its own
+    transport); the idle reaper reads both."""
 
     def __init__(self, label: str):
-        self.number = next(_numbers)
+        super().__init__(next(_numbers), MAX_OUTBOX_BYTES)
         self.label = label
-        self.utterances: dict[str, Utterance] = {}
-        self.connected = True
-        self.slow = False
-        self.dropping = False
-        self.outbox_bytes = 0
-        # A local peer has no frames in flight, and it is active whenever it posts (its
-        # front end times out its own transport); the idle reaper reads both.
-        self.frame_started: float | None = None
-        self.last_active = time.monotonic()
-        self._send, self._recv = anyio.create_memory_object_stream[p.Event](math.inf)
 
     @property
     def closing(self) -> bool:
         return False  # it ends through SpeechHandle.close(), which detaches it
 
     def post(self, event: p.Event, force: bool = False) -> bool:
-        if not self.connected or (self.slow and not force):
+        if not self._enqueue(event, _size(event), force):
             return False
-        size = _size(event)
-        if not force and self.outbox_bytes + size > MAX_OUTBOX_BYTES:
-            self.slow = True
-            return False
-        self.outbox_bytes += size
         self.last_active = time.monotonic()
-        try:
-            self._send.send_nowait(event)
-        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-            return False
         return True
-
-    def close_outbox(self) -> None:
-        self._send.close()
-
-    def drop(self, error: p.Error) -> None:
-        """The daemon gives up on this peer: `error` goes after what is queued, and the
-        handle's iteration ends there."""
-        self.dropping = True
-        self.post(error, force=True)
-        self.slow = True
-        self.close_outbox()
 
     async def next_event(self) -> p.Event | None:
         try:

@@ -11,7 +11,8 @@ from typing import Any, Callable
 from nightingale import __version__
 from nightingale import protocol as p
 
-from .scheduler import Peer, Scheduler
+from .peers import Peer
+from .scheduler import Scheduler
 from .utterance import Utterance
 
 log = logging.getLogger(__name__)
@@ -22,6 +23,7 @@ class Requests:
 
     def __init__(self, scheduler: Scheduler, shutdown: Callable[[], None]):
         self._scheduler = scheduler
+        self._peers = scheduler.peers
         self._shutdown = shutdown
         self._handlers: dict[str, Callable[[Peer, Any], None]] = {
             "speak": self.speak,
@@ -53,7 +55,7 @@ class Requests:
             self._handlers[msg.TYPE](peer, msg)
         except Exception as err:
             log.exception("client %s: %s failed", peer.number, msg.TYPE)
-            self._scheduler.send_error(peer, p.Error(code=p.E_INTERNAL, message=f"internal error: {err}", request=msg.TYPE, ref=msg.ref))
+            self._peers.send_error(peer, p.Error(code=p.E_INTERNAL, message=f"internal error: {err}", request=msg.TYPE, ref=msg.ref))
 
     # ------------------------------------------------------------------ speech
 
@@ -61,7 +63,7 @@ class Requests:
         s = self._scheduler
 
         def error(code: str, text: str) -> None:
-            s.send_error(peer, p.Error(code=code, message=text, request="speak", id=msg.id, ref=msg.ref))
+            self._peers.send_error(peer, p.Error(code=code, message=text, request="speak", id=msg.id, ref=msg.ref))
 
         if s.state == "loading":
             peer.post(p.Loading(request="speak", id=msg.id, ref=msg.ref))
@@ -97,7 +99,7 @@ class Requests:
     def _live(self, peer: Peer, uid: str, request: str, ref: str | None) -> Utterance | None:
         utt = peer.utterances.get(uid)
         if utt is None:
-            self._scheduler.send_error(
+            self._peers.send_error(
                 peer, p.Error(code=p.E_UNKNOWN_ID, message=f"no live utterance {uid!r} on this connection", request=request, id=uid, ref=ref)
             )
         return utt
@@ -107,12 +109,12 @@ class Requests:
         if utt is None:
             return
         if not utt.text_stream or utt.feed.ended:
-            self._scheduler.send_error(
+            self._peers.send_error(
                 peer, p.Error(code=p.E_UNKNOWN_ID, message=f"utterance {msg.id!r} has no open text stream", request="speak_text", id=msg.id, ref=msg.ref)
             )
             return
         if utt.feed.total_bytes + len(msg.text.encode("utf-8")) > p.MAX_STREAM_TEXT_BYTES:
-            self._scheduler.send_error(
+            self._peers.send_error(
                 peer,
                 p.Error(code=p.E_TEXT_TOO_LONG, message=f"a text stream may carry at most {p.MAX_STREAM_TEXT_BYTES} bytes", request="speak_text", id=msg.id, ref=msg.ref),
             )
@@ -157,7 +159,7 @@ class Requests:
 
         def answer(names: Any, error: BaseException | None) -> None:  # runs on the loop
             if error is not None:
-                s.send_error(peer, p.Error(code=p.E_INTERNAL, message=f"listing voices failed: {error}", request="voices", ref=msg.ref))
+                self._peers.send_error(peer, p.Error(code=p.E_INTERNAL, message=f"listing voices failed: {error}", request="voices", ref=msg.ref))
             else:
                 family = str((s.info.describe if s.info else {}).get("family", ""))
                 peer.post(p.Voices(voices=names, family=family, ref=msg.ref))

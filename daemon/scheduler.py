@@ -34,6 +34,7 @@ import anyio
 from nightingale import protocol as p
 
 from .config import DEFAULT_MAX_QUEUE, SAMPLE_RATE
+from .peers import Peer, Peers
 from .telemetry import Telemetry, model_line
 from .utterance import Utterance
 
@@ -141,30 +142,6 @@ class SpeechQueue:
         return out
 
 
-class Peer(Protocol):
-    """A client as the scheduler sees it: connection.ClientConnection (the socket) or
-    frontend.LocalPeer (HTTP, Wyoming). The scheduler only posts events to it; how they
-    reach the client, and how a client is dropped, is the peer's business."""
-
-    number: int  # logged as "client N"
-    utterances: dict[str, Utterance]  # its live utterances by id
-    connected: bool
-    slow: bool  # its outbox overflowed: nothing more is queued for it
-    dropping: bool  # drop() was called: its last error is on its way
-    outbox_bytes: int  # bytes of events it has not read yet
-    last_active: float  # time.monotonic() of its last request (the idle reaper reads it)
-    frame_started: float | None  # since when it holds an unfinished frame (socket only)
-
-    @property
-    def closing(self) -> bool: ...  # its connection is already ending
-
-    def post(self, event: p.Event, force: bool = False) -> bool: ...
-
-    def close_outbox(self) -> None: ...
-
-    def drop(self, error: p.Error) -> None: ...
-
-
 class Scheduler:
     """The queue, the engine's one running utterance, the tails still playing, pause, and
     the peers they belong to. The socket and the front ends use the same entry points:
@@ -182,7 +159,7 @@ class Scheduler:
         self.playback_reason = ""
         self.telemetry = telemetry
         self.queue = SpeechQueue(max_queue)
-        self.peers: set[Peer] = set()
+        self.peers = Peers(telemetry)
         self.paused = False
         self.pause_owner: Peer | None = None  # a pause is lifted when this client leaves
         self.ready_at = 0.0
@@ -191,7 +168,6 @@ class Scheduler:
         self._ids = itertools.count(1)
         self._seq = itertools.count(1)
         self._idle: anyio.Event | None = None  # set when nothing runs or plays (the drain waits)
-        self._no_peers: anyio.Event | None = None  # set when the last peer leaves (the drain waits)
         self._announce_ready = announce_ready
         self._stop_daemon = stop_daemon
 
@@ -199,15 +175,12 @@ class Scheduler:
 
     def attach(self, peer: Peer) -> None:
         self.peers.add(peer)
-        self.telemetry.count("connections")
 
     def detach(self, peer: Peer) -> None:
         """The peer went away: its streamed (or still open) utterances are cancelled, the
         others play on locally; a pause it owned is lifted."""
-        if peer not in self.peers:
+        if not self.peers.remove(peer):
             return
-        peer.connected = False
-        self.peers.discard(peer)
         if self.pause_owner is peer:
             self.pause_owner = None
             if self.paused:
@@ -219,26 +192,6 @@ class Scheduler:
             else:
                 utt.streams = False  # keep playing locally; nobody to stream to
         self._dispatch()
-        if self._no_peers is not None and not self.peers:
-            self._no_peers.set()
-
-    def broadcast(self, event: p.Event) -> None:
-        for peer in list(self.peers):
-            peer.post(event)
-
-    def send_error(self, peer: Peer, event: p.Error) -> None:
-        self.telemetry.count("errors")
-        log.debug("client %d: error %s: %s", peer.number, event.code, event.message)
-        peer.post(event)
-
-    def drop(self, peer: Peer, code: str, message: str) -> None:
-        """Tell a client why, then close its connection (the peer gives its last error a
-        short grace to be read)."""
-        if peer.dropping:
-            return
-        log.info("client %d: dropping: %s", peer.number, message)
-        self.telemetry.count("errors")
-        peer.drop(p.Error(code=code, message=message))
 
     def drop_slow(self, peer: Peer) -> None:
         """A client let its outbox limit of events pile up: cancel its utterances, queue a
@@ -249,16 +202,7 @@ class Scheduler:
         log.warning("client %d stopped reading (%d bytes queued); disconnecting it", peer.number, peer.outbox_bytes)
         for utt in list(peer.utterances.values()):
             self.finish(utt, "cancelled", f"{p.E_SLOW_CLIENT}: the client stopped reading")
-        self.drop(peer, p.E_SLOW_CLIENT, f"the client stopped reading ({peer.outbox_bytes} bytes of events unread)")
-
-    async def close_peers(self, timeout_s: float) -> None:
-        """End every peer's outbox (each gets what is queued) and wait for all to leave."""
-        self._no_peers = anyio.Event()
-        for peer in list(self.peers):
-            peer.close_outbox()
-        if self.peers:
-            with anyio.move_on_after(timeout_s):
-                await self._no_peers.wait()
+        self.peers.drop(peer, p.E_SLOW_CLIENT, f"the client stopped reading ({peer.outbox_bytes} bytes of events unread)")
 
     # ------------------------------------------------------------------ the model
 
@@ -381,14 +325,14 @@ class Scheduler:
             self.player.close()
             self.player = None
             self.playback_reason = "local playback is unavailable: unexpected model sample rate"
-        self.broadcast(p.Ready(sample_rate=info.sample_rate, model=line))
+        self.peers.broadcast(p.Ready(sample_rate=info.sample_rate, model=line))
         self._announce_ready()
         self._dispatch()
 
     def on_load_failed(self, error: BaseException) -> None:
         message = f"the model could not be loaded: {type(error).__name__}: {error}"
         log.error("%s", message)
-        self.broadcast(p.Error(code=p.E_LOAD_FAILED, message=message))
+        self.peers.broadcast(p.Error(code=p.E_LOAD_FAILED, message=message))
         self._stop_daemon(1)
 
     def on_started(self, utt: Utterance, language: str | None = None) -> None:
@@ -413,20 +357,11 @@ class Scheduler:
         utt.audio_s = info["audio_s"]
         if utt.finished:
             return
-        utt.peer.post(
-            p.Progress(
-                id=utt.id,
-                chunk=info["chunk"],
-                segment=info["segment"],
-                tokens=info["tokens"],
-                audio_s=round(info["audio_s"], 3),
-                t3_ms=info.get("t3_ms"),
-                s3gen_ms=info.get("s3gen_ms"),
-                text_start=info.get("text_start"),
-                text_end=info.get("text_end"),
-                text=info.get("text"),
-            )
-        )
+        utt.peer.post(p.Progress(
+            id=utt.id, chunk=info["chunk"], segment=info["segment"], tokens=info["tokens"], audio_s=round(info["audio_s"], 3),
+            t3_ms=info.get("t3_ms"), s3gen_ms=info.get("s3gen_ms"),
+            text_start=info.get("text_start"), text_end=info.get("text_end"), text=info.get("text"),
+        ))  # fmt: skip
 
     def on_generated(self, utt: Utterance, outcome: str, stats: dict, error: tuple[str, str] | None) -> None:
         if self.running is utt:
@@ -439,7 +374,7 @@ class Scheduler:
                 self.finish(utt, "completed")
         elif outcome == "failed" and not utt.finished:
             code, message = error or (p.E_SYNTHESIS, "synthesis failed")
-            self.send_error(utt.peer, p.Error(code=code, message=message, request="speak", id=utt.id))
+            self.peers.send_error(utt.peer, p.Error(code=code, message=message, request="speak", id=utt.id))
             self.finish(utt, "failed", message)
         else:
             self.finish(utt, "cancelled")
@@ -460,7 +395,7 @@ class Scheduler:
         arrived and ends."""
         self.state = "draining"
         log.info("draining")
-        self.broadcast(p.ShuttingDown())
+        self.peers.broadcast(p.ShuttingDown())
         for utt in self.queue.remove_all():
             self.finish(utt, "cancelled", "the daemon is shutting down")
         if self.running is not None and self.running.text_stream:

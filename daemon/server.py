@@ -191,7 +191,7 @@ class Daemon:
         scheduler.cancel_active("the daemon is shutting down")
         if scheduler.running is not None:
             await scheduler.wait_idle(ENGINE_STOP_S)  # the engine stops within one chunk; its last events go out
-        await scheduler.close_peers(CLOSE_TIMEOUT_S)
+        await scheduler.peers.close_all(CLOSE_TIMEOUT_S)
 
     # ------------------------------------------------------------------ the socket listener
 
