@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 class Peer:
     """A client as the scheduler sees it: connection.ClientConnection (the socket) or
     frontend.LocalPeer (HTTP, Wyoming). The scheduler posts events to it; how they reach
-    the client, and how a client is dropped, is the subclass's business.
+    the client, and when its connection ends, is the subclass's business.
 
     Both queue events in an outbox bounded in bytes: past the bound the client counts as
     not reading (`slow`) and nothing more is queued but a forced last error.

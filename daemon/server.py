@@ -5,13 +5,14 @@ Lifecycle: bind the socket first (one daemon per socket, stale sockets replaced)
 and on SIGTERM/SIGINT/`shutdown` drain: cancel the queue, let the current utterance finish
 (or cancel it after --drain-timeout), close clients, unlink the socket.
 
-This module owns only that lifecycle and the listeners. The rooms of one request
+This module owns only that lifecycle and the listeners. One request's path
 (docs/architecture.md, "Request flow"): binding.py (the socket file), connection.py (one
 client: frames in, events out), requests.py (what each request does), scheduler.py (the
-queue, dispatch, `done`), engine.py (the model thread), playback.py (the speakers),
-telemetry.py (`status`); frontend.py plugs HTTP and Wyoming into the same scheduler. The
-event loop owns all policy and never runs model code; the engine and player threads reach
-it through loop.call_soon_threadsafe.
+queue, dispatch, `done`), engine.py (the model thread), playback.py (the speakers);
+peers.py is what the scheduler sees of a client, telemetry.py answers `status`, and
+frontend.py plugs HTTP and Wyoming into the same scheduler. The event loop owns all policy
+and never runs model code; the engine and player threads reach it through
+loop.call_soon_threadsafe.
 """
 
 from __future__ import annotations
