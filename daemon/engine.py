@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 
-from nightingale.protocol import MAX_AUDIO_FRAME_SAMPLES
+from nightingale import protocol as p
 from nightingale.models.positions import segment_origins
 from nightingale.models.chunks import Cancelled
 
@@ -39,9 +39,9 @@ Post = Callable[..., None]
 
 
 class Listener(Protocol):
-    """Loop-side callbacks; the engine only ever reaches them through `post`."""
+    """Loop-side callbacks (scheduler.Scheduler); the engine only ever reaches them through `post`."""
 
-    def on_loaded(self, info: dict) -> None: ...
+    def on_loaded(self, info: EngineInfo) -> None: ...
     def on_load_failed(self, error: BaseException) -> None: ...
     def on_started(self, utt: Utterance, language: str | None = None) -> None: ...
     def on_audio(self, utt: Utterance, seq: int, pcm: bytes, start_s: float) -> None: ...
@@ -87,10 +87,6 @@ class UnknownVoice(Exception):
     pass
 
 
-class BadOption(Exception):
-    """A sampling option the loaded model's stream() does not take."""
-
-
 def encode_pcm(samples: np.ndarray, audio_format: str) -> bytes:
     """float32 samples (n,) in [-1, 1] as little-endian PCM bytes."""
     if audio_format == "s16le":
@@ -106,8 +102,63 @@ class EngineInfo:
     describe: dict = field(default_factory=dict)
     load_s: float = 0.0
     warmup_s: float = 0.0
-    stream_kwargs: frozenset = frozenset()  # keyword arguments model.stream() accepts (None = any)
-    takes_cancel: bool = False  # model.stream(cancel=threading.Event) stops inside a chunk
+
+
+@dataclass
+class RunStats:
+    """What the synthesis of one utterance measured; finish() is the stats dict the loop
+    gets with on_generated (the `done` event's figures come from it)."""
+
+    sample_rate: int
+    t_start: float = field(default_factory=time.monotonic)
+    ttfa_ms: float | None = None  # first non-empty chunk, from the engine's start
+    model_ttfa_ms: float | None = None  # the model's own figure for it
+    tokens: int = 0
+    audio_s: float = 0.0
+    chunks: int = 0
+    t3_ms: float = 0.0
+    s3gen_ms: float = 0.0
+    blocked_s: float = 0.0  # waiting on the player's full buffer (not synthesis)
+    played: bool = False  # some audio went to the player
+    audio_frames: int = 0  # `audio` events posted (their seq)
+
+    def add(self, chunk: Any, samples: np.ndarray) -> float:
+        """Count a chunk (samples: (n,)); returns where its audio starts in the utterance (s)."""
+        if self.ttfa_ms is None:
+            self.ttfa_ms = (time.monotonic() - self.t_start) * 1000.0
+            self.model_ttfa_ms = chunk.timings.get("ttfa_ms")
+        start_s = self.audio_s
+        self.chunks += 1
+        self.tokens += max(0, int(chunk.token_end) - int(chunk.token_start))
+        self.audio_s += len(samples) / self.sample_rate
+        self.t3_ms += float(chunk.timings.get("t3_ms", 0.0))
+        self.s3gen_ms += float(chunk.timings.get("s3gen_ms", 0.0))
+        return start_s
+
+    def next_seq(self) -> int:
+        self.audio_frames += 1
+        return self.audio_frames - 1
+
+    def progress(self, chunk: Any) -> dict:
+        """on_chunk's info about the chunk just added."""
+        return {
+            "chunk": self.chunks - 1,
+            "segment": chunk.timings.get("segment", 0),
+            "tokens": self.tokens,
+            "audio_s": self.audio_s,
+            "t3_ms": chunk.timings.get("t3_ms"),
+            "s3gen_ms": chunk.timings.get("s3gen_ms"),
+            "t3_tokens_per_s": chunk.timings.get("t3_tokens_per_s"),
+            "first": self.chunks == 1,
+        }
+
+    def finish(self) -> dict:
+        return {
+            "ttfa_ms": self.ttfa_ms, "model_ttfa_ms": self.model_ttfa_ms, "tokens": self.tokens,
+            "audio_s": self.audio_s, "chunks": self.chunks, "t3_ms": self.t3_ms, "s3gen_ms": self.s3gen_ms,
+            "blocked_s": self.blocked_s, "synth_s": time.monotonic() - self.t_start - self.blocked_s,
+            "played": self.played,
+        }  # fmt: skip
 
 
 def _find_malloc_trim() -> Callable[[int], int] | None:
@@ -168,6 +219,22 @@ def _user_fixable(err: BaseException) -> bool:
     return isinstance(err, (hub.CheckpointNotFoundError, loading.CheckpointError))
 
 
+def _failure(utt: Utterance, err: Exception) -> tuple[str, tuple[str, str] | None]:
+    """The outcome and (error code, message) of a synthesis that raised `err` (called in the
+    except block, so an unexpected error is logged with its traceback)."""
+    if isinstance(err, Cancelled):
+        return "cancelled", None
+    if isinstance(err, UnsupportedLanguage):
+        return "failed", (p.E_UNSUPPORTED_LANGUAGE, str(err))
+    if isinstance(err, UnknownVoice):
+        return "failed", (p.E_UNKNOWN_VOICE, f"unknown voice {utt.voice!r}: {err}")
+    if isinstance(err, PlaybackError):
+        log.error("%s", err)
+        return "failed", (p.E_NO_PLAYBACK, f"local playback failed: {err}")
+    log.exception("synthesis of %s failed", utt.id)
+    return "failed", (p.E_SYNTHESIS, f"{type(err).__name__}: {err}")
+
+
 class Engine:
     """Owns the model on its own thread.
 
@@ -210,10 +277,6 @@ class Engine:
             self._thread.join(timeout)
         return not self._thread.is_alive()
 
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
     # ------------------------------------------------------------------ engine thread
 
     def _main(self) -> None:
@@ -253,19 +316,10 @@ class Engine:
             log.debug("releasing MLX streams failed: %s", err)
 
     def _load(self) -> None:
-        import inspect
-
         t0 = time.monotonic()
         self.model = self._factory()
         self.info.load_s = time.monotonic() - t0
         self.info.sample_rate = int(getattr(self.model, "sample_rate", 24000))
-        try:
-            params = inspect.signature(self.model.stream).parameters
-            if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-                self.info.stream_kwargs = frozenset(params)
-            self.info.takes_cancel = "cancel" in params
-        except (TypeError, ValueError):
-            pass
         if self._warmup:
             t1 = time.monotonic()
             self.model.warmup()
@@ -321,113 +375,72 @@ class Engine:
         except (UnsupportedLanguageError, MissingFrontEndError) as err:
             raise UnsupportedLanguage(str(err)) from None
 
-    def _stream_kwargs(self, utt: Utterance) -> dict:
-        kwargs = dict(utt.options)
-        allowed = self.info.stream_kwargs
-        if allowed:
-            unknown = sorted(set(kwargs) - allowed)
-            if unknown:
-                raise BadOption(f"this model does not take option(s) {', '.join(unknown)}")
-        if self.info.takes_cancel:
-            kwargs["cancel"] = utt.cancelled
-        return kwargs
-
     def _run_utterance(self, utt: Utterance) -> None:
+        """Synthesize one utterance; whatever happens, the loop gets one on_generated."""
         if utt.cancelled.is_set():
             self._post(self._listener.on_generated, utt, "cancelled", {}, None)
             return
-        t_start = time.monotonic()
-        stats = {
-            "ttfa_ms": None, "model_ttfa_ms": None, "tokens": 0, "audio_s": 0.0, "chunks": 0,
-            "t3_ms": 0.0, "s3gen_ms": 0.0, "blocked_s": 0.0, "synth_s": 0.0,
-        }  # fmt: skip
+        run = RunStats(self.info.sample_rate)
         outcome, error = "completed", None
-        seq = 0
-        sr = self.info.sample_rate
-        played_any = False
         try:
-            language = self._language(utt)
-            self._post(self._listener.on_started, utt, language)
-            conds = self._voice(utt.voice)
-            # One stream over the whole feed: the model splits the text (models/text.py),
-            # seeds each segment and runs T3 ahead of S3Gen on its own thread; `cancel`
-            # stops both at their next step.
-            kwargs = self._stream_kwargs(utt)
-            if language is not None:
-                kwargs["language"] = language
-            where = TextPlaces(utt.feed)
-            gen = self.model.stream(where.runs(utt.feed.segments(utt.cancelled)), voice=conds, **kwargs)
-            try:
-                for chunk in gen:
-                    if utt.cancelled.is_set():
-                        break
-                    samples = np.asarray(chunk.samples, dtype=np.float32).reshape(-1)
-                    if not len(samples):
-                        continue
-                    now = time.monotonic()
-                    if stats["ttfa_ms"] is None:
-                        stats["ttfa_ms"] = (now - t_start) * 1000.0
-                        stats["model_ttfa_ms"] = chunk.timings.get("ttfa_ms")
-                    start_s = stats["audio_s"]
-                    stats["chunks"] += 1
-                    stats["tokens"] += max(0, int(chunk.token_end) - int(chunk.token_start))
-                    stats["audio_s"] += len(samples) / sr
-                    stats["t3_ms"] += float(chunk.timings.get("t3_ms", 0.0))
-                    stats["s3gen_ms"] += float(chunk.timings.get("s3gen_ms", 0.0))
-                    if utt.streams:
-                        fmt = utt.audio_format
-                        for off in range(0, len(samples), MAX_AUDIO_FRAME_SAMPLES):
-                            part = samples[off : off + MAX_AUDIO_FRAME_SAMPLES]
-                            self._post(self._listener.on_audio, utt, seq, encode_pcm(part, fmt), start_s + off / sr)
-                            seq += 1
-                    info = {
-                        "chunk": stats["chunks"] - 1,
-                        "segment": chunk.timings.get("segment", 0),
-                        "tokens": stats["tokens"],
-                        "audio_s": stats["audio_s"],
-                        "t3_ms": chunk.timings.get("t3_ms"),
-                        "s3gen_ms": chunk.timings.get("s3gen_ms"),
-                        "t3_tokens_per_s": chunk.timings.get("t3_tokens_per_s"),
-                        "first": stats["chunks"] == 1,
-                    }
-                    info.update(where.describe(getattr(chunk, "text_start", None), getattr(chunk, "text_end", None)))
-                    self._post(self._listener.on_chunk, utt, info)
-                    if utt.plays and self.player is not None:
-                        # Blocks only when the buffer is full (paused, or far ahead).
-                        stats["blocked_s"] += self.player.write(utt, samples, utt.cancelled)
-                        played_any = True
-                    self._run_calls()
-                    if utt.cancelled.is_set():
-                        break
-            finally:
-                gen.close()
+            self._synthesize(utt, run)
             if utt.cancelled.is_set():
                 outcome = "cancelled"
-        except Cancelled:
-            outcome = "cancelled"
-        except UnsupportedLanguage as err:
-            outcome, error = "failed", ("unsupported_language", str(err))
-        except UnknownVoice as err:
-            outcome, error = "failed", ("unknown_voice", f"unknown voice {utt.voice!r}: {err}")
-        except BadOption as err:
-            outcome, error = "failed", ("bad_field", str(err))
-        except PlaybackError as err:
-            log.error("%s", err)
-            outcome, error = "failed", ("no_playback", f"local playback failed: {err}")
         except Exception as err:
-            log.exception("synthesis of %s failed", utt.id)
-            outcome, error = "failed", ("synthesis_failed", f"{type(err).__name__}: {err}")
+            outcome, error = _failure(utt, err)
         finally:
-            if utt.plays and self.player is not None and played_any:
+            if utt.plays and self.player is not None and run.played:
                 if outcome == "completed":
                     self.player.end(utt)
                 else:
                     self.player.flush(utt)
-            stats["synth_s"] = time.monotonic() - t_start - stats["blocked_s"]
-            stats["played"] = played_any
+            stats = run.finish()
             self._release_memory()
             self.memory = memory_stats()
             self._post(self._listener.on_generated, utt, outcome, stats, error)
+
+    def _synthesize(self, utt: Utterance, run: RunStats) -> None:
+        language = self._language(utt)
+        self._post(self._listener.on_started, utt, language)
+        conds = self._voice(utt.voice)
+        # One stream over the whole feed: the model splits the text (models/text.py),
+        # seeds each segment and runs T3 ahead of S3Gen on its own thread; `cancel`
+        # stops both at their next step. Options were checked against
+        # protocol.SPEAK_OPTIONS, which every model family's stream() takes.
+        kwargs = dict(utt.options, cancel=utt.cancelled)
+        if language is not None:
+            kwargs["language"] = language
+        where = TextPlaces(utt.feed)
+        gen = self.model.stream(where.runs(utt.feed.segments(utt.cancelled)), voice=conds, **kwargs)
+        try:
+            for chunk in gen:
+                if utt.cancelled.is_set():
+                    break
+                samples = np.asarray(chunk.samples, dtype=np.float32).reshape(-1)
+                if not len(samples):
+                    continue
+                self._deliver(utt, run, chunk, samples, where)
+                self._run_calls()
+                if utt.cancelled.is_set():
+                    break
+        finally:
+            gen.close()
+
+    def _deliver(self, utt: Utterance, run: RunStats, chunk: Any, samples: np.ndarray, where: TextPlaces) -> None:
+        """One chunk (samples: (n,) float32) to the streaming client, the progress event,
+        then the player (which blocks only when its buffer is full: paused, or far ahead)."""
+        start_s = run.add(chunk, samples)
+        sr = self.info.sample_rate
+        if utt.streams:
+            for off in range(0, len(samples), p.MAX_AUDIO_FRAME_SAMPLES):
+                part = samples[off : off + p.MAX_AUDIO_FRAME_SAMPLES]
+                self._post(self._listener.on_audio, utt, run.next_seq(), encode_pcm(part, utt.audio_format), start_s + off / sr)
+        info = run.progress(chunk)
+        info.update(where.describe(getattr(chunk, "text_start", None), getattr(chunk, "text_end", None)))
+        self._post(self._listener.on_chunk, utt, info)
+        if utt.plays and self.player is not None:
+            run.blocked_s += self.player.write(utt, samples, utt.cancelled)
+            run.played = True
 
     @staticmethod
     def _release_memory() -> None:

@@ -3,10 +3,11 @@
 A front end turns its protocol's request into a `p.Speak` and calls `Frontdoor.submit`,
 which returns a `SpeechHandle`: an async iterator over the utterance's events (`accepted`,
 `started`, `progress`, `audio`, then exactly one `done`; or one `error`/`loading`), with
-`feed`/`end` for text streams and `cancel`. Behind it each handle owns a `LocalSession`,
-which the daemon treats exactly like a socket connection (the scheduler only ever calls
-`post(event)` on an utterance's owner), so queue, priorities, cancel, the slow-client rule
-and status telemetry are shared with `nsay` and never know which front end is talking.
+`feed`/`end` for text streams and `cancel`. Behind it each handle owns a `LocalPeer`,
+which the scheduler treats exactly like a socket connection (it only ever calls the
+scheduler.Peer methods), so queue, priorities, cancel, the slow-client rule and status
+telemetry are shared with `nsay` and never know which front end is talking. Nothing here
+touches the socket code: a front end sees the scheduler and the request handlers only.
 
 Everything here runs on the daemon's event loop.
 """
@@ -14,77 +15,53 @@ Everything here runs on the daemon's event loop.
 from __future__ import annotations
 
 import itertools
-import math
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 from nightingale import protocol as p
 
-if TYPE_CHECKING:
-    from .server import Daemon
+from .config import MAX_OUTBOX_BYTES, SAMPLE_RATE
+from .requests import Requests
+from .peers import Peer
+from .scheduler import Scheduler
+from .telemetry import model_line
 
-MAX_OUTBOX_BYTES = 16 << 20  # the socket sessions' limit (server.MAX_OUTBOX_BYTES)
-_numbers = itertools.count(100001)  # logged as "client N"; apart from the socket sessions' 1, 2, ...
-
-
-class _Drop:
-    """Stands in for a connection's cancel scope: the daemon cancels it to drop a client
-    that stopped reading (server.Daemon._drop_slow)."""
-
-    def __init__(self, session: LocalSession):
-        self._session = session
-        self.cancel_called = False
-
-    def cancel(self) -> None:
-        self.cancel_called = True
-        self._session.close_outbox()
+_numbers = itertools.count(100001)  # logged as "client N"; apart from the socket clients' 1, 2, ...
+_EVENT_BYTES = 256  # what an event other than audio counts against the outbox limit
 
 
-class LocalSession:
-    """An in-process peer with the attributes the daemon reads on a socket `Session`."""
+def _size(event: p.Event) -> int:
+    return len(event.pcm) if isinstance(event, p.Audio) else _EVENT_BYTES
+
+
+class LocalPeer(Peer):
+    """An in-process client: events go to a memory stream that the front end's
+    SpeechHandle reads (a drop ends that stream after its error). It has no frames in
+    flight, and it is active whenever it posts (its front end times out its own
+    transport); the idle reaper reads both."""
 
     def __init__(self, label: str):
-        self.number = next(_numbers)
+        super().__init__(next(_numbers), MAX_OUTBOX_BYTES)
         self.label = label
-        self.utterances: dict = {}
-        self.connected = True
-        self.slow = False
-        self.outbox_bytes = 0
-        self.scope = _Drop(self)
-        # Read by the daemon's limits (reaper, frame accounting, drops): a local peer has no frames
-        # in flight, and it is active whenever it posts (its front end times out its own transport).
-        self.frame_started: float | None = None
-        self.pending_bytes = 0
-        self.dropping = False
-        self.last_active = time.monotonic()
-        self._send, self._recv = anyio.create_memory_object_stream[p.Event](math.inf)
 
-    def post(self, event: p.Event) -> bool:
-        if not self.connected or self.slow:
+    @property
+    def closing(self) -> bool:
+        return False  # it ends through SpeechHandle.close(), which detaches it
+
+    def post(self, event: p.Event, force: bool = False) -> bool:
+        if not self._enqueue(event, _size(event), force):
             return False
-        size = len(event.pcm) if isinstance(event, p.Audio) else 256
-        if self.outbox_bytes + size > MAX_OUTBOX_BYTES:
-            self.slow = True
-            return False
-        self.outbox_bytes += size
         self.last_active = time.monotonic()
-        try:
-            self._send.send_nowait(event)
-        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-            return False
         return True
-
-    def close_outbox(self) -> None:
-        self._send.close()
 
     async def next_event(self) -> p.Event | None:
         try:
             event = await self._recv.receive()
         except (anyio.EndOfStream, anyio.ClosedResourceError):
             return None
-        self.outbox_bytes -= len(event.pcm) if isinstance(event, p.Audio) else 256
+        self.outbox_bytes -= _size(event)
         return event
 
 
@@ -93,9 +70,9 @@ class SpeechHandle:
     after an `error` or `loading` that refused the request, or when the daemon drains.
     `cancel()` (or leaving `async with`) withdraws the request like a client disconnect."""
 
-    def __init__(self, daemon: Daemon, session: LocalSession, uid: str):
-        self._daemon = daemon
-        self._session = session
+    def __init__(self, door: Frontdoor, peer: LocalPeer, uid: str):
+        self._door = door
+        self._peer = peer
         self.id = uid
         self.done: p.Done | None = None
         self.error: p.Error | None = None
@@ -103,12 +80,12 @@ class SpeechHandle:
 
     async def __aiter__(self) -> AsyncIterator[p.Event]:
         while not self.closed:
-            event = await self._session.next_event()
+            event = await self._peer.next_event()
             if event is None:
                 if self.done is None and self.error is None:
                     code, text = (
                         (p.E_SLOW_CLIENT, "the client stopped reading")
-                        if self._session.slow
+                        if self._peer.slow
                         else (p.E_SHUTTING_DOWN, "the daemon is shutting down")
                     )
                     self.error = p.Error(code=code, message=text, request="speak", id=self.id)
@@ -134,7 +111,7 @@ class SpeechHandle:
         self.close()
 
     def _daemon_forgot(self) -> bool:
-        return self.id not in self._session.utterances
+        return self.id not in self._peer.utterances
 
     def feed(self, text: str) -> p.Error | None:
         """Append text to a text stream (Speak with stream=True); the error, if refused."""
@@ -149,7 +126,7 @@ class SpeechHandle:
             msg.validate()
         except p.ProtocolError as err:
             return err.to_event()
-        self._daemon.handle(self._session, msg)
+        self._door.requests.handle(self._peer, msg)
         return None
 
     def cancel(self) -> None:
@@ -160,8 +137,8 @@ class SpeechHandle:
         if self.closed:
             return
         self.closed = True
-        self._daemon.detach(self._session)
-        self._session.close_outbox()
+        self._door.scheduler.detach(self._peer)
+        self._peer.close_outbox()
 
     async def __aenter__(self) -> SpeechHandle:
         return self
@@ -181,26 +158,28 @@ def network_voice(name: str | None) -> str | None:
 
 
 class Frontdoor:
-    """What a front end may ask of the daemon: submit speech, list voices, read state."""
+    """What a front end may ask of the daemon: submit speech, list voices, read state.
+    It plugs into the scheduler beside the socket listener, with the same request handlers."""
 
-    def __init__(self, daemon: Daemon):
-        self._daemon = daemon
+    def __init__(self, scheduler: Scheduler, requests: Requests):
+        self.scheduler = scheduler
+        self.requests = requests
 
     @property
     def state(self) -> str:
-        return self._daemon.state
+        return self.scheduler.state
 
     @property
     def sample_rate(self) -> int:
-        info = self._daemon.info
-        return info.sample_rate if info is not None else 24000
+        info = self.scheduler.info
+        return info.sample_rate if info is not None else SAMPLE_RATE
 
     def languages(self) -> list[str]:
         """The loaded model's language codes ([] while loading)."""
-        return self._daemon._languages()
+        return self.scheduler.languages()
 
     def model_line(self) -> str:
-        return self._daemon._model_line()
+        return model_line(self.scheduler.info)
 
     def submit(self, speak: p.Speak, label: str = "local") -> SpeechHandle:
         """Queue `speak` (output is forced to "stream") and return its handle. Raises
@@ -209,17 +188,14 @@ class Frontdoor:
         if speak.id is None:
             speak.id = "s"
         speak.validate()
-        session = LocalSession(label)
-        self._daemon.attach(session)
-        self._daemon.handle(session, speak)
-        return SpeechHandle(self._daemon, session, speak.id)
+        peer = LocalPeer(label)
+        self.scheduler.attach(peer)
+        self.requests.handle(peer, speak)
+        return SpeechHandle(self, peer, speak.id)
 
     async def voices(self) -> list[str]:
         """Voice names (the model's default first); [] while loading. The engine answers
         between chunks, so this never waits for a whole utterance."""
-        daemon = self._daemon
-        if daemon.engine is None or daemon.state == "loading":
-            return []
         done = anyio.Event()
         result: dict[str, Any] = {}
 
@@ -227,7 +203,8 @@ class Frontdoor:
             result["value"], result["error"] = value, error
             done.set()
 
-        daemon.engine.call(lambda model: [str(v) for v in model.list_voices()], answer)
+        if not self.scheduler.list_voices(answer):
+            return []
         await done.wait()
         if result["error"] is not None:
             raise RuntimeError(f"listing voices failed: {result['error']}")

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+from nightingale import protocol as p
 from nightingale.models.text import last_sentence_end, split_text
 
 _POLL_S = 0.05  # how often a blocked engine re-checks cancellation
@@ -112,14 +113,15 @@ class Utterance:
     """A speak request from acceptance to `done`.
 
     seq is the daemon-wide arrival number (FIFO order within a priority). Times are
-    time.monotonic() seconds. `session` is the owning connection (opaque here).
+    time.monotonic() seconds. `peer` is the client that asked (scheduler.Peer: a socket
+    connection or a front end's local peer).
     """
 
     id: str
-    seq: int
-    session: Any
+    peer: Any
     priority: str
     output: str
+    seq: int = 0  # set by Scheduler.submit
     voice: str | None = None
     options: dict = field(default_factory=dict)
     language: str | None = None  # as asked (None: the voice's, else English)
@@ -132,7 +134,6 @@ class Utterance:
     # Loop-owned progress.
     started_at: float | None = None
     first_audio_at: float | None = None
-    generated: bool = False  # the engine is done with it
     played: bool = False  # its last sample has been heard (or it never played)
     finished: bool = False  # `done` was sent
     chunks: int = 0
@@ -163,3 +164,24 @@ class Utterance:
                 audio_s=round(self.audio_s, 3),
             )
         return out
+
+    def done_event(self, reason: str, detail: str | None) -> p.Done:
+        """The one `done` of this utterance, with its timings (the engine's `stats` where it
+        ran, else the loop's progress counts)."""
+        st = self.stats
+        done = p.Done(id=self.id, reason=reason, detail=detail, tokens=st.get("tokens", self.tokens), chunks=st.get("chunks", self.chunks))
+        done.audio_s = round(float(st.get("audio_s", self.audio_s)), 3)
+        if self.started_at is not None:
+            done.wait_ms = round((self.started_at - self.received_at) * 1000.0, 1)
+        if st.get("ttfa_ms") is not None:
+            done.ttfa_ms = round(st["ttfa_ms"], 1)
+        if self.first_audio_at is not None:
+            done.first_audio_ms = round((self.first_audio_at - self.received_at) * 1000.0, 1)
+        if st.get("audio_s") and st.get("synth_s") is not None:
+            done.rtf = round(st["synth_s"] / st["audio_s"], 4)
+        if st.get("t3_ms"):
+            done.t3_tokens_per_s = round(st["tokens"] / (st["t3_ms"] / 1000.0), 1)
+        if st.get("chunks") and st.get("s3gen_ms"):
+            done.s3gen_ms_per_chunk = round(st["s3gen_ms"] / st["chunks"], 1)
+        done.underruns = int(st.get("underruns", 0))
+        return done

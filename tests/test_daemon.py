@@ -23,12 +23,21 @@ import numpy as np
 import pytest
 
 from nightingale import protocol as p
-from nightingale.daemon.server import Daemon, DaemonConfig, SocketBinding, SocketInUse
+from nightingale.daemon.binding import SocketBinding, SocketInUse
+from nightingale.daemon.config import DaemonConfig
+from nightingale.daemon.server import Daemon
 
 # Small, fast utterances: few tokens, one flow step. LONG makes many 4-token chunks.
 FAST = {"seed": 1, "max_new_tokens": 6, "n_timesteps": 1}
 LONG = {"seed": 2, "max_new_tokens": 120, "n_timesteps": 1, "chunk_schedule": "4,1,4"}
 LONG_TEXT = "This sentence is long enough to keep the tiny model talking for a good while, chunk after chunk."
+# A valid value of every speak option. The daemon hands them all to model.stream(), so every
+# model family must take each one: an option it could not take would fail mid-synthesis,
+# where an unknown option is refused up front as bad_field (test_hostile.py).
+EVERY_OPTION = {
+    "seed": 3, "temperature": 0.8, "cfg_weight": 0.5, "exaggeration": 0.5, "top_p": 0.9, "min_p": 0.05,
+    "repetition_penalty": 1.2, "max_new_tokens": 6, "n_timesteps": 1, "first_chunk_timesteps": 1, "chunk_schedule": "4,1,4",
+}  # fmt: skip
 TIMEOUT = 60.0
 
 
@@ -194,6 +203,33 @@ def test_speak_streams_exactly_what_the_model_generates(daemon, conn, tiny_model
     # The same request straight through the model, in this thread: identical audio.
     want = np.concatenate([c.samples for c in tiny_model.stream(text, **FAST)])
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_every_speak_option_reaches_the_model(daemon, conn, tiny_model):
+    assert set(EVERY_OPTION) == set(p.SPEAK_OPTIONS)
+    conn.send(p.Speak(id="all", text="Hello there.", output="stream", options=EVERY_OPTION))
+    events = until_done(conn, "all")
+    assert events[-1].reason == "completed" and not any(isinstance(e, p.Error) for e in events)
+    want = np.concatenate([c.samples for c in tiny_model.stream("Hello there.", **EVERY_OPTION)])
+    assert len(want) > 0
+    np.testing.assert_allclose(pcm_of(events, "all"), want, atol=1e-5)
+
+
+def test_turbo_takes_every_option_and_ignores_the_original_models_own(tiny_turbo_checkpoint, tiny_turbo_model, tmp_path):
+    """Turbo has no CFG, exaggeration or min-p; like the reference it ignores those options
+    (README, "Chatterbox Turbo") rather than refusing them: the audio is the same without them."""
+    own = {k: v for k, v in EVERY_OPTION.items() if k not in ("cfg_weight", "exaggeration", "min_p")}
+    d = DaemonThread(tmp_path / "n.sock", tiny_factory(tiny_turbo_checkpoint)).start()
+    try:
+        with d.connect() as c:
+            c.send(p.Speak(id="all", text="Hello there.", output="stream", options=EVERY_OPTION))
+            events = until_done(c, "all")
+    finally:
+        assert d.stop() == 0
+    assert events[-1].reason == "completed" and not any(isinstance(e, p.Error) for e in events)
+    want = np.concatenate([c.samples for c in tiny_turbo_model.stream("Hello there.", **own)])
+    assert len(want) > 0
+    np.testing.assert_allclose(pcm_of(events, "all"), want, atol=1e-5)
 
 
 def test_s16le_audio(daemon, conn):
@@ -435,7 +471,7 @@ def test_text_interrupts_itself_and_notifications_yield(daemon):
 
 
 def test_full_queue_answers_busy(daemon):
-    daemon.daemon.queue.max_size = 2
+    daemon.daemon.scheduler.queue.max_size = 2
     try:
         with daemon.connect() as c:
             c.send(p.Speak(id="run", text=LONG_TEXT, output="stream", options=LONG))
@@ -448,7 +484,7 @@ def test_full_queue_answers_busy(daemon):
             assert err.code == p.E_BUSY and "full" in err.message
             assert request(c, p.Cancel(all=True), p.Cancelled).ids.__len__() == 3
     finally:
-        daemon.daemon.queue.max_size = 64
+        daemon.daemon.scheduler.queue.max_size = 64
     assert_idle(daemon)
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from nightingale.daemon.queue import SpeechQueue
+from nightingale.daemon.scheduler import SpeechQueue
 from nightingale.daemon.utterance import TextFeed
 
 _seq = itertools.count()

@@ -486,3 +486,29 @@ def test_reaper_ticks_while_front_end_requests_run(tiny_checkpoint, tmp_path):
         assert_idle(d)
     finally:
         assert d.stop() == 0
+
+
+def test_a_front_end_request_that_stops_reading_ends_with_slow_client():
+    """The slow-client rule drops a front end's peer as it drops a socket client: its
+    utterance is cancelled and the handle ends with `slow_client` (a local peer once had no
+    way to be dropped, and its request hung until the HTTP client left)."""
+    from nightingale.daemon.frontend import Frontdoor
+    from nightingale.daemon.requests import Requests
+    from nightingale.daemon.scheduler import Scheduler
+    from nightingale.daemon.telemetry import Telemetry
+
+    async def main() -> list[p.Event]:
+        scheduler = Scheduler(4, Telemetry("unused"), announce_ready=lambda: None, stop_daemon=lambda code: None)
+        scheduler.state = "ready"  # no engine: the utterance waits in the queue
+        door = Frontdoor(scheduler, Requests(scheduler, shutdown=lambda: None))
+        handle = door.submit(p.Speak(text=TEXT))
+        (peer,) = list(scheduler.peers)
+        peer.slow = True  # as when its outbox overflowed
+        scheduler.drop_slow(peer)
+        events = [e async for e in handle]
+        assert not scheduler.peers and len(scheduler.queue) == 0
+        assert scheduler.telemetry.counters["cancelled"] == 1 and scheduler.telemetry.counters["errors"] == 1
+        return events
+
+    events = asyncio.run(main())
+    assert [type(e) for e in events] == [p.Accepted, p.Error] and events[-1].code == p.E_SLOW_CLIENT

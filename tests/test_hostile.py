@@ -231,7 +231,7 @@ def test_clis_refuse_the_same_values(flag, value, cli, tmp_path):
 
 
 def test_lock_is_never_a_followed_link_and_goes_away_on_clean_shutdown(tmp_path, tiny_checkpoint):
-    from nightingale.daemon.server import SocketBinding, UnsafeDirectory
+    from nightingale.daemon.binding import SocketBinding, UnsafeDirectory
 
     victim = tmp_path / "victim.txt"
     victim.write_text("precious\n")
@@ -323,18 +323,18 @@ def test_connection_cap_answers_busy_and_frees_up(strict):
     assert len(events) == 1 and events[0].code == p.E_BUSY and "clients are connected" in events[0].message
     s.close()
     # protocol.Connection (nsay's) retries a `busy` greeting: it gets in once a slot frees.
-    errors = strict.daemon.counters["errors"]
+    errors = strict.daemon.telemetry.counters["errors"]
     got: list = []
     client = threading.Thread(target=lambda: got.append(strict.connect()))
     client.start()
-    _wait_until(lambda: strict.daemon.counters["errors"] > errors, what="the client to be refused once")
+    _wait_until(lambda: strict.daemon.telemetry.counters["errors"] > errors, what="the client to be refused once")
     held.pop()[0].close()
     client.join(TIMEOUT)
     with got[0] as c:
         assert request(c, p.Ping(), p.Pong).state == "ready"
     for s, _ in held:
         s.close()
-    _wait_until(lambda: not strict.daemon.sessions, what="the clients to be gone")
+    _wait_until(lambda: not strict.daemon.scheduler.peers, what="the clients to be gone")
 
 
 def test_unfinished_frames_are_capped_in_bytes_and_time(strict):
@@ -358,7 +358,7 @@ def test_unfinished_frames_are_capped_in_bytes_and_time(strict):
     # The others never complete their frames: each is closed after the frame timeout.
     for e in last:
         assert e is busy[0] or (e.code == p.E_BAD_FRAME and "not completed within" in e.message), last
-    _wait_until(lambda: strict.daemon._pending_total == 0, what="the buffers to be released")
+    _wait_until(lambda: strict.daemon.pending.total == 0, what="the buffers to be released")
     with strict.connect() as c:
         assert request(c, p.Ping(), p.Pong).state == "ready"
 
@@ -380,8 +380,8 @@ def test_a_client_that_never_reads_gets_slow_client_then_is_dropped(strict):
     # ~600 tokens of f32 audio: 2.3 MB, far more than the 256 KiB outbox and socket buffers
     text = " ".join([HEAVY_TEXT + "."] * 3)
     s.sendall(p.encode_frame(p.Speak(id="flood", text=text, output="stream", options={**FAST, "max_new_tokens": 400})))
-    errors = strict.daemon.counters["errors"]
-    _wait_until(lambda: any(x.dropping for x in strict.daemon.sessions) or strict.daemon.counters["errors"] > errors, what="the drop")
+    errors = strict.daemon.telemetry.counters["errors"]
+    _wait_until(lambda: any(x.dropping for x in strict.daemon.scheduler.peers) or strict.daemon.telemetry.counters["errors"] > errors, what="the drop")
     events = _events(s, dec)  # read late: what was queued, then the documented error, then EOF
     assert isinstance(events[-1], p.Error) and events[-1].code == p.E_SLOW_CLIENT
     assert any(isinstance(e, p.Audio) for e in events)

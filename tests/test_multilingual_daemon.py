@@ -11,7 +11,7 @@ import pytest
 
 from nightingale import protocol as p
 from pulse import MonitorRecorder, compare_playback
-from test_daemon import TIMEOUT, DaemonThread, pcm_of, request, tiny_factory, until_done
+from test_daemon import EVERY_OPTION, TIMEOUT, DaemonThread, pcm_of, request, tiny_factory, until_done
 from test_playback import pulse, pulse_device, wait_generated  # noqa: F401 (pulse is a fixture)
 
 BLOCK_SAMPLES = 1200  # compare_playback's 50 ms blocks at 24 kHz
@@ -50,7 +50,7 @@ def test_hello_lists_the_languages_and_unknown_ones_are_refused(mtl_daemon):
 
 
 def test_daemon_speaks_every_installable_language_into_the_null_sink(mtl_daemon, tmp_path):
-    assert set(SPOKEN) == set(mtl_daemon.daemon.info.describe["languages"]) - {"zh"}
+    assert set(SPOKEN) == set(mtl_daemon.daemon.scheduler.info.describe["languages"]) - {"zh"}
     results = {}
     with mtl_daemon.connect() as c:
         for language, text in SPOKEN.items():
@@ -90,6 +90,14 @@ def test_chinese_without_its_front_end_fails_naming_the_extra(mtl_daemon):
     errors = [e for e in events if isinstance(e, p.Error)]
     assert events[-1].reason == "failed" and errors and errors[0].code == p.E_UNSUPPORTED_LANGUAGE
     assert "nightingale-tts[zh]" in errors[0].message or "pkuseg" in errors[0].message
+
+
+def test_every_speak_option_is_taken(mtl_daemon):
+    with mtl_daemon.connect() as c:
+        c.send(p.Speak(id="all", text="Bonjour.", language="fr", output="stream", options=EVERY_OPTION))
+        events = until_done(c, "all")
+    assert events[-1].reason == "completed" and not any(isinstance(e, p.Error) for e in events)
+    assert len(pcm_of(events, "all")) == round(events[-1].audio_s * 24000) > 0
 
 
 def test_nsay_language_and_progress_show_the_words(mtl_daemon):
