@@ -49,8 +49,8 @@ def main() -> int:
     import numpy as np
 
     import common
+    from nightingale.dev.metrics import snr_db
     from nightingale.models import load_model
-    from nightingale.models.metrics import snr_db
     from nightingale.models.s3gen import flow as flow_mod
     from nightingale.models.streaming import LOOKAHEAD_TOKENS, _prompt, speech_noise, source_noise, source_phase
 

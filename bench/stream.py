@@ -43,8 +43,8 @@ def run_config(args) -> dict:
     import mlx.core as mx
     import numpy as np
 
+    from nightingale.dev.metrics import largest_jump, log_spectral_distance
     from nightingale.models import load_model
-    from nightingale.models.metrics import largest_jump, log_spectral_distance
     from nightingale.models.s3gen import flow as flow_mod
     from nightingale.models.streaming import ChunkSchedule, StreamOptions, render_tokens, stream_tokens
 
