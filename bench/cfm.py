@@ -25,8 +25,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 STEADY = (24, 48)  # context, new tokens
 REPEATS = 5
 

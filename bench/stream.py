@@ -22,8 +22,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 SHORT_TEXT = "The quick brown fox jumps over the lazy dog."
 WARMUP_TEXT = "Warming up the kernels for every window shape a stream uses, first and steady."
 PARAGRAPH_TEXT = (
