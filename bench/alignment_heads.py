@@ -18,11 +18,8 @@ import argparse
 import dataclasses
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from nightingale.blas import reexec_with_openblas  # noqa: E402
+from nightingale.blas import reexec_with_openblas
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",

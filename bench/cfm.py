@@ -25,8 +25,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 STEADY = (24, 48)  # context, new tokens
 REPEATS = 5
 
@@ -49,8 +47,8 @@ def main() -> int:
     import numpy as np
 
     import common
+    from nightingale.dev.metrics import snr_db
     from nightingale.models import load_model
-    from nightingale.models.metrics import snr_db
     from nightingale.models.s3gen import flow as flow_mod
     from nightingale.models.streaming import LOOKAHEAD_TOKENS, _prompt, speech_noise, source_noise, source_phase
 

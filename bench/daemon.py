@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="ng-bench-") as tmp:
         tmp_path = Path(tmp)
         if args.model is None:
-            from nightingale.models.checkpoint import make_checkpoint
+            from nightingale.dev.checkpoint import make_checkpoint
 
             args.model = make_checkpoint(tmp_path / "tiny", "tiny", seed=0)
         path = tmp_path / "bench.sock"

@@ -134,7 +134,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         if args.model is None:
-            from nightingale.models.checkpoint import make_checkpoint
+            from nightingale.dev.checkpoint import make_checkpoint
 
             args.model = make_checkpoint(tmp_path / "tiny", "tiny", seed=0)
         path = tmp_path / "n.sock"

@@ -30,11 +30,9 @@ import time
 from pathlib import Path
 
 import msgpack
+from daemon import start_daemon, status  # bench/daemon.py, beside this script
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from daemon import start_daemon, status  # noqa: E402  (bench/daemon.py)
-
-from nightingale import protocol as p  # noqa: E402
+from nightingale import protocol as p
 
 NASTY_VALUES = [
     float("nan"), float("inf"), -float("inf"), 1e308, -1e308, 0, -1, 2**63 - 1, -(2**63), 2**64 - 1,
@@ -160,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="ng-fuzz-") as tmp:
         tmp_path = Path(tmp)
         if args.model is None:
-            from nightingale.models.checkpoint import make_checkpoint
+            from nightingale.dev.checkpoint import make_checkpoint
 
             args.model = make_checkpoint(tmp_path / "tiny", "tiny", seed=0)
         path = tmp_path / "fuzz.sock"

@@ -16,9 +16,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SENTENCES = {
     "en": "The weather is nice today, let's go for a walk.",

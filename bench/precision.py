@@ -47,8 +47,6 @@ from nightingale.blas import reexec_with_openblas  # noqa: E402
 
 reexec_with_openblas()  # before MLX is imported: Debian's OpenBLAS under MLX's CPU backend
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
@@ -245,7 +243,7 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
 
 def fidelity(ref: dict, ours: dict) -> dict:
     """Fidelity of one configuration's arrays against float32's."""
-    from nightingale.models.metrics import log_spectral_distance, snr_db
+    from nightingale.dev.metrics import log_spectral_distance, snr_db
 
     out: dict = {}
     if "teacher_logits" in ref and "teacher_logits" in ours:
@@ -286,7 +284,7 @@ def ensure_checkpoint(args: argparse.Namespace) -> None:
         return
     if not args.make_checkpoint:
         raise SystemExit(f"no checkpoint at {args.checkpoint} (pass --make-checkpoint to write a full random one)")
-    from nightingale.models.checkpoint import make_checkpoint
+    from nightingale.dev.checkpoint import make_checkpoint
 
     print(f"writing a full-size random checkpoint (seed 0) to {args.checkpoint} ...", file=sys.stderr)
     make_checkpoint(args.checkpoint, "full", 0)

@@ -36,8 +36,6 @@ if not _reference_worker():  # the reference worker runs torch in its own venv, 
 
     reexec_with_openblas()  # before MLX is imported
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402

@@ -22,8 +22,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 SHORT_TEXT = "The quick brown fox jumps over the lazy dog."
 WARMUP_TEXT = "Warming up the kernels for every window shape a stream uses, first and steady."
 PARAGRAPH_TEXT = (
@@ -43,8 +41,8 @@ def run_config(args) -> dict:
     import mlx.core as mx
     import numpy as np
 
+    from nightingale.dev.metrics import largest_jump, log_spectral_distance
     from nightingale.models import load_model
-    from nightingale.models.metrics import largest_jump, log_spectral_distance
     from nightingale.models.s3gen import flow as flow_mod
     from nightingale.models.streaming import ChunkSchedule, StreamOptions, render_tokens, stream_tokens
 

@@ -185,7 +185,7 @@ def write_random_checkpoint(out: Path) -> None:
     import numpy as np
     from safetensors.numpy import save_file
 
-    from nightingale.models.checkpoint import random_weights
+    from nightingale.dev.checkpoint import random_weights
     from nightingale.models.t3 import T3Config, upstream_shapes
 
     weights = random_weights(upstream_shapes(T3Config.full()), np.random.default_rng(0))

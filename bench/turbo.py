@@ -36,8 +36,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 SHORT_TEXT = "The quick brown fox jumps over the lazy dog."
 CONFIGS = {"int8": (8, "float32"), "float16": (None, "float16"), "float32": (None, "float32"), "bfloat16": (None, "bfloat16")}
 REFERENCE_PYTHON = "/work/ref-venv/bin/python"

@@ -1,4 +1,4 @@
-"""In-process commands of `nightingale`: synth, voices, models convert, dev make-checkpoint.
+"""In-process commands of `nightingale`: synth, voices, models convert.
 
 Errors the user can fix (bad text, unknown voice, unwritable output) end as one line on
 stderr with exit code 2; failures of the model or the machine with exit code 1.
@@ -236,13 +236,3 @@ def models_main(args: argparse.Namespace) -> int:
     print(out)
     return 0
 
-
-def dev_main(args: argparse.Namespace) -> int:
-    from nightingale.models.checkpoint import make_checkpoint
-
-    try:
-        out = make_checkpoint(args.dir, args.size, seed=args.seed, family=args.family)
-    except OSError as err:
-        raise CliError(f"cannot write {args.dir}: {err.strerror or err}", EXIT_FAILURE) from None
-    print(out)
-    return 0

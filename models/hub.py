@@ -16,10 +16,15 @@ import socket
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .checkpoint import CHECKPOINT_FILES, TURBO_CHECKPOINT_FILES  # the upstream layouts, one list each
-
 logger = logging.getLogger(__name__)
 
+# The upstream layouts: what ChatterboxTTS.from_pretrained fetches, and what
+# ChatterboxTurboTTS.from_local reads (models/turbo.py). Multilingual: models/multilingual.py.
+CHECKPOINT_FILES = ("ve.safetensors", "t3_cfg.safetensors", "s3gen.safetensors", "tokenizer.json", "conds.pt")
+TURBO_CHECKPOINT_FILES = (
+    "ve.safetensors", "t3_turbo_v1.safetensors", "s3gen_meanflow.safetensors", "conds.pt",
+    "vocab.json", "merges.txt", "added_tokens.json", "special_tokens_map.json", "tokenizer_config.json",
+)
 DEFAULT_REPO = "ResembleAI/chatterbox"
 MODEL_ENV = "NIGHTINGALE_MODEL"  # overrides DEFAULT_REPO; a repo id or a directory
 # owner/name, as Hugging Face spells repo ids (a bare name would be mistaken for a typo'd path)

@@ -18,6 +18,7 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 DIMS_FILE = "dims.json"
+SIZES = ("tiny", "full")  # a dims.json's "size": each config's tiny() or full()
 
 
 class CheckpointError(ValueError):

@@ -1,4 +1,5 @@
-"""Chatterbox Multilingual's checkpoint layout: the files, reading them, random ones.
+"""Chatterbox Multilingual's checkpoint layout: the files and reading them (random ones:
+nightingale/dev/checkpoint.py).
 
 Upstream (`mtl_tts.ChatterboxMultilingualTTS.from_pretrained`) fetches six files from the
 same Hugging Face repo as the English model:
@@ -18,17 +19,12 @@ tables at 2454 rows.
 
 from __future__ import annotations
 
-import collections
-import json
-import logging
 import os
 from pathlib import Path
 
 import numpy as np
 
 from .mtl_tokenizer import CANGJIE_FILE, TOKENIZER_FILE
-
-logger = logging.getLogger(__name__)
 
 FAMILY = "multilingual"
 T3_FILE = "t3_mtl23ls_v2.safetensors"
@@ -79,49 +75,3 @@ def read_weights(directory: Path, t3_cfg, ve_cfg, s3_cfg) -> tuple[dict, dict, d
     # upstream loads s3gen.pt with strict=True: the tokenizer buffers are required here
     loading.check_keys(S3GEN_FILE, s3_weights, {**s3gen_mod.upstream_shapes(s3_cfg), **s3gen_mod.optional_shapes(s3_cfg)})
     return t3_weights, ve_weights, s3_weights
-
-
-def s3tokenizer_buffers(s3_cfg) -> dict[str, np.ndarray]:
-    """The values upstream's S3Tokenizer registers as buffers (saved in s3gen.pt)."""
-    from .dsp import hann_window, mel_filters
-    from .s3tokenizer import N_FFT, S3_SR
-
-    filters = mel_filters(S3_SR, N_FFT, s3_cfg.tokenizer.n_mels, 0.0, S3_SR / 2)
-    return {
-        "tokenizer._mel_filters": np.asarray(filters, dtype=np.float32),
-        "tokenizer.window": np.asarray(hann_window(N_FFT), dtype=np.float32),
-    }
-
-
-def make_checkpoint(directory: str | os.PathLike, size: str = "tiny", seed: int = 0) -> Path:
-    """Write a random multilingual checkpoint in upstream's layout (the six files) plus
-    dims.json. Deterministic in (size, seed); each file draws from its own generator."""
-    from . import t3, torchpickle, voice_encoder
-    from .checkpoint import DIMS_FILE, _save_safetensors, component_configs, random_conds, random_weights
-    from .mtl_tokenizer import write_stand_in_cangjie_json, write_stand_in_tokenizer_json
-    from .s3gen import s3gen
-
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    cfgs = component_configs(size)
-    cfgs["t3"] = cfgs["t3"].multilingual()
-    rng = np.random.default_rng([seed, 0])
-    logger.info("writing %s", T3_FILE)
-    _save_safetensors(out / T3_FILE, random_weights(t3.upstream_shapes(cfgs["t3"]), rng))
-    ve = random_weights(voice_encoder.upstream_shapes(cfgs["ve"]), np.random.default_rng([seed, 1]))
-    torchpickle.save(out / VE_FILE, collections.OrderedDict(sorted(ve.items())))
-    del ve
-    s3 = random_weights(s3gen.upstream_shapes(cfgs["s3gen"]), np.random.default_rng([seed, 2]))
-    s3.update(s3tokenizer_buffers(cfgs["s3gen"]))
-    logger.info("writing %s (%d tensors)", S3GEN_FILE, len(s3))
-    torchpickle.save(out / S3GEN_FILE, collections.OrderedDict(sorted(s3.items())))
-    del s3
-    write_stand_in_tokenizer_json(out / TOKENIZER_FILE)
-    write_stand_in_cangjie_json(out / CANGJIE_FILE)
-    conds = random_conds(np.random.default_rng([seed, 3]), size, speaker_dim=cfgs["t3"].speaker_embed_size,
-                         xvector_dim=cfgs["s3gen"].flow.spk_embed_dim)
-    torchpickle.save(out / CONDS_FILE, conds)
-    dims = {"family": FAMILY, "size": size, "seed": seed, "t3": cfgs["t3"].to_dict(), "ve": cfgs["ve"].to_dict(),
-            "s3gen": cfgs["s3gen"].to_dict()}
-    (out / DIMS_FILE).write_text(json.dumps(dims, indent=2, sort_keys=True) + "\n")
-    return out

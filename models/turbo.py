@@ -4,8 +4,8 @@ The `ResembleAI/chatterbox-turbo` repository holds (what `ChatterboxTurboTTS.fro
 reads): `t3_turbo_v1.safetensors` (loaded strictly), `s3gen_meanflow.safetensors` (strictly,
 the two S3Tokenizer buffers included), `ve.safetensors`, `conds.pt`, and the GPT-2 tokenizer
 files (vocab.json, merges.txt, added_tokens.json, special_tokens_map.json,
-tokenizer_config.json). `make_turbo_checkpoint` writes random checkpoints in exactly that
-layout; `load_turbo_upstream` reads them with every key and shape checked.
+tokenizer_config.json). `load_turbo_upstream` reads them with every key and shape checked;
+nightingale/dev/checkpoint.py writes random checkpoints in exactly that layout.
 
 `TurboModel` is a `ChatterboxModel` (same voices, streaming renderer, warm-up, daemon
 interface) whose text front end, T3 and sampler are Turbo's; its decoder is the MeanFlow
@@ -18,7 +18,6 @@ S3Gen (2 Euler steps, no CFG). As `tts_turbo.generate` does, three silence token
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -26,14 +25,12 @@ from pathlib import Path
 from typing import Iterator
 
 import mlx.core as mx
-import numpy as np
 
 from . import loading, t3_turbo, voice_encoder
-from .checkpoint import random_conds, random_weights, _save_safetensors
 from .conds import Conditionals
 from .model import DTYPES, Checkpoint, ChatterboxModel
 from .s3gen import s3gen as s3gen_mod
-from .tokenizer_turbo import TurboTokenizer, punc_norm, write_stand_in_tokenizer
+from .tokenizer_turbo import TurboTokenizer, punc_norm
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +38,6 @@ FAMILY = "turbo"
 T3_FILE = "t3_turbo_v1.safetensors"
 S3GEN_FILE = "s3gen_meanflow.safetensors"
 VE_FILE = "ve.safetensors"
-DIMS_FILE = "dims.json"
-CONDS_PROMPT_TOKENS = {"tiny": (50, 25), "full": (375, 250)}  # (T3 prompt, S3Gen prompt)
 
 
 def is_turbo_dir(path: str | os.PathLike) -> bool:
@@ -51,10 +46,8 @@ def is_turbo_dir(path: str | os.PathLike) -> bool:
 
 
 def turbo_configs(size: str) -> dict:
-    from .checkpoint import SIZES
-
-    if size not in SIZES:
-        raise ValueError(f"unknown checkpoint size {size!r}; choose from {', '.join(SIZES)}")
+    if size not in loading.SIZES:
+        raise ValueError(f"unknown checkpoint size {size!r}; choose from {', '.join(loading.SIZES)}")
     if size == "tiny":
         return {
             "t3": t3_turbo.TurboT3Config.tiny(),
@@ -72,56 +65,6 @@ def meanflow_shapes(cfg: s3gen_mod.S3GenConfig) -> dict[str, tuple[int, ...]]:
     """Every key of s3gen_meanflow.safetensors: the reference loads it strictly, so the two
     S3Tokenizer buffers the original file may omit are required here."""
     return {**s3gen_mod.upstream_shapes(cfg), **s3gen_mod.optional_shapes(cfg)}
-
-
-def _tokenizer_buffers(cfg: s3gen_mod.S3GenConfig) -> dict[str, np.ndarray]:
-    """The S3Tokenizer's mel filterbank and window, as the reference registers them."""
-    from .dsp import hann_window, mel_filters
-    from .s3tokenizer import N_FFT, S3_SR
-
-    return {
-        "tokenizer._mel_filters": np.asarray(mel_filters(S3_SR, N_FFT, cfg.tokenizer.n_mels, 0.0, S3_SR / 2), dtype=np.float32),
-        "tokenizer.window": np.asarray(hann_window(N_FFT), dtype=np.float32),
-    }
-
-
-def make_turbo_checkpoint(directory: str | os.PathLike, size: str = "tiny", seed: int = 0) -> Path:
-    """Write a random Turbo checkpoint (the upstream files plus dims.json) into `directory`.
-
-    Deterministic: the same (size, seed) gives the same tensors on every machine.
-    """
-    from . import torchpickle
-
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    cfgs = turbo_configs(size)
-    specs = {
-        T3_FILE: t3_turbo.upstream_shapes(cfgs["t3"]),
-        VE_FILE: voice_encoder.upstream_shapes(cfgs["ve"]),
-        S3GEN_FILE: s3gen_mod.upstream_shapes(cfgs["s3gen"]),
-    }
-    for index, (name, spec) in enumerate(specs.items()):
-        logger.info("writing %s (%d tensors)", name, len(spec))
-        weights = random_weights(spec, np.random.default_rng([seed, 100 + index]))
-        if name == S3GEN_FILE:
-            weights |= _tokenizer_buffers(cfgs["s3gen"])
-        _save_safetensors(out / name, weights)
-        del weights
-    write_stand_in_tokenizer(out)
-    t3_tokens, gen_tokens = CONDS_PROMPT_TOKENS[size]
-    conds = random_conds(np.random.default_rng([seed, 103]), size, speaker_dim=cfgs["t3"].speaker_embed_size,
-                         xvector_dim=cfgs["s3gen"].flow.spk_embed_dim)
-    rng = np.random.default_rng([seed, 104])
-    prompt = rng.integers(0, 6561, size=(1, max(t3_tokens, gen_tokens)), dtype=np.int64)
-    conds["t3"]["cond_prompt_speech_tokens"] = prompt[:, :t3_tokens].copy()
-    conds["gen"]["prompt_token"] = prompt[:, :gen_tokens].copy()
-    conds["gen"]["prompt_token_len"] = np.array([gen_tokens], dtype=np.int64)
-    conds["gen"]["prompt_feat"] = (rng.standard_normal((1, 2 * gen_tokens, 80)) * 2.0 - 3.5).astype(np.float32)
-    torchpickle.save(out / "conds.pt", conds)
-    dims = {"family": FAMILY, "size": size, "seed": seed,
-            **{name: cfg.to_dict() for name, cfg in cfgs.items()}}
-    (out / DIMS_FILE).write_text(json.dumps(dims, indent=2, sort_keys=True) + "\n")
-    return out
 
 
 def _configs(dims: dict) -> tuple[t3_turbo.TurboT3Config, voice_encoder.VoiceEncoderConfig, s3gen_mod.S3GenConfig]:

@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     mk.add_argument("--family", choices=("chatterbox", "multilingual", "turbo"), default="chatterbox",
                     help="checkpoint layout: ResembleAI/chatterbox (English or multilingual) or ResembleAI/chatterbox-turbo")
     mk.add_argument("--seed", type=int, default=0, help="random seed of the weights (default 0)")
-    dev.set_defaults(handler="nightingale.daemon.synth:dev_main")
+    dev.set_defaults(handler="nightingale.dev.cli:dev_main")
     return parser
 
 

@@ -13,7 +13,7 @@ TINY_SEED = 0
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A tiny random checkpoint (the five upstream files + dims.json), seed 0."""
-    from nightingale.models.checkpoint import make_checkpoint
+    from nightingale.dev.checkpoint import make_checkpoint
 
     return make_checkpoint(tmp_path_factory.mktemp("tiny-ckpt"), "tiny", seed=TINY_SEED)
 
@@ -21,7 +21,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_mtl_checkpoint(tmp_path_factory) -> Path:
     """A tiny random multilingual checkpoint (upstream's six files + dims.json), seed 0."""
-    from nightingale.models.checkpoint import make_checkpoint
+    from nightingale.dev.checkpoint import make_checkpoint
 
     return make_checkpoint(tmp_path_factory.mktemp("tiny-mtl-ckpt"), "tiny", seed=TINY_SEED, family="multilingual")
 
@@ -37,7 +37,7 @@ def tiny_model(tiny_checkpoint):
 @pytest.fixture(scope="session")
 def tiny_turbo_checkpoint(tmp_path_factory) -> Path:
     """A tiny random Chatterbox Turbo checkpoint (the upstream files + dims.json), seed 0."""
-    from nightingale.models.checkpoint import make_checkpoint
+    from nightingale.dev.checkpoint import make_checkpoint
 
     return make_checkpoint(tmp_path_factory.mktemp("tiny-turbo"), "tiny", seed=TINY_SEED, family="turbo")
 

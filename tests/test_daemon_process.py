@@ -12,12 +12,8 @@ import time
 from pathlib import Path
 
 from nightingale import protocol as p
-from test_daemon import FAST, LONG, LONG_TEXT, TIMEOUT, connect_when_up, request, until_done, wait_for
 
-
-def serve(checkpoint: Path, sock: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "nightingale.cli", "serve", "--model", str(checkpoint), "--socket", str(sock), "--quantize", "none", *extra]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+from .helpers.daemon import FAST, LONG, LONG_TEXT, TIMEOUT, connect_when_up, request, serve, until_done, wait_for
 
 
 def no_audio_env(tmp_path: Path) -> tuple[dict, list[str]]:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
-from nightingale.models.checkpoint import random_weights
+from nightingale.dev.checkpoint import random_weights
 from nightingale.models.s3gen import estimator as estimator_module
 from nightingale.models.s3gen.encoder import rel_position_encoding, rel_shift
 from nightingale.models.s3gen.flow import (

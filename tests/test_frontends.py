@@ -25,12 +25,13 @@ import soundfile as sf
 from nightingale import protocol as p
 from nightingale.daemon.openai_api import HttpFrontend
 from nightingale.daemon.wyoming_server import WyomingFrontend
-from test_daemon import FAST, LONG, LONG_TEXT, DaemonThread, assert_idle, request, tiny_factory, until_done
-from wyoming.audio import AudioChunk, AudioStart, AudioStop
-from wyoming.client import AsyncTcpClient
+from wyoming.audio import AudioStop
 from wyoming.error import Error as WyError
 from wyoming.info import Describe, Info
 from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeStopped, SynthesizeVoice
+
+from .helpers.daemon import FAST, LONG, LONG_TEXT, DaemonThread, assert_idle, request, tiny_factory, until_done
+from .helpers.frontends import api_error, post, wyoming_audio, wyoming_session
 
 TOKEN = "s3cret"
 MEDIUM = {**LONG, "max_new_tokens": 40}  # ten 4-token chunks
@@ -75,24 +76,6 @@ def decoded(data: bytes) -> np.ndarray:
 
 def speech_body(**fields) -> bytes:
     return json.dumps({"model": "nightingale", "voice": "default", "input": TEXT, **fields}).encode()
-
-
-def post(port: int, body: bytes, headers: dict | None = None) -> tuple[int, dict, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-    try:
-        conn.request("POST", "/v1/audio/speech", body=body, headers={"Content-Type": "application/json", **(headers or {})})
-        resp = conn.getresponse()
-        return resp.status, dict(resp.getheaders()), resp.read()
-    finally:
-        conn.close()
-
-
-def api_error(status: int, body: bytes) -> dict:
-    """OpenAI's error shape, checked."""
-    err = json.loads(body)["error"]
-    assert set(err) == {"message", "type", "param", "code"} and isinstance(err["message"], str) and err["message"]
-    assert "\n" not in err["message"]
-    return err
 
 
 # ----------------------------------------------------------------------------- HTTP
@@ -288,31 +271,8 @@ def test_disconnect_cancels_the_request(served):
 # ----------------------------------------------------------------------------- Wyoming
 
 
-async def _wyoming_session(port: int, send: list, until: type, on_audio=None) -> list:
-    events = []
-    async with AsyncTcpClient("127.0.0.1", port) as client:
-        for ev in send:
-            await client.write_event(ev.event())
-        while True:
-            event = await asyncio.wait_for(client.read_event(), 120)
-            assert event is not None, f"closed after {[e.type for e in events]}"
-            events.append(event)
-            if on_audio is not None and AudioChunk.is_type(event.type):
-                await on_audio(client, event)
-            if until.is_type(event.type) or WyError.is_type(event.type):
-                return events
-
-
-def _wyoming_audio(events: list) -> bytes:
-    types = [e.type for e in events]
-    assert types[0] == "audio-start" and "audio-stop" in types, types
-    start = AudioStart.from_event(events[0])
-    assert (start.rate, start.width, start.channels) == (24000, 2, 1)
-    return b"".join(AudioChunk.from_event(e).audio for e in events if AudioChunk.is_type(e.type))
-
-
 def test_wyoming_describe(served):
-    events = asyncio.run(_wyoming_session(served.wyoming, [Describe()], Info))
+    events = asyncio.run(wyoming_session(served.wyoming, [Describe()], Info))
     info = Info.from_event(events[-1])
     (program,) = info.tts
     assert program.name == "nightingale" and program.supports_synthesize_streaming
@@ -323,8 +283,8 @@ def test_wyoming_describe(served):
 
 def test_wyoming_one_shot(served):
     want = native_s16(served)
-    events = asyncio.run(_wyoming_session(served.wyoming, [Synthesize(text=TEXT, voice=SynthesizeVoice(name="default"))], AudioStop))
-    assert _wyoming_audio(events) == want
+    events = asyncio.run(wyoming_session(served.wyoming, [Synthesize(text=TEXT, voice=SynthesizeVoice(name="default"))], AudioStop))
+    assert wyoming_audio(events) == want
 
 
 def test_wyoming_streaming_speaks_before_the_text_ends(served):
@@ -341,7 +301,7 @@ def test_wyoming_streaming_speaks_before_the_text_ends(served):
             await client.write_event(SynthesizeStop().event())
 
     events = asyncio.run(
-        _wyoming_session(
+        wyoming_session(
             served.wyoming,
             [SynthesizeStart(voice=SynthesizeVoice(name="default")), SynthesizeChunk(text=first)],
             SynthesizeStopped,
@@ -349,7 +309,7 @@ def test_wyoming_streaming_speaks_before_the_text_ends(served):
         )
     )
     assert sent and events[-1].type == "synthesize-stopped"
-    audio = _wyoming_audio(events[:-1])
+    audio = wyoming_audio(events[:-1])
     # The same text as one native text stream fed the same way gives the same samples.
     with served.connect() as conn:
         conn.send(p.Speak(id="s", stream=True, output="stream", audio_format="s16le", options=FAST))
@@ -368,8 +328,8 @@ def test_wyoming_client_that_never_reads(served):
         before = request(c, p.GetStatus(), p.Status)
     sock = socket.create_connection(("127.0.0.1", served.wyoming))
     sock.sendall(b'{"type": "synthesize", "data": {"text": "Nobody will read this."}}\n')
-    events = asyncio.run(_wyoming_session(served.wyoming, [Synthesize(text=TEXT)], AudioStop))
-    assert _wyoming_audio(events) == native_s16(served)
+    events = asyncio.run(wyoming_session(served.wyoming, [Synthesize(text=TEXT)], AudioStop))
+    assert wyoming_audio(events) == native_s16(served)
     sock.close()
     st = assert_idle(served, timeout=60)
     ended = lambda c: c["completed"] + c["cancelled"]  # noqa: E731
@@ -387,12 +347,12 @@ def test_wyoming_bad_requests(served):
         [Synthesize(text="  ")],
     ]
     for send in cases:
-        events = asyncio.run(_wyoming_session(served.wyoming, send, AudioStop))
+        events = asyncio.run(wyoming_session(served.wyoming, send, AudioStop))
         err = WyError.from_event(events[-1])
         assert err.text and "\n" not in err.text
     assert (
         WyError.from_event(
-            asyncio.run(_wyoming_session(served.wyoming, [Synthesize(text="x" * (p.MAX_TEXT_BYTES + 1))], AudioStop))[-1]
+            asyncio.run(wyoming_session(served.wyoming, [Synthesize(text="x" * (p.MAX_TEXT_BYTES + 1))], AudioStop))[-1]
         ).code
         == "text_too_long"
     )
@@ -408,7 +368,7 @@ def test_wyoming_bad_requests(served):
 
     header, _ = asyncio.run(oversized())
     assert header["type"] == "error"
-    assert asyncio.run(_wyoming_session(served.wyoming, [Synthesize(text=TEXT)], AudioStop))[0].type == "audio-start"
+    assert asyncio.run(wyoming_session(served.wyoming, [Synthesize(text=TEXT)], AudioStop))[0].type == "audio-start"
     assert_idle(served)
 
 
@@ -431,8 +391,8 @@ def test_concurrent_clients_of_every_protocol(served, oai):
             elif i % 3 == 1:
                 results[i] = oai.audio.speech.create(model="nightingale", voice="default", input=text, response_format="pcm").content
             else:
-                events = asyncio.run(_wyoming_session(served.wyoming, [Synthesize(text=text)], AudioStop))
-                results[i] = _wyoming_audio(events)
+                events = asyncio.run(wyoming_session(served.wyoming, [Synthesize(text=text)], AudioStop))
+                results[i] = wyoming_audio(events)
         except BaseException as err:
             results[i] = err
 

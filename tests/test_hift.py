@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from nightingale.models.checkpoint import random_weights
+from nightingale.dev.checkpoint import random_weights
 from nightingale.models.s3gen import hifigan
 from nightingale.models.s3gen.hifigan import HiFTConfig, HiFTGenerator, convert_weights, load_hift, upstream_shapes
 

@@ -17,8 +17,20 @@ import pytest
 
 from nightingale import protocol as p
 from nightingale.models.chunks import Cancelled
-from test_daemon import FAST, TIMEOUT, DaemonThread, assert_idle, connect_when_up, request, tiny_factory, until_done, wait_for
-from test_daemon_process import serve
+
+from .helpers.daemon import (
+    FAST,
+    TIMEOUT,
+    CountdownEvent,
+    DaemonThread,
+    assert_idle,
+    connect_when_up,
+    request,
+    serve,
+    tiny_factory,
+    until_done,
+    wait_for,
+)
 
 # A 12-token first chunk (its `progress` says the engine is in the utterance), then one
 # chunk of ~300 tokens with 100 CFM steps: half a minute of S3Gen on the tiny model on an
@@ -27,23 +39,6 @@ from test_daemon_process import serve
 # it takes 4, models/streaming.py), so it measures what a chunk costs
 HEAVY = {"seed": 3, "max_new_tokens": 400, "n_timesteps": 100, "first_chunk_timesteps": 100, "chunk_schedule": "12,10,1000"}
 HEAVY_TEXT = "Hello there, this is a rather longer test sentence that keeps the tiny model busy for a while"
-
-
-class CountdownEvent(threading.Event):
-    """An Event that sets itself after `checks` calls of is_set(): cancels at a chosen
-    step of the model's loops without relying on timing."""
-
-    def __init__(self, checks: int):
-        super().__init__()
-        self.left = checks
-        self.calls = 0
-
-    def is_set(self) -> bool:
-        self.calls += 1
-        self.left -= 1
-        if self.left <= 0:
-            self.set()
-        return super().is_set()
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +207,7 @@ def test_non_finite_floats_in_any_message_are_bad_field():
     ],
 )
 def test_clis_refuse_the_same_values(flag, value, cli, tmp_path):
-    from test_nsay import NIGHTINGALE, NSAY
+    from .helpers.cli import NIGHTINGALE, NSAY
 
     if cli == "nsay":
         cmd = [*NSAY, "--socket", str(tmp_path / "none.sock"), "-o", str(tmp_path / "f.wav"), flag, value, "hi"]
@@ -249,7 +244,7 @@ def test_lock_is_never_a_followed_link_and_goes_away_on_clean_shutdown(tmp_path,
 
 
 def test_socket_directory_writable_by_others_is_refused(tmp_path):
-    from test_nsay import NIGHTINGALE
+    from .helpers.cli import NIGHTINGALE
 
     shared = tmp_path / "shared"
     shared.mkdir()
@@ -477,7 +472,7 @@ def test_deep_nesting_is_one_line(tmp_path):
 
 
 def test_synth_with_a_refused_conds_pt_is_one_line(tmp_path, tiny_checkpoint):
-    from test_nsay import NIGHTINGALE
+    from .helpers.cli import NIGHTINGALE
 
     deep = 100_000
     bad = _pt(tmp_path / "bad.pt", b"\x80\x02" + b"]" * deep + b"a" * (deep - 1) + b".")
@@ -492,7 +487,7 @@ def test_synth_with_a_refused_conds_pt_is_one_line(tmp_path, tiny_checkpoint):
 
 
 def test_nsay_pause_and_resume(strict):
-    from test_nsay import NSAY
+    from .helpers.cli import NSAY
 
     def nsay(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([*NSAY, "--socket", str(strict.path), *args], capture_output=True, text=True, timeout=TIMEOUT)

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from nightingale.models import cache, checkpoint, loading, t3, voice_encoder
+from nightingale.dev import checkpoint
+from nightingale.models import cache, loading, t3, voice_encoder
 from nightingale.models.model import load_model
 from nightingale.models.s3gen import s3gen
 

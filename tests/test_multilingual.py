@@ -16,6 +16,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from nightingale.dev import torchsave
 from nightingale.models import alignment, loading, multilingual, torchpickle
 from nightingale.models import mtl_tokenizer as mtl
 from nightingale.models.conds import T3Cond
@@ -85,7 +86,7 @@ def test_s3gen_pt_is_strict(tiny_mtl_checkpoint, tmp_path, edit, message):
     shutil.copytree(tiny_mtl_checkpoint, broken)
     state = collections.OrderedDict(torchpickle.load(broken / "s3gen.pt"))
     edit(state)
-    torchpickle.save(broken / "s3gen.pt", state)
+    torchsave.save(broken / "s3gen.pt", state)
     with pytest.raises(loading.CheckpointError, match=f"s3gen.pt: {message}"):
         load_model(broken, cache=False)
 

@@ -10,9 +10,10 @@ import time
 import pytest
 
 from nightingale import protocol as p
-from pulse import MonitorRecorder, compare_playback
-from test_daemon import EVERY_OPTION, TIMEOUT, DaemonThread, pcm_of, request, tiny_factory, until_done
-from test_playback import pulse, pulse_device, wait_generated  # noqa: F401 (pulse is a fixture)
+
+from .helpers.daemon import EVERY_OPTION, TIMEOUT, DaemonThread, pcm_of, request, tiny_factory, until_done
+from .helpers.playback import pulse, pulse_device, wait_generated  # noqa: F401 (pulse is a fixture)
+from .helpers.pulse import MonitorRecorder, compare_playback
 
 BLOCK_SAMPLES = 1200  # compare_playback's 50 ms blocks at 24 kHz
 OPTIONS = {"seed": 4, "max_new_tokens": 30, "n_timesteps": 1}
@@ -143,7 +144,7 @@ def _native(daemon, text: str, language: str) -> bytes:
 def test_http_speech_takes_a_language(mtl_served):
     import json
 
-    from test_frontends import api_error, post
+    from .helpers.frontends import api_error, post
 
     text = "Guten Morgen."
     body = {"model": "nightingale", "voice": "default", "input": text, "response_format": "pcm", "language": "de"}
@@ -157,14 +158,14 @@ def test_http_speech_takes_a_language(mtl_served):
 def test_wyoming_lists_and_takes_languages(mtl_served):
     import asyncio
 
-    from test_frontends import _wyoming_audio, _wyoming_session
+    from .helpers.frontends import wyoming_audio, wyoming_session
     from wyoming.audio import AudioStop
     from wyoming.info import Describe, Info
     from wyoming.tts import Synthesize, SynthesizeVoice
 
-    info = Info.from_event(asyncio.run(_wyoming_session(mtl_served.wyoming, [Describe()], Info))[-1])
+    info = Info.from_event(asyncio.run(wyoming_session(mtl_served.wyoming, [Describe()], Info))[-1])
     assert all(len(v.languages) == 23 and "ko" in v.languages for v in info.tts[0].voices)
     text = "안녕하세요."
-    events = asyncio.run(_wyoming_session(
+    events = asyncio.run(wyoming_session(
         mtl_served.wyoming, [Synthesize(text=text, voice=SynthesizeVoice(language="ko_KR"))], AudioStop))  # wyoming sends name or language
-    assert _wyoming_audio(events) == _native(mtl_served, text, "ko")
+    assert wyoming_audio(events) == _native(mtl_served, text, "ko")

@@ -1,6 +1,6 @@
 """`nsay` as a subprocess against a real daemon on the tiny checkpoint.
 
-The daemon plays into a PulseAudio null sink (tests/pulse.py), whose monitor is recorded,
+The daemon plays into a PulseAudio null sink (tests/helpers/pulse.py), whose monitor is recorded,
 so "speech started" is checked on real played audio. The tiny model rarely emits EOS, so
 every utterance is bounded with --max-new-tokens; a fixed --seed makes files repeatable.
 """
@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import sysconfig
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,18 +21,10 @@ import soundfile
 
 from nightingale import protocol as p
 
-from pulse import PulseNullSink  # tests/ is on sys.path (pytest rootdir import mode)
+from .helpers.cli import NIGHTINGALE, NSAY, nsay
+from .helpers.pulse import PulseNullSink
 
 SHORT = ["--max-new-tokens", "8", "--seed", "1"]
-_SCRIPTS = Path(sysconfig.get_path("scripts"))
-NSAY = [str(_SCRIPTS / "nsay")] if (_SCRIPTS / "nsay").is_file() else [
-    sys.executable, "-c", "import sys; from nightingale.client.nsay import main; sys.exit(main())"
-]  # fmt: skip
-NIGHTINGALE = [str(_SCRIPTS / "nightingale")] if (_SCRIPTS / "nightingale").is_file() else [
-    sys.executable, "-c", "import sys; from nightingale.cli import main; sys.exit(main())"
-]  # fmt: skip
-
-
 @dataclass
 class Daemon:
     socket: Path
@@ -102,11 +93,6 @@ def daemon(tiny_checkpoint, pulse, tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-
-
-def nsay(daemon: Daemon | None, *args: str, input: bytes | None = None, timeout: float = 60, env=None):
-    sock = ["--socket", str(daemon.socket)] if daemon else []
-    return subprocess.run([*NSAY, *sock, *args], input=input, capture_output=True, timeout=timeout, env=env)
 
 
 def one_line(stderr: bytes) -> str:
@@ -310,7 +296,7 @@ def test_rate_and_device_play_locally(daemon, pulse, tmp_path):
 
 @pytest.mark.skipif(sys.platform == "darwin", reason="drives the Linux service path")
 def test_service_status_asks_the_installed_daemon(daemon, tmp_path):
-    from test_service import make_fake_systemctl, nightingale
+    from .helpers.cli import make_fake_systemctl, nightingale
 
     env, _ = make_fake_systemctl(tmp_path)
     env.pop("NIGHTINGALE_SOCKET", None)

@@ -19,31 +19,25 @@ import pytest
 
 from nightingale import protocol as p
 from nightingale.daemon.playback import DeviceNotFound, Player, probe_output
-from pulse import MonitorRecorder, PulseNullSink, PulseUnavailable, compare_playback
-from test_daemon import FAST, LONG, LONG_TEXT, TIMEOUT, DaemonThread, connect_when_up, pcm_of, request, tiny_factory, until_done, wait_for
+
+from .helpers.daemon import (
+    FAST,
+    LONG,
+    LONG_TEXT,
+    TIMEOUT,
+    DaemonThread,
+    connect_when_up,
+    pcm_of,
+    request,
+    tiny_factory,
+    until_done,
+    wait_for,
+)
+from .helpers.playback import assert_same_audio, pulse, pulse_device, wait_generated  # noqa: F401 (pulse is a fixture)
+from .helpers.pulse import MonitorRecorder
 
 RATE = 24000
 PLAYBACK_TEST_LATENCY_S = 0.5  # output buffer for tests that compare what played (see below)
-def assert_same_audio(recorded: np.ndarray, reference: np.ndarray, note: str = "") -> None:
-    """The recording holds the reference: its waveform block by block, in order, with the
-    whole tail, and the same amount of sound. Slack: the monitor can miss a few ms at a
-    stream's start, and a starved machine can lose a period to an ALSA underrun."""
-    m = compare_playback(recorded, reference)
-    assert m["matched"] >= 0.9 and m["in_order"] and m["tail"], (m, note)
-    assert 0.9 <= m["sound_ratio"] <= 1.03, (m, note)
-
-
-@pytest.fixture(scope="module")
-def pulse():
-    sink = PulseNullSink()
-    try:
-        sink.start()
-    except PulseUnavailable as err:
-        pytest.fail(f"real-audio tests need PulseAudio: {err}", pytrace=False)
-    yield sink
-    sink.stop()
-
-
 def test_signal(seconds: float, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     x = rng.standard_normal(int(seconds * RATE)).astype(np.float32) * 0.2
@@ -155,14 +149,6 @@ def test_no_audio_device_is_detected(tmp_path):
 # ----------------------------------------------------------------------------- through the daemon
 
 
-def pulse_device() -> str | None:
-    """ALSA's `pulse` device when present (chosen by name, as --device does), else the default."""
-    import sounddevice as sd
-
-    names = [d["name"] for d in sd.query_devices() if d["max_output_channels"] > 0]
-    return "pulse" if "pulse" in names else None
-
-
 @pytest.fixture(scope="module")
 def playing_daemon(pulse, tiny_checkpoint, tmp_path_factory):
     # A 0.5 s output buffer: these tests compare what played, and on a loaded machine the
@@ -173,18 +159,6 @@ def playing_daemon(pulse, tiny_checkpoint, tmp_path_factory):
     ).start()
     yield d
     assert d.stop() == 0
-
-
-def wait_generated(conn: p.Connection, events: list, timeout: float = TIMEOUT) -> p.Status:
-    """Status once synthesis is over and the audio waits in the playback buffer; the
-    utterance's events read meanwhile go to `events`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        st = request(conn, p.GetStatus(), p.Status, skipped=events)
-        if st.current is None and st.playback["buffered_s"] > 0:
-            return st
-        assert time.monotonic() < deadline, st
-        time.sleep(0.05)
 
 
 def test_daemon_plays_what_it_generated(playing_daemon, tmp_path):

@@ -9,8 +9,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from nightingale.dev.checkpoint import random_weights, weights_sha256
 from nightingale.models import s3tokenizer as stm
-from nightingale.models.checkpoint import random_weights, weights_sha256
 from nightingale.models.dsp import hann_window, mel_filters
 
 FIXTURES = Path(__file__).parent / "fixtures"

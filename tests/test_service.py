@@ -12,28 +12,16 @@ import os
 import plistlib
 import shlex
 import shutil
-import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from nightingale.client import service
 
+from .helpers.cli import make_fake_systemctl, nightingale
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def nightingale(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        # Not `-m nightingale.cli`: that runs cli.py as __main__, a second copy whose
-        # CliError class is not the one the handlers raise.
-        [sys.executable, "-c", "import sys; from nightingale.cli import main; sys.exit(main())", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=30,
-    )
 
 
 def parse_unit(text: str) -> dict[str, dict[str, list[str]]]:
@@ -174,24 +162,6 @@ def test_launchctl_print_parsing():
     )
     fields = service.parse_launchctl_print(text)
     assert fields["state"] == "running" and fields["pid"] == "4242"
-
-
-def make_fake_systemctl(tmp_path: Path) -> tuple[dict[str, str], Path]:
-    """A `systemctl` that records its arguments and answers `show` like systemd does, first
-    on PATH, with HOME and XDG_CONFIG_HOME inside tmp_path."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    log = tmp_path / "systemctl.log"
-    script = bin_dir / "systemctl"
-    script.write_text(
-        "#!/bin/sh\n"
-        f'echo "$*" >> "{log}"\n'
-        'case "$*" in *" show "*) printf "LoadState=loaded\\nUnitFileState=enabled\\nActiveState=active\\nSubState=running\\nMainPID=99\\n";; esac\n'
-    )
-    script.chmod(script.stat().st_mode | stat.S_IXUSR)
-    env = dict(os.environ, HOME=str(tmp_path / "home"), XDG_CONFIG_HOME=str(tmp_path / "home" / ".config"))
-    env["PATH"] = f"{bin_dir}:{env['PATH']}"
-    return env, log
 
 
 @pytest.fixture

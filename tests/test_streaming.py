@@ -9,9 +9,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from nightingale.dev.metrics import snr_db
 from nightingale.models import dsp, load_model
 from nightingale.models.conds import Conditionals, T3Cond
-from nightingale.models.metrics import snr_db
 from nightingale.models.s3gen.flow import fixed_noise
 from nightingale.models.streaming import (
     ChunkSchedule,

@@ -3,23 +3,13 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import soundfile as sf
 
+from .helpers.cli import run_cli
 
-
-def run_cli(*args, env=None, timeout=120):
-    return subprocess.run(
-        [sys.executable, "-m", "nightingale.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )
 
 
 def test_synth_writes_24k_mono_wav_of_960_samples_per_token(tiny_checkpoint, tiny_model, tmp_path):

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
+from nightingale.dev.checkpoint import random_weights
 from nightingale.models import t3 as t3_module
-from nightingale.models.checkpoint import random_weights
 from nightingale.models.conds import T3Cond
 from nightingale.models.t3 import (
     SamplingParams,

@@ -1,4 +1,5 @@
-"""models/torchpickle.py: torch.save files read and written without torch.
+"""models/torchpickle.py (reader), nightingale/dev/torchsave.py (writer): torch.save files
+read and written without torch.
 
 Golden files come from tools/fixtures_conds.py (real torch 2.x and the reference's own
 Conditionals.save); comparisons are exact (bit-equal), since no arithmetic is involved.
@@ -20,6 +21,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from nightingale.dev import torchsave as ts
 from nightingale.models import torchpickle as tp
 from nightingale.models.conds import GEN_KEYS, Conditionals, T3Cond
 
@@ -156,7 +158,7 @@ def test_load_conds_cached_embedding_and_defaults(expected) -> None:
 
 def test_round_trip_generic_tree(tmp_path: Path) -> None:
     tree = TOOLS.writer_misc_tree()
-    tp.save(tmp_path / "misc.pt", tree)
+    ts.save(tmp_path / "misc.pt", tree)
     back = tp.load(tmp_path / "misc.pt")
     _assert_same(back, tree, "misc")
     assert type(back["ordered"]) is collections.OrderedDict
@@ -165,7 +167,7 @@ def test_round_trip_generic_tree(tmp_path: Path) -> None:
 def test_conds_round_trip(tmp_path: Path) -> None:
     for name in ("conds_torch.pt", "conds_torch_cached.pt"):
         conds = tp.load_conds(FIXTURES / name)
-        tp.save_conds(tmp_path / "conds.pt", conds)
+        ts.save_conds(tmp_path / "conds.pt", conds)
         back = tp.load_conds(tmp_path / "conds.pt")
         for field in ("speaker_emb", "cond_prompt_speech_tokens", "emotion_adv", "cond_prompt_speech_emb"):
             a, b = getattr(conds.t3, field), getattr(back.t3, field)
@@ -192,17 +194,17 @@ def test_writer_output_is_what_torch_accepted(tmp_path: Path) -> None:
         assert entry["torch_load_weights_only"] == "passed"
         assert entry["reference_Conditionals_load"] == "passed"
         out = tmp_path / "conds.pt"
-        tp.save_conds(out, tp.load_conds(FIXTURES / name))
+        ts.save_conds(out, tp.load_conds(FIXTURES / name))
         assert TOOLS.records_digest(out) == entry["records_sha256"], name
     entry = check["files"]["writer_misc_tree"]
     assert entry["torch_load_weights_only"] == "passed"
-    tp.save(tmp_path / "misc.pt", TOOLS.writer_misc_tree())
+    ts.save(tmp_path / "misc.pt", TOOLS.writer_misc_tree())
     assert TOOLS.records_digest(tmp_path / "misc.pt") == entry["records_sha256"]
 
 
 def test_storages_are_aligned(tmp_path: Path) -> None:
     path = tmp_path / "a.pt"
-    tp.save(path, {"x": np.arange(7, dtype=np.float32), "y": [np.ones(3, np.int64), np.zeros(1, np.int8)]})
+    ts.save(path, {"x": np.arange(7, dtype=np.float32), "y": [np.ones(3, np.int64), np.zeros(1, np.int8)]})
     with zipfile.ZipFile(path) as z, open(path, "rb") as f:
         data = [i for i in z.infolist() if "/data/" in i.filename]
         assert len(data) == 3 and all(i.filename.startswith("a/") for i in data)
@@ -210,17 +212,17 @@ def test_storages_are_aligned(tmp_path: Path) -> None:
             f.seek(info.header_offset)
             header = f.read(30)
             name_len, extra_len = struct.unpack("<HH", header[26:30])
-            assert (info.header_offset + 30 + name_len + extra_len) % tp.STORAGE_ALIGNMENT == 0
+            assert (info.header_offset + 30 + name_len + extra_len) % ts.STORAGE_ALIGNMENT == 0
 
 
 def test_save_is_atomic(tmp_path: Path) -> None:
     path = tmp_path / "conds.pt"
-    tp.save(path, {"x": np.ones(2, np.float32)})
+    ts.save(path, {"x": np.ones(2, np.float32)})
     before = path.read_bytes()
     with pytest.raises(TypeError, match="complex"):
-        tp.save(path, {"x": np.ones(2, np.complex64)})
+        ts.save(path, {"x": np.ones(2, np.complex64)})
     with pytest.raises(TypeError, match="set"):
-        tp.save(path, {"x": {1, 2}})
+        ts.save(path, {"x": {1, 2}})
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["conds.pt"]  # no temp files left
 
@@ -229,7 +231,7 @@ def test_save_rejects_cycles(tmp_path: Path) -> None:
     loop: list = []
     loop.append(loop)
     with pytest.raises(ValueError, match="self-referencing"):
-        tp.save(tmp_path / "x.pt", loop)
+        ts.save(tmp_path / "x.pt", loop)
 
 
 # ---------------------------------------------------------------------------------------
@@ -331,7 +333,7 @@ def test_rejects_tensor_overrunning_its_storage(tmp_path: Path) -> None:
     # A valid file whose tensor claims 100 elements of a 2-element storage (as_strided would read
     # past the buffer).
     good = tmp_path / "good.pt"
-    tp.save(good, np.zeros(2, np.float32))
+    ts.save(good, np.zeros(2, np.float32))
     with zipfile.ZipFile(good) as z:
         pkl = z.read("good/data.pkl")
         storage = z.read("good/data/0")
@@ -369,7 +371,7 @@ def test_reads_big_endian_archives(tmp_path: Path) -> None:
     # torch writes byteorder "big" on big-endian hosts; storages are then big-endian.
     values = {"f": np.linspace(-1, 1, 5, dtype=np.float32), "i": np.array([1, -2, 3**30], dtype=np.int64)}
     little = tmp_path / "little.pt"
-    tp.save(little, values)
+    ts.save(little, values)
     big = tmp_path / "big.pt"
     with zipfile.ZipFile(little) as src, zipfile.ZipFile(big, "w") as dst:
         for name in src.namelist():
@@ -388,7 +390,7 @@ def test_reads_big_endian_archives(tmp_path: Path) -> None:
 
 def test_missing_storage_record(tmp_path: Path) -> None:
     good = tmp_path / "x.pt"
-    tp.save(good, np.zeros(2, np.float32))
+    ts.save(good, np.zeros(2, np.float32))
     with zipfile.ZipFile(good) as z:
         pkl = z.read("x/data.pkl")
     bad = _archive(tmp_path / "y.pt", pkl)
@@ -454,14 +456,14 @@ def _edit(tree: dict, section: str, key: str, value) -> dict:
     ],
 )
 def test_load_conds_names_the_bad_field(tmp_path: Path, tree: dict, message: str) -> None:
-    tp.save(tmp_path / "conds.pt", tree)
+    ts.save(tmp_path / "conds.pt", tree)
     with pytest.raises(tp.TorchPickleError, match=message):
         tp.load_conds(tmp_path / "conds.pt")
 
 
 def test_load_conds_accepts_valid_tree(tmp_path: Path) -> None:
     tree = _conds_tree()
-    tp.save(tmp_path / "conds.pt", tree)
+    ts.save(tmp_path / "conds.pt", tree)
     conds = tp.load_conds(tmp_path / "conds.pt")
     np.testing.assert_array_equal(np.array(conds.t3.emotion_adv), tree["t3"]["emotion_adv"])
     np.testing.assert_array_equal(np.array(conds.gen["prompt_token"]), tree["gen"]["prompt_token"])
@@ -471,6 +473,6 @@ def test_save_conds_validates(tmp_path: Path) -> None:
     conds = tp.load_conds(FIXTURES / "conds_torch.pt")
     conds.gen = {k: v for k, v in conds.gen.items() if k != "prompt_feat"}
     with pytest.raises(tp.TorchPickleError, match="gen is missing prompt_feat"):
-        tp.save_conds(tmp_path / "conds.pt", conds)
+        ts.save_conds(tmp_path / "conds.pt", conds)
     assert not (tmp_path / "conds.pt").exists()
 

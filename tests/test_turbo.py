@@ -52,7 +52,7 @@ def test_full_layout_is_the_reference_state_dict():
 
 
 def test_checkpoint_holds_the_upstream_files(tiny_turbo_checkpoint):
-    from nightingale.models.checkpoint import TURBO_CHECKPOINT_FILES
+    from nightingale.models.hub import TURBO_CHECKPOINT_FILES
 
     for name in TURBO_CHECKPOINT_FILES:
         assert (tiny_turbo_checkpoint / name).is_file(), name

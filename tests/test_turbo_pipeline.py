@@ -12,15 +12,16 @@ import pytest
 import soundfile as sf
 
 from nightingale import protocol as p
+from nightingale.dev.metrics import log_spectral_distance
 from nightingale.models import cloning
-from nightingale.models.metrics import log_spectral_distance
 from nightingale.models.model import START_SPEECH_TOKEN
 from nightingale.models.streaming import ChunkSchedule, StreamOptions, render_tokens, stream_tokens
 from nightingale.models.t3_turbo import S3GEN_SIL
-from pulse import MonitorRecorder
-from test_daemon import DaemonThread, pcm_of, request, tiny_factory, until_done
-from test_nsay import nsay
-from test_playback import assert_same_audio, pulse, pulse_device, wait_generated  # noqa: F401 (fixture)
+
+from .helpers.cli import nsay
+from .helpers.daemon import DaemonThread, pcm_of, request, tiny_factory, until_done
+from .helpers.playback import assert_same_audio, pulse, pulse_device, wait_generated  # noqa: F401 (fixture)
+from .helpers.pulse import MonitorRecorder
 
 FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures"
 RATE = 24000
@@ -203,7 +204,7 @@ def test_cancel_stops_turbo_within_a_step(tiny_turbo_model):
     steps (hours of work) an event that turns set at its 40th check, past the first chunk's
     15 T3 steps, stops the stream inside the flow solve; at its 5th, inside T3."""
     from nightingale.models.chunks import Cancelled
-    from test_hostile import CountdownEvent
+    from .helpers.daemon import CountdownEvent
 
     for checks in (5, 40):
         event = CountdownEvent(checks)

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import soundfile
 
+from nightingale.dev.checkpoint import random_weights
 from nightingale.models import campplus as cpm
 from nightingale.models import s3tokenizer as stm
 from nightingale.models import cloning, voice_store
 from nightingale.models import voice_encoder as vem
-from nightingale.models.checkpoint import random_weights
 from nightingale.models.conds import Conditionals, T3Cond
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import soundfile as sf
 
-from test_synth_cli import run_cli
+from .helpers.cli import run_cli
 
 CLIP = Path(__file__).parent / "fixtures" / "ref_clip.wav"
 

@@ -1,4 +1,5 @@
-"""Golden files for models/torchpickle.py, written and checked by real torch.
+"""Golden files for models/torchpickle.py and nightingale/dev/torchsave.py, written and
+checked by real torch.
 
 Run in the reference venv (from the repo root):
 
@@ -13,8 +14,8 @@ It writes into tests/fixtures/:
   nested containers;
 - conds_expected.npz: the values torch sees in each file, with a JSON description of the
   tree (`<file>/__structure__`) so the tests compare the whole structure without torch;
-- conds_writer_check.json: the check of OUR writer: files written by models/torchpickle.py
-  (imported from its path; it needs only numpy) must load with
+- conds_writer_check.json: the check of OUR writer: files written by nightingale/dev/torchsave.py
+  (imported from its path, as is the reader; both need only numpy) must load with
   `torch.load(weights_only=True)` and, for conds, with the reference's `Conditionals.load`.
   It records a digest of the records written, so the tests can confirm that our writer
   still produces exactly what torch accepted here.
@@ -75,10 +76,10 @@ def records_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def _import_torchpickle():
-    spec = importlib.util.spec_from_file_location("torchpickle", REPO / "models" / "torchpickle.py")
+def _import_file(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules["torchpickle"] = module  # dataclasses look their module up there
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -207,7 +208,8 @@ def main() -> None:
     np.savez(FIXTURES / EXPECTED_FILE, **arrays)
 
     # 4. Our writer, checked by torch.load(weights_only=True) and the reference's Conditionals.load.
-    tp = _import_torchpickle()
+    tp = _import_file("torchpickle", REPO / "models" / "torchpickle.py")
+    ts = _import_file("torchsave", REPO / "nightingale" / "dev" / "torchsave.py")
     report: dict[str, Any] = {
         "torch": torch.__version__,
         "chatterbox_tts": importlib.metadata.version("chatterbox-tts"),
@@ -218,7 +220,7 @@ def main() -> None:
             # Exactly what save_conds(load_conds(name)) writes, minus the mlx round trip.
             t3, gen = tp.conds_arrays(tp.load(FIXTURES / name), name)
             out = Path(tmp) / "conds.pt"
-            tp.save(out, tp.conds_tree(t3, gen))
+            ts.save(out, ts.conds_tree(t3, gen))
             ours = torch.load(out, weights_only=True)
             ref = torch.load(FIXTURES / name, weights_only=True)
             for section in ("t3", "gen"):
@@ -243,7 +245,7 @@ def main() -> None:
 
         out = Path(tmp) / "misc.pt"
         tree = writer_misc_tree()
-        tp.save(out, tree)
+        ts.save(out, tree)
         ours = torch.load(out, weights_only=True)
         _assert_same(ours, _torch_tree(tree, torch), torch, "misc")
         report["files"]["writer_misc_tree"] = {

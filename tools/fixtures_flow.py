@@ -46,7 +46,7 @@ def write_weights(out_dir: Path, seed: int) -> None:
     """Our venv: tiny flow weights in the upstream layout + dims.json."""
     from safetensors.numpy import save_file
 
-    from nightingale.models.checkpoint import random_weights
+    from nightingale.dev.checkpoint import random_weights
     from nightingale.models.s3gen.flow import FlowConfig, upstream_shapes
 
     cfg = FlowConfig.tiny()

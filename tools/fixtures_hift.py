@@ -50,7 +50,7 @@ def write_weights(out_dir: Path) -> None:
     """Our venv: the tiny HiFT weights (relative mel2wav keys, torch layout) and config."""
     from safetensors.numpy import save_file
 
-    from nightingale.models.checkpoint import random_weights
+    from nightingale.dev.checkpoint import random_weights
     from nightingale.models.s3gen.hifigan import HiFTConfig, upstream_shapes
 
     cfg = HiFTConfig.tiny()

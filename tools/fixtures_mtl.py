@@ -89,9 +89,9 @@ TEXTS = [
 def write_checkpoint(out: Path) -> None:
     from safetensors.numpy import save_file
 
+    from nightingale.dev.checkpoint import make_multilingual_checkpoint as make_checkpoint
     from nightingale.models import loading
     from nightingale.models.alignment import sharpen_aligned_heads
-    from nightingale.models.multilingual import make_checkpoint
     from nightingale.models.t3 import T3Config
 
     make_checkpoint(out, "tiny", seed=0)

@@ -101,7 +101,7 @@ def weights_check(weights: dict[str, np.ndarray]) -> np.ndarray:
 def write_checkpoint(out: Path, size: str, seed: int) -> None:
     from safetensors.numpy import save_file
 
-    from nightingale.models.checkpoint import random_weights
+    from nightingale.dev.checkpoint import random_weights
     from nightingale.models.t3 import T3Config, upstream_shapes
     from nightingale.models.tokenizer import write_stand_in_tokenizer_json
 

@@ -69,7 +69,7 @@ TEXTS = [
 
 
 def write_checkpoint(out: Path, seed: int) -> None:
-    from nightingale.models.checkpoint import make_checkpoint
+    from nightingale.dev.checkpoint import make_checkpoint
 
     make_checkpoint(out, "tiny", seed=seed, family="turbo")
 

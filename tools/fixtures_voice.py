@@ -83,8 +83,8 @@ def make_clip(out: Path = CLIP) -> None:
 def write_weights(out_dir: Path) -> None:
     from safetensors.numpy import save_file
 
+    from nightingale.dev.checkpoint import random_weights
     from nightingale.models import campplus, s3tokenizer, voice_encoder
-    from nightingale.models.checkpoint import random_weights
 
     ve_cfg = voice_encoder.VoiceEncoderConfig.tiny()
     tok_cfg = s3tokenizer.S3TokenizerConfig.tiny()

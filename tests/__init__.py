@@ -1,0 +1,1 @@
+"""The test suite (`python -m pytest -q` from the repository root)."""
