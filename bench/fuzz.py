@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from daemon import start_daemon, status  # noqa: E402  (bench/daemon.py)
 
 from nightingale import protocol as p  # noqa: E402
+from nightingale.client.connection import Connection  # noqa: E402
 
 NASTY_VALUES = [
     float("nan"), float("inf"), -float("inf"), 1e308, -1e308, 0, -1, 2**63 - 1, -(2**63), 2**64 - 1,
@@ -133,7 +134,7 @@ def drain(sock: socket.socket, stop: threading.Event) -> None:
 
 def ping(path: Path) -> bool:
     try:
-        with p.Connection(path, timeout=30) as c:
+        with Connection(path, timeout=30) as c:
             c.send(p.Ping(ref="alive"))
             while True:
                 ev = c.recv(30)

@@ -30,6 +30,7 @@ import time
 from collections.abc import Iterator
 
 from nightingale import protocol as p
+from nightingale.client.connection import Connection, DaemonUnavailable
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -250,7 +251,7 @@ def describe_done(done: p.Done) -> str:
 # ----------------------------------------------------------------------------- connecting
 
 
-def connect(args: argparse.Namespace, reporter: Reporter) -> tuple[p.Connection, p.Ready | None]:
+def connect(args: argparse.Namespace, reporter: Reporter) -> tuple[Connection, p.Ready | None]:
     """A connection to the daemon (spawned first with --spawn when none answers), and its
     `ready` event if nsay already waited for it (None: see conn.hello.state)."""
     try:
@@ -258,8 +259,8 @@ def connect(args: argparse.Namespace, reporter: Reporter) -> tuple[p.Connection,
     except ValueError as err:
         raise NsayError(str(err), EXIT_USAGE) from None
     try:
-        conn = p.Connection(path, timeout=HELLO_TIMEOUT_S)
-    except p.DaemonUnavailable as err:
+        conn = Connection(path, timeout=HELLO_TIMEOUT_S)
+    except DaemonUnavailable as err:
         if not args.spawn:
             raise NsayError(
                 f"no Nightingale daemon at {path}; start one with `nightingale serve` "
@@ -276,7 +277,7 @@ def connect(args: argparse.Namespace, reporter: Reporter) -> tuple[p.Connection,
     return conn, None
 
 
-def wait_ready(conn: p.Connection, reporter: Reporter, timeout_s: float, log_path=None, process=None) -> p.Ready:
+def wait_ready(conn: Connection, reporter: Reporter, timeout_s: float, log_path=None, process=None) -> p.Ready:
     """Block until `ready` while the daemon loads, showing progress (elapsed time and the
     daemon's latest log line when we started it)."""
     start = time.monotonic()
@@ -354,7 +355,7 @@ def spawn_log_path() -> str:
     return os.path.join(directory, "daemon.log")
 
 
-def spawn_daemon(path, reporter: Reporter) -> tuple[p.Connection, p.Ready | None]:
+def spawn_daemon(path, reporter: Reporter) -> tuple[Connection, p.Ready | None]:
     """Start `nightingale serve --socket PATH` in its own session (it outlives nsay), then
     connect as soon as it binds and wait for `ready`."""
     import subprocess
@@ -380,9 +381,9 @@ def spawn_daemon(path, reporter: Reporter) -> tuple[p.Connection, p.Ready | None
                 f"the daemon exited with status {process.returncode}" + (f": {line}" if line else f"; see {log_path}")
             )
         try:
-            conn = p.Connection(path, timeout=HELLO_TIMEOUT_S)
+            conn = Connection(path, timeout=HELLO_TIMEOUT_S)
             break
-        except p.DaemonUnavailable:
+        except DaemonUnavailable:
             # It binds the socket before loading the model, so this wait is short.
             if time.monotonic() > deadline:
                 raise NsayError(f"the daemon did not open {path} within {SPAWN_TIMEOUT_S:.0f} s; see {log_path}") from None
@@ -492,7 +493,7 @@ def list_devices() -> int:
 class Session:
     """One nsay run on an open connection: send, then read events until our `done`."""
 
-    def __init__(self, conn: p.Connection, args: argparse.Namespace, reporter: Reporter, ready: p.Ready | None):
+    def __init__(self, conn: Connection, args: argparse.Namespace, reporter: Reporter, ready: p.Ready | None):
         self.conn = conn
         self.args = args
         self.reporter = reporter

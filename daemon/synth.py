@@ -20,13 +20,18 @@ def running_daemon_model(timeout_s: float = 5.0) -> str | None:
     """The checkpoint the daemon at the default socket (NIGHTINGALE_SOCKET) has loaded, or
     None when no daemon answers or it has not loaded one yet."""
     import os
+    import socket
 
     from nightingale import protocol as p
 
     try:
-        with p.Connection(None, timeout=timeout_s) as conn:
-            conn.send(p.GetStatus())
-            while (event := conn.recv(timeout_s)) is not None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout_s)
+            sock.connect(str(p.socket_path()))
+            sock.sendall(p.encode_frame(p.GetStatus()))
+            reader = p.FrameReader(sock, peer="the daemon")
+            while (body := reader.read()) is not None:
+                event = p.decode_event(p.unpack_body(body))
                 if isinstance(event, p.Status):
                     path, source = event.model.get("path"), event.model.get("source")
                     return path if path and os.path.isdir(path) else source or None

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from nightingale import protocol as p
+from nightingale.client.connection import Connection
 from nightingale.daemon.playback import DeviceNotFound, Player, probe_output
 from pulse import MonitorRecorder, PulseNullSink, PulseUnavailable, compare_playback
 from test_daemon import FAST, LONG, LONG_TEXT, TIMEOUT, DaemonThread, connect_when_up, pcm_of, request, tiny_factory, until_done, wait_for
@@ -175,7 +176,7 @@ def playing_daemon(pulse, tiny_checkpoint, tmp_path_factory):
     assert d.stop() == 0
 
 
-def wait_generated(conn: p.Connection, events: list, timeout: float = TIMEOUT) -> p.Status:
+def wait_generated(conn: Connection, events: list, timeout: float = TIMEOUT) -> p.Status:
     """Status once synthesis is over and the audio waits in the playback buffer; the
     utterance's events read meanwhile go to `events`."""
     deadline = time.monotonic() + timeout
