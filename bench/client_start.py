@@ -186,7 +186,7 @@ def main() -> int:
         print(summarize(name, samples))
     print()
     print("Bytecode cached as after `pip install`, except the last row (PYTHONDONTWRITEBYTECODE=1 and")
-    print("no __pycache__ in the checkout: nsay.py and protocol.py are compiled at every start). The -o")
+    print("no __pycache__ in the checkout: nsay and the protocol modules are compiled at every start). The -o")
     print("case sends its request before importing numpy/soundfile; its exit time includes those imports")
     print("and writing the file. The floor is a bare interpreter (-S) connecting and sending one frame.")
     return 0

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from nightingale import protocol as p
+from nightingale.client.connection import Connection, DaemonUnavailable
 
 TEXTS = [
     "Hello there.",
@@ -47,7 +48,7 @@ def pct(values: list[float], q: float) -> float:
 
 
 def status(path: Path) -> p.Status:
-    with p.Connection(path, timeout=30) as c:
+    with Connection(path, timeout=30) as c:
         c.send(p.GetStatus(ref="bench"))
         while True:
             ev = c.recv(30)
@@ -71,12 +72,12 @@ def start_daemon(args, path: Path, log_file) -> subprocess.Popen:
             tail = Path(log_file.name).read_text(errors="replace").strip().splitlines()[-20:]
             raise SystemExit(f"the daemon exited with {proc.returncode} during start-up; its log ends:\n" + "\n".join(tail))
         try:
-            with p.Connection(path, timeout=args.start_timeout) as c:
+            with Connection(path, timeout=args.start_timeout) as c:
                 if c.hello.state != "ready":
                     while not isinstance(c.recv(args.start_timeout), p.Ready):
                         pass
                 return proc
-        except (p.DaemonUnavailable, FileNotFoundError, ConnectionRefusedError):
+        except (DaemonUnavailable, FileNotFoundError, ConnectionRefusedError):
             time.sleep(0.1)
     proc.kill()
     raise SystemExit("the daemon did not become ready in time")
@@ -94,7 +95,7 @@ def run_round(path: Path, clients: int, per_client: int, options: dict, tag: str
 
     def client(i: int) -> None:
         try:
-            with p.Connection(path, timeout=120) as c:
+            with Connection(path, timeout=120) as c:
                 barrier.wait(60)
                 for k in range(per_client):
                     uid = f"{tag}-{i}-{k}"
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                 wall = time.monotonic() - t0
                 st1 = status(path)
                 rss_end = st1.memory["rss_mb"]
-                with p.Connection(path, timeout=30) as c:
+                with Connection(path, timeout=30) as c:
                     c.send(p.Shutdown())
                 rc = proc.wait(60)
             finally:

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from nightingale import protocol as p
+from nightingale.client.connection import Connection, DaemonUnavailable
 from wyoming.event import read_event, write_event
 from wyoming.tts import Synthesize
 
@@ -53,7 +54,7 @@ def pct(values: list[float], q: float) -> float:
 def wait_idle(path: Path) -> float | None:
     """Wait until nothing is queued or synthesized; the last utterance's first_audio_ms
     as the daemon measured it (request received to first audio chunk)."""
-    with p.Connection(path, timeout=60) as c:
+    with Connection(path, timeout=60) as c:
         while True:
             c.send(p.GetStatus(ref="b"))
             ev = c.recv(60)
@@ -65,7 +66,7 @@ def wait_idle(path: Path) -> float | None:
 
 
 def native(path: Path) -> float:
-    with p.Connection(path, timeout=120) as c:
+    with Connection(path, timeout=120) as c:
         t0 = time.perf_counter()
         c.send(p.Speak(id="b", text=TEXT, output="stream", audio_format="s16le", options=OPTIONS))
         t = None
@@ -148,11 +149,11 @@ def main() -> int:
             deadline = time.monotonic() + 600
             while True:
                 try:
-                    with p.Connection(path, timeout=600) as c:
+                    with Connection(path, timeout=600) as c:
                         while c.hello.state != "ready" and not isinstance(c.recv(600), p.Ready):
                             pass
                         break
-                except (p.DaemonUnavailable, FileNotFoundError, ConnectionRefusedError):
+                except (DaemonUnavailable, FileNotFoundError, ConnectionRefusedError):
                     if proc.poll() is not None or time.monotonic() > deadline:
                         raise SystemExit(f"the daemon did not start: {(tmp_path / 'daemon.log').read_text()[-2000:]}")
                     time.sleep(0.1)

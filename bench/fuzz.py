@@ -33,6 +33,7 @@ import msgpack
 from daemon import start_daemon, status  # bench/daemon.py, beside this script
 
 from nightingale import protocol as p
+from nightingale.client.connection import Connection
 
 NASTY_VALUES = [
     float("nan"), float("inf"), -float("inf"), 1e308, -1e308, 0, -1, 2**63 - 1, -(2**63), 2**64 - 1,
@@ -131,7 +132,7 @@ def drain(sock: socket.socket, stop: threading.Event) -> None:
 
 def ping(path: Path) -> bool:
     try:
-        with p.Connection(path, timeout=30) as c:
+        with Connection(path, timeout=30) as c:
             c.send(p.Ping(ref="alive"))
             while True:
                 ev = c.recv(30)

@@ -30,6 +30,7 @@ import time
 from collections.abc import Iterator
 
 from nightingale import protocol as p
+from nightingale.client.connection import Connection, DaemonUnavailable
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -49,6 +50,7 @@ EVENT_TIMEOUT_S = 24 * 3600.0
 SPAWN_TIMEOUT_S = 900.0  # a first start may download the model (about 3 GB)
 SPAWN_POLL_S = 0.1
 STREAM_PIECE_CHARS = 8192  # text per speak_text frame: well under MAX_TEXT_BYTES in UTF-8
+PREBUFFER_S = 0.3  # -r/-a: audio queued before playing starts, so a slow first chunk does not stutter
 # Daemon errors that mean the request itself was wrong: reported as usage errors (exit 2).
 USAGE_ERROR_CODES = frozenset({p.E_UNKNOWN_VOICE, p.E_BAD_FIELD, p.E_TEXT_TOO_LONG})
 LIST = "?"  # `-v '?'` and `-a '?'` list instead of choosing
@@ -106,9 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def speed_for_wpm(wpm: float) -> float:
-    """The stretch factor for `-r WPM` (NATURAL_WPM -> 1.0; higher is faster)."""
+    """The time-stretch speed for `-r WPM`: NATURAL_WPM -> 1.0, 350 -> 2.0 (twice as fast).
+    Raises ValueError outside WPM_MIN..WPM_MAX."""
     if not WPM_MIN <= wpm <= WPM_MAX:
-        raise NsayError(f"rate must be between {WPM_MIN} and {WPM_MAX} words per minute (got {wpm:g})", EXIT_USAGE)
+        raise ValueError(f"rate must be between {WPM_MIN} and {WPM_MAX} words per minute (got {wpm:g})")
     return wpm / NATURAL_WPM
 
 
@@ -122,10 +125,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise NsayError("-o writes a file instead of playing: drop -a", EXIT_USAGE)
     if args.no_wait and (args.output_file or args.rate is not None or args.audio_device is not None):
         raise NsayError("--no-wait returns before any audio: it cannot go with -o, -r or -a", EXIT_USAGE)
-    if args.rate is not None:
-        args.speed = speed_for_wpm(args.rate)
-    else:
-        args.speed = 1.0
+    try:
+        args.speed = 1.0 if args.rate is None else speed_for_wpm(args.rate)
+    except ValueError as err:
+        raise NsayError(str(err), EXIT_USAGE) from None
     for name, value in sampling_options(args).items():
         try:
             p.check_option(name, value)
@@ -250,7 +253,7 @@ def describe_done(done: p.Done) -> str:
 # ----------------------------------------------------------------------------- connecting
 
 
-def connect(args: argparse.Namespace, reporter: Reporter) -> tuple[p.Connection, p.Ready | None]:
+def connect(args: argparse.Namespace, reporter: Reporter) -> tuple[Connection, p.Ready | None]:
     """A connection to the daemon (spawned first with --spawn when none answers), and its
     `ready` event if nsay already waited for it (None: see conn.hello.state)."""
     try:
@@ -258,8 +261,8 @@ def connect(args: argparse.Namespace, reporter: Reporter) -> tuple[p.Connection,
     except ValueError as err:
         raise NsayError(str(err), EXIT_USAGE) from None
     try:
-        conn = p.Connection(path, timeout=HELLO_TIMEOUT_S)
-    except p.DaemonUnavailable as err:
+        conn = Connection(path, timeout=HELLO_TIMEOUT_S)
+    except DaemonUnavailable as err:
         if not args.spawn:
             raise NsayError(
                 f"no Nightingale daemon at {path}; start one with `nightingale serve` "
@@ -276,7 +279,7 @@ def connect(args: argparse.Namespace, reporter: Reporter) -> tuple[p.Connection,
     return conn, None
 
 
-def wait_ready(conn: p.Connection, reporter: Reporter, timeout_s: float, log_path=None, process=None) -> p.Ready:
+def wait_ready(conn: Connection, reporter: Reporter, timeout_s: float, log_path=None, process=None) -> p.Ready:
     """Block until `ready` while the daemon loads, showing progress (elapsed time and the
     daemon's latest log line when we started it)."""
     start = time.monotonic()
@@ -354,7 +357,7 @@ def spawn_log_path() -> str:
     return os.path.join(directory, "daemon.log")
 
 
-def spawn_daemon(path, reporter: Reporter) -> tuple[p.Connection, p.Ready | None]:
+def spawn_daemon(path, reporter: Reporter) -> tuple[Connection, p.Ready | None]:
     """Start `nightingale serve --socket PATH` in its own session (it outlives nsay), then
     connect as soon as it binds and wait for `ready`."""
     import subprocess
@@ -380,9 +383,9 @@ def spawn_daemon(path, reporter: Reporter) -> tuple[p.Connection, p.Ready | None
                 f"the daemon exited with status {process.returncode}" + (f": {line}" if line else f"; see {log_path}")
             )
         try:
-            conn = p.Connection(path, timeout=HELLO_TIMEOUT_S)
+            conn = Connection(path, timeout=HELLO_TIMEOUT_S)
             break
-        except p.DaemonUnavailable:
+        except DaemonUnavailable:
             # It binds the socket before loading the model, so this wait is short.
             if time.monotonic() > deadline:
                 raise NsayError(f"the daemon did not open {path} within {SPAWN_TIMEOUT_S:.0f} s; see {log_path}") from None
@@ -398,6 +401,8 @@ def spawn_daemon(path, reporter: Reporter) -> tuple[p.Connection, p.Ready | None
 class AudioSink:
     """Where streamed audio goes (-o file, or local playback for -r/-a), with the optional
     time-stretch in front. numpy & co. load here, after the request went out."""
+
+    PLAY_KEY = "speech"  # the player's queue holds this one utterance
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
@@ -421,12 +426,14 @@ class AudioSink:
 
             self._writer = AudioFileWriter(self.args.output_spec)
         else:
-            from nightingale.client.player import LocalPlayer
+            from nightingale.playback import AudioPlayer, PlaybackError
 
+            player = AudioPlayer(sample_rate, parse_device(self.args.audio_device), latency="high", prebuffer_s=PREBUFFER_S)
             try:
-                self._player = LocalPlayer(parse_device(self.args.audio_device), sample_rate)
-            except RuntimeError as err:
+                player.open()
+            except (PlaybackError, OSError) as err:  # a bad device, or no PortAudio library
                 raise NsayError(str(err)) from None
+            self._player = player
 
     def prepare(self, sample_rate: int) -> None:
         """Load the audio modules (about 0.3 s) while the daemon synthesizes."""
@@ -448,7 +455,7 @@ class AudioSink:
         if self._writer is not None:
             self._writer.write(samples, self._rate)
         else:
-            self._player.push(samples)
+            self._player.write(self.PLAY_KEY, samples)
 
     def finish(self, sample_rate: int) -> None:
         """The stream ended normally: flush the stretch, commit the file / play out."""
@@ -475,7 +482,7 @@ def parse_device(value: str | None) -> int | str | None:
 
 
 def list_devices() -> int:
-    from nightingale.client.player import output_devices
+    from nightingale.playback import output_devices
 
     try:
         devices = output_devices()
@@ -489,10 +496,11 @@ def list_devices() -> int:
 # ----------------------------------------------------------------------------- requests
 
 
-class Session:
-    """One nsay run on an open connection: send, then read events until our `done`."""
+class NsayClient:
+    """nsay's requests on an open connection: send one, then read events until its answer
+    (for speech, until our `done`)."""
 
-    def __init__(self, conn: p.Connection, args: argparse.Namespace, reporter: Reporter, ready: p.Ready | None):
+    def __init__(self, conn: Connection, args: argparse.Namespace, reporter: Reporter, ready: p.Ready | None):
         self.conn = conn
         self.args = args
         self.reporter = reporter
@@ -716,25 +724,25 @@ def run(args: argparse.Namespace) -> int:
         return list_devices()
     reporter = Reporter(args.progress)
     conn, ready = connect(args, reporter)
-    session = Session(conn, args, reporter, ready)
+    client = NsayClient(conn, args, reporter, ready)
     try:
         if args.pause or args.resume:  # work while the model loads; nothing else follows
             if args.text or args.input_file is not None:
                 raise NsayError("--pause and --resume take no text", EXIT_USAGE)
-            session.pause(args.pause)
+            client.pause(args.pause)
             return EXIT_OK
         if args.stop:  # works while the model loads
-            session.stop_all()
+            client.stop_all()
             # Only explicit text follows a stop: reading a stdin that is not ours would hang.
             if not args.text and args.input_file is None:
                 return EXIT_OK
-        if not session.ready:
-            session.wait_ready()
+        if not client.ready:
+            client.wait_ready()
         if args.voice == LIST:
-            return session.list_voices()
-        return session.speak()
+            return client.list_voices()
+        return client.speak()
     except KeyboardInterrupt:
-        session.cancel()
+        client.cancel()
         return EXIT_INTERRUPTED
     finally:
         reporter.close()  # end a progress line redrawn in place before any error line

@@ -330,9 +330,10 @@ def installed_socket(service_plan: ServicePlan) -> str | None:
 def daemon_status_line(socket: str | None) -> tuple[bool, str]:
     """(answering, one line) from the daemon's own `status`."""
     from nightingale import protocol as p
+    from nightingale.client.connection import Connection, DaemonUnavailable
 
     try:
-        with p.Connection(socket, timeout=3.0) as conn:
+        with Connection(socket, timeout=3.0) as conn:
             conn.send(p.GetStatus())
             while True:
                 event = conn.recv(timeout=3.0)
@@ -345,7 +346,7 @@ def daemon_status_line(socket: str | None) -> tuple[bool, str]:
                         f"daemon: {event.state}, pid {event.pid}, up {event.uptime_s:.0f} s, "
                         f"model {model}{family}, socket {event.socket}"
                     )
-    except (p.DaemonUnavailable, p.ProtocolError, OSError, ValueError) as err:
+    except (DaemonUnavailable, p.ProtocolError, OSError, ValueError) as err:
         return False, f"daemon: not answering ({err})"
 
 

@@ -20,13 +20,18 @@ def running_daemon_model(timeout_s: float = 5.0) -> str | None:
     """The checkpoint the daemon at the default socket (NIGHTINGALE_SOCKET) has loaded, or
     None when no daemon answers or it has not loaded one yet."""
     import os
+    import socket
 
     from nightingale import protocol as p
 
     try:
-        with p.Connection(None, timeout=timeout_s) as conn:
-            conn.send(p.GetStatus())
-            while (event := conn.recv(timeout_s)) is not None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout_s)
+            sock.connect(str(p.socket_path()))
+            sock.sendall(p.encode_frame(p.GetStatus()))
+            reader = p.FrameReader(sock, peer="the daemon")
+            while (body := reader.read()) is not None:
+                event = p.decode_event(p.unpack_body(body))
                 if isinstance(event, p.Status):
                     path, source = event.model.get("path"), event.model.get("source")
                     return path if path and os.path.isdir(path) else source or None
@@ -114,7 +119,7 @@ def synth_main(args: argparse.Namespace) -> int:
         language=language,
     )
     writer = AudioFileWriter(spec) if spec else None
-    player = _Player() if args.play else None
+    player = _open_player(model.sample_rate) if args.play else None
     try:
         if args.stream:
             _synth_streamed(model, args, voice, sampling, writer, player)
@@ -125,21 +130,20 @@ def synth_main(args: argparse.Namespace) -> int:
             if writer:
                 writer.write(audio, model.sample_rate)
             if player:
-                player.play(audio)
+                player.write("synth", audio)
             print(f"{len(audio) / model.sample_rate:.2f} s of audio in {elapsed:.2f} s", file=sys.stderr)
         if writer:
             writer.commit(model.sample_rate)
-    except OSError as err:
+    except BaseException as err:
         if writer:
             writer.abort()
-        raise CliError(f"cannot write {args.output}: {err.strerror or err}", EXIT_FAILURE) from None
-    except BaseException:
-        if writer:
-            writer.abort()
-        raise
-    finally:
         if player:
-            player.close()
+            player.abort()
+        if isinstance(err, OSError):
+            raise CliError(f"cannot write {args.output}: {err.strerror or err}", EXIT_FAILURE) from None
+        raise
+    if player:
+        player.finish()  # returns once the last sample has been played
     return 0
 
 
@@ -154,7 +158,7 @@ def _synth_streamed(model, args, voice, sampling, writer, player) -> None:
         if writer:
             writer.write(chunk.samples, model.sample_rate)
         if player:
-            player.play(chunk.samples)
+            player.write("synth", chunk.samples)
     elapsed = time.perf_counter() - t0
     rtf = elapsed / audio_s if audio_s else float("nan")
     print(
@@ -164,28 +168,17 @@ def _synth_streamed(model, args, voice, sampling, writer, player) -> None:
     )
 
 
-class _Player:
-    """Blocking playback through sounddevice for `synth --play` (the daemon has its own)."""
+def _open_player(sample_rate: int):
+    """The default output device for `synth --play`, as an AudioPlayer (the daemon's player
+    is built on the same class)."""
+    from nightingale.playback import AudioPlayer, PlaybackError
 
-    def __init__(self):
-        try:
-            import sounddevice as sd
-        except OSError as err:  # PortAudio missing
-            raise CliError(f"local playback unavailable: {err}", EXIT_FAILURE) from None
-        try:
-            self._stream = sd.OutputStream(samplerate=24000, channels=1, dtype="float32")
-            self._stream.start()
-        except Exception as err:  # sounddevice.PortAudioError: no device
-            raise CliError(f"local playback unavailable: {err}", EXIT_FAILURE) from None
-
-    def play(self, samples) -> None:
-        import numpy as np
-
-        self._stream.write(np.ascontiguousarray(samples, dtype=np.float32).reshape(-1, 1))
-
-    def close(self) -> None:
-        self._stream.stop()  # waits for queued audio to finish
-        self._stream.close()
+    player = AudioPlayer(sample_rate, latency="high")  # PortAudio's high latency: nothing waits on it
+    try:
+        player.open()
+    except (OSError, PlaybackError) as err:  # no PortAudio library, or no device
+        raise CliError(f"local playback unavailable: {err}", EXIT_FAILURE) from None
+    return player
 
 
 def voices_main(args: argparse.Namespace) -> int:

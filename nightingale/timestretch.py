@@ -14,22 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
-# Rates in words per minute, as `say -r` takes them. Chatterbox speaks at roughly this pace;
-# NATURAL_WPM maps to speed 1.0 (no processing). The WSOLA stays clean between half and
-# double speed; beyond that the repeated or dropped frames become audible.
-NATURAL_WPM = 175
-WPM_MIN = 90
-WPM_MAX = 350
-
 FRAME_MS = 40.0  # long enough to hold two pitch periods of a low voice (~60 Hz)
 TOLERANCE_MS = 10.0  # search range for the best-aligned frame: covers one pitch period down to 100 Hz
-
-
-def speed_for_wpm(wpm: float) -> float:
-    """Speed factor for a `say -r` rate: 350 wpm -> 2.0 (twice as fast)."""
-    if not WPM_MIN <= wpm <= WPM_MAX:
-        raise ValueError(f"rate must be between {WPM_MIN} and {WPM_MAX} words per minute (got {wpm:g})")
-    return wpm / NATURAL_WPM
 
 
 class TimeStretcher:

@@ -9,7 +9,8 @@ import pytest
 import soundfile
 
 from nightingale.audiofile import AudioFileWriter, DataFormat, parse_data_format, resolve_output
-from nightingale.timestretch import NATURAL_WPM, WPM_MAX, WPM_MIN, TimeStretcher, speed_for_wpm
+from nightingale.client.nsay import NATURAL_WPM, WPM_MAX, WPM_MIN, speed_for_wpm
+from nightingale.timestretch import TimeStretcher
 
 SR = 24000
 

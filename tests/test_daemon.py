@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from nightingale import protocol as p
+from nightingale.client.connection import Connection, DaemonUnavailable
 from nightingale.daemon.binding import SocketBinding, SocketInUse
 
 from .helpers.daemon import (
@@ -262,7 +263,8 @@ def test_client_killed_mid_stream(daemon):
     code = f"""
 import sys
 from nightingale import protocol as p
-c = p.Connection({str(daemon.path)!r}, timeout=60)
+from nightingale.client.connection import Connection
+c = Connection({str(daemon.path)!r}, timeout=60)
 c.send(p.Speak(id="k", text={LONG_TEXT!r}, output="stream", options={LONG!r}))
 while not isinstance(c.recv(60), p.Audio):
     pass

@@ -16,6 +16,7 @@ import time
 import pytest
 
 from nightingale import protocol as p
+from nightingale.client.connection import Connection
 from nightingale.models.chunks import Cancelled
 
 from .helpers.daemon import (
@@ -123,7 +124,7 @@ def test_sigterm_inside_a_long_chunk_exits_0(tiny_checkpoint, tmp_path):
 # ----------------------------------------------------------------------------- option bounds
 
 
-def _raw(conn: p.Connection, body: dict) -> None:
+def _raw(conn: Connection, body: dict) -> None:
     import msgpack
 
     data = msgpack.packb(body)
@@ -317,7 +318,7 @@ def test_connection_cap_answers_busy_and_frees_up(strict):
     events = _events(s, dec)
     assert len(events) == 1 and events[0].code == p.E_BUSY and "clients are connected" in events[0].message
     s.close()
-    # protocol.Connection (nsay's) retries a `busy` greeting: it gets in once a slot frees.
+    # client.connection.Connection (nsay's) retries a `busy` greeting: it gets in once a slot frees.
     errors = strict.daemon.telemetry.counters["errors"]
     got: list = []
     client = threading.Thread(target=lambda: got.append(strict.connect()))

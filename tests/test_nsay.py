@@ -20,6 +20,7 @@ import pytest
 import soundfile
 
 from nightingale import protocol as p
+from nightingale.client.connection import Connection, DaemonUnavailable
 
 from .helpers.cli import NIGHTINGALE, NSAY, nsay
 from .helpers.pulse import PulseNullSink
@@ -32,7 +33,7 @@ class Daemon:
     log: Path
 
     def status(self) -> p.Status:
-        with p.Connection(self.socket) as conn:
+        with Connection(self.socket) as conn:
             conn.send(p.GetStatus())
             while True:
                 event = conn.recv(timeout=10)
@@ -53,13 +54,13 @@ def _wait_ready(socket: Path, process: subprocess.Popen, log: Path, timeout_s: f
         if process.poll() is not None:
             pytest.fail(f"daemon exited ({process.returncode}): {log.read_text()[-2000:]}")
         try:
-            with p.Connection(socket, timeout=5) as conn:
+            with Connection(socket, timeout=5) as conn:
                 if conn.hello.state == "ready":
                     return
                 while not isinstance(conn.recv(timeout=deadline - time.monotonic()), p.Ready):
                     pass
                 return
-        except p.DaemonUnavailable:
+        except DaemonUnavailable:
             time.sleep(0.1)
     pytest.fail(f"daemon not ready within {timeout_s} s: {log.read_text()[-2000:]}")
 
@@ -321,7 +322,7 @@ def test_spawn_starts_a_daemon(tiny_checkpoint, pulse, tmp_path):
         assert not any(" INFO " in line or "nightingale.daemon" in line for line in loading), loading
     finally:
         try:
-            with p.Connection(sock, timeout=5) as conn:
+            with Connection(sock, timeout=5) as conn:
                 conn.send(p.GetStatus())
                 status = conn.recv(timeout=10)
                 while not isinstance(status, p.Status):
@@ -334,7 +335,7 @@ def test_spawn_starts_a_daemon(tiny_checkpoint, pulse, tmp_path):
                 except ProcessLookupError:
                     break
                 time.sleep(0.1)
-        except p.DaemonUnavailable:
+        except DaemonUnavailable:
             pass
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from nightingale import protocol as p
+from nightingale.client.connection import Connection
 from nightingale.daemon.playback import DeviceNotFound, Player, probe_output
 
 from .helpers.daemon import (

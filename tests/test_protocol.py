@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import os
-import socket
 import subprocess
 import sys
-import threading
+from pathlib import Path
 
 import msgpack
 import pytest
@@ -162,42 +162,6 @@ def test_socket_path_precedence(monkeypatch, tmp_path):
         p.socket_path(tmp_path / ("x" * 200))
 
 
-def test_connection_reports_a_missing_daemon(tmp_path):
-    with pytest.raises(p.DaemonUnavailable, match="nightingale serve"):
-        p.Connection(tmp_path / "none.sock", timeout=2)
-
-
-def test_connection_over_a_real_socket(tmp_path):
-    """Connection reads hello, sends frames, and distinguishes EOF from a cut frame."""
-    path = tmp_path / "t.sock"
-    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    srv.bind(str(path))
-    srv.listen(1)
-    got: list[bytes] = []
-
-    def serve():
-        conn, _ = srv.accept()
-        conn.sendall(p.encode_frame(p.Hello(server="fake", state="ready")))
-        dec = p.FrameDecoder()
-        while not got:
-            dec.feed(conn.recv(4096))
-            got.extend(dec.frames())
-        conn.sendall(p.encode_frame(p.Pong()) + p.encode_frame(p.Pong())[:5])  # second frame cut short
-        conn.close()
-
-    t = threading.Thread(target=serve)
-    t.start()
-    with p.Connection(path, timeout=5) as conn:
-        assert conn.hello.server == "fake"
-        conn.send(p.Ping(ref="q"))
-        assert isinstance(conn.recv(5), p.Pong)
-        with pytest.raises(p.ProtocolError, match="middle of a frame"):
-            conn.recv(5)
-    t.join(5)
-    srv.close()
-    assert p.decode_request(p.unpack_body(got[0])).ref == "q"
-
-
 def test_protocol_module_imports_neither_mlx_nor_numpy():
     code = "import sys; import nightingale.protocol; print(sorted(m for m in ('mlx', 'numpy') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=dict(os.environ))
@@ -205,44 +169,72 @@ def test_protocol_module_imports_neither_mlx_nor_numpy():
     assert out.stdout.strip() == "[]"
 
 
-def test_connection_send_is_whole_frames_from_several_threads(tmp_path):
-    """nsay's stdin feeder and its Ctrl-C cancel share one Connection: frames written from
-    two threads at once must arrive whole, never interleaved."""
-    path = tmp_path / "s.sock"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(path))
-    listener.listen(1)
-    received = bytearray()
+# Folders of the installed packages (pyproject.toml's package-dir) and what each may never
+# import, directly or through the repository's other modules, lazily imported ones included.
+REPO = Path(__file__).resolve().parent.parent
+PACKAGE_DIRS = {
+    "nightingale.models": REPO / "models",
+    "nightingale.daemon": REPO / "daemon",
+    "nightingale.client": REPO / "client",
+    "nightingale": REPO / "nightingale",
+}
+FORBIDDEN = {
+    "nightingale.protocol": ("nightingale.daemon", "nightingale.client", "nightingale.models", "mlx", "numpy"),
+    "nightingale.daemon": ("nightingale.client",),
+    "nightingale.client": ("nightingale.daemon", "nightingale.models", "mlx"),
+    "nightingale.models": ("nightingale.daemon", "nightingale.client"),
+}
 
-    def serve() -> None:
-        conn, _ = listener.accept()
-        with conn:
-            conn.sendall(p.encode_frame(p.Hello(server="test", state="ready", sample_rate=24000)))
-            while data := conn.recv(997):  # a slow, small-bite reader: writes go out in pieces
-                received.extend(data)
 
-    server = threading.Thread(target=serve)
-    server.start()
-    conn = p.Connection(path, timeout=30)
-    text = "x" * (p.MAX_TEXT_BYTES - 16)  # frames far larger than one socket write
+def _module_files() -> dict[str, Path]:
+    """Every module of the repository's packages by its import name."""
+    modules = {}
+    for package, folder in PACKAGE_DIRS.items():
+        for path in folder.rglob("*.py"):
+            parts = path.relative_to(folder).with_suffix("").parts
+            name = ".".join((package, *parts))
+            modules[name.removesuffix(".__init__")] = path
+    return modules
 
-    def feed(uid: str) -> None:
-        for _ in range(40):
-            conn.send(p.SpeakText(id=uid, text=text))
 
-    senders = [threading.Thread(target=feed, args=(uid,)) for uid in ("a", "b", "c")]
-    for t in senders:
-        t.start()
-    for t in senders:
-        t.join(60)
-    conn.close()
-    server.join(60)
-    listener.close()
-    decoder = p.FrameDecoder()
-    decoder.feed(bytes(received))
-    frames = [p.decode_request(p.unpack_body(f)) for f in decoder.frames()]
-    assert sorted(f.id for f in frames) == ["a"] * 40 + ["b"] * 40 + ["c"] * 40
-    assert all(f.text == text for f in frames) and not decoder.pending
+def _imports(name: str, path: Path) -> set[str]:
+    """The modules `path` imports anywhere in it; `from a import b` counts as a and a.b."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{anchor}.{base}" if base else anchor
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return found
+
+
+def test_packages_import_only_what_the_layering_allows():
+    """daemon/ and client/ never import each other (nor client/ the models), the protocol
+    imports neither, models/ imports neither: checked by walking every import statement
+    and following the repository's own modules, so a detour through a neutral module counts."""
+    modules = _module_files()
+    graph = {name: _imports(name, path) for name, path in modules.items()}
+    assert "nightingale.protocol.messages" in graph and "nightingale.client.connection" in graph
+    broken = []
+    for start in modules:
+        rule = next((r for r in FORBIDDEN if start == r or start.startswith(r + ".")), None)
+        if rule is None:
+            continue
+        seen, todo = {start}, [start]
+        while todo:
+            for target in graph.get(todo.pop(), ()):
+                if any(target == f or target.startswith(f + ".") for f in FORBIDDEN[rule]):
+                    broken.append(f"{start} reaches {target}")
+                elif target in modules and target not in seen:
+                    seen.add(target)
+                    todo.append(target)
+    assert not broken, "\n".join(sorted(set(broken)))
 
 
 def test_language_and_text_positions_are_optional_v1_fields():

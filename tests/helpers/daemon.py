@@ -15,6 +15,7 @@ import anyio
 import numpy as np
 
 from nightingale import protocol as p
+from nightingale.client.connection import Connection, DaemonUnavailable
 from nightingale.daemon.config import DaemonConfig
 from nightingale.daemon.server import Daemon
 
@@ -69,8 +70,8 @@ class DaemonThread:
                     wait_for(conn, p.Ready)
         return self
 
-    def connect(self) -> p.Connection:
-        return p.Connection(self.path, timeout=TIMEOUT)
+    def connect(self) -> Connection:
+        return Connection(self.path, timeout=TIMEOUT)
 
     def stop(self) -> int | None:
         self.daemon.request_shutdown()
@@ -81,7 +82,7 @@ class DaemonThread:
         return self.exit_code
 
 
-def wait_for(conn: p.Connection, kind: type, timeout: float = TIMEOUT, skipped: list | None = None, **match) -> p.Event:
+def wait_for(conn: Connection, kind: type, timeout: float = TIMEOUT, skipped: list | None = None, **match) -> p.Event:
     """Read events until one of `kind` whose fields equal `match`; return it. Events read
     on the way are appended to `skipped` (when given) or dropped."""
     deadline = time.monotonic() + timeout
@@ -95,7 +96,7 @@ def wait_for(conn: p.Connection, kind: type, timeout: float = TIMEOUT, skipped: 
             skipped.append(ev)
 
 
-def until_done(conn: p.Connection, uid: str, timeout: float = TIMEOUT) -> list[p.Event]:
+def until_done(conn: Connection, uid: str, timeout: float = TIMEOUT) -> list[p.Event]:
     """All events up to and including the Done of `uid`."""
     events: list[p.Event] = []
     deadline = time.monotonic() + timeout
@@ -115,20 +116,20 @@ def pcm_of(events: list[p.Event], uid: str) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
 
-def request(conn: p.Connection, msg: p.Request, kind: type, skipped: list | None = None) -> p.Event:
+def request(conn: Connection, msg: p.Request, kind: type, skipped: list | None = None) -> p.Event:
     msg.ref = msg.ref or f"r{time.monotonic_ns()}"
     conn.send(msg)
     return wait_for(conn, kind, skipped=skipped, ref=msg.ref)
 
 
-def connect_when_up(sock, proc: subprocess.Popen, timeout: float = TIMEOUT) -> p.Connection:
+def connect_when_up(sock, proc: subprocess.Popen, timeout: float = TIMEOUT) -> Connection:
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
             raise AssertionError(f"daemon exited with {proc.returncode}: {proc.stdout.read() if proc.stdout else ''}")
         try:
-            return p.Connection(sock, timeout=timeout)
-        except p.DaemonUnavailable:
+            return Connection(sock, timeout=timeout)
+        except DaemonUnavailable:
             assert time.monotonic() < deadline, "daemon did not bind"
             time.sleep(0.05)
 

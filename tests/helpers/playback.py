@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from nightingale import protocol as p
+from nightingale.client.connection import Connection
 
 from .daemon import TIMEOUT, request
 from .pulse import PulseNullSink, PulseUnavailable, compare_playback
@@ -42,7 +43,7 @@ def pulse_device() -> str | None:
     return "pulse" if "pulse" in names else None
 
 
-def wait_generated(conn: p.Connection, events: list, timeout: float = TIMEOUT) -> p.Status:
+def wait_generated(conn: Connection, events: list, timeout: float = TIMEOUT) -> p.Status:
     """Status once synthesis is over and the audio waits in the playback buffer; the
     utterance's events read meanwhile go to `events`."""
     deadline = time.monotonic() + timeout

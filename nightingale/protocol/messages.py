@@ -1,52 +1,31 @@
-"""Nightingale protocol v1: framing, typed messages and the socket location.
+"""The typed messages of protocol v1, their checks, and decoding of frame bodies into them.
 
-One module, shared by the daemon and every client (`nsay`, tests, bench), so the wire
-format is defined exactly once. It imports neither mlx nor numpy: clients stay light.
+Every message is a class below; `decode_request` / `decode_event` check the version, the
+type and every field's type and value, and raise ProtocolError with a stable `code` that
+the daemon sends back in an `error` event.
 
-Wire format (docs/protocol.md is the full description):
-
-    frame = length (4 bytes, unsigned big-endian) + body (`length` bytes)
-    body  = one msgpack map: {"v": 1, "type": "<name>", ...fields}
-
-Strings are msgpack str (UTF-8); PCM audio is msgpack bin. A frame longer than
-MAX_FRAME_BYTES is refused without being buffered: the reader skips its body and reports
-it, so one bad frame never desynchronises the stream. Every message is a dataclass below;
-`decode_request` / `decode_event` check the version, the type and every field's type, and
-raise ProtocolError with a stable `code` that the daemon sends back in an `error` event.
+Message classes are declared like keyword-only dataclasses, but built by _Record's
+__init_subclass__ rather than by `dataclasses`: nsay imports this module at every start,
+and importing `dataclasses` and building some 30 classes with it took about 20 ms of
+nsay's start-up (docs/notes.md has the measurements).
 """
 
 from __future__ import annotations
 
 import math
-import os
 import re
-import socket
-import struct
-import sys
-import threading
-import time
 import typing
-import warnings
-from dataclasses import MISSING, dataclass, field, fields
-from pathlib import Path
-from typing import Any, ClassVar, Iterator, Union
+from typing import Any, Callable, ClassVar, Union
 
-import msgpack
+from .options import OptionError, check_option
 
 PROTOCOL_VERSION = 1
 
-HEADER = struct.Struct(">I")  # body length, unsigned 32-bit big-endian
 MAX_FRAME_BYTES = 1 << 20  # 1 MiB per frame body, both directions
 MAX_TEXT_BYTES = 64 * 1024  # UTF-8 bytes of text in one speak or speak_text frame
 MAX_STREAM_TEXT_BYTES = 1 << 20  # total UTF-8 bytes one streamed utterance may receive
 MAX_ID_CHARS = 128  # client-chosen utterance ids and refs
 MAX_AUDIO_FRAME_SAMPLES = 48000  # the daemon splits audio events to at most 2 s at 24 kHz
-
-SOCKET_ENV = "NIGHTINGALE_SOCKET"
-SOCKET_NAME = "nightingale.sock"
-APP_NAME = "nightingale"
-# sockaddr_un.sun_path holds 104 bytes on macOS and 108 on Linux, including the NUL.
-MAX_SOCKET_PATH_BYTES = 103 if sys.platform == "darwin" else 107
 
 # speech-dispatcher's priorities, most urgent first (notification and progress share a rank).
 PRIORITIES = ("important", "message", "text", "notification", "progress")
@@ -58,85 +37,6 @@ DONE_REASONS = ("completed", "cancelled", "preempted", "failed")
 
 # speak.language: an ISO 639-1 code (two or three letters, an optional region/script part)
 LANGUAGE_CODE = re.compile(r"[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{1,8})?")
-
-# Sampling options a speak request may carry, with their wire types; the daemon passes the
-# ones present to the model's stream() as keyword arguments.
-SPEAK_OPTIONS: dict[str, type] = {
-    "seed": int,
-    "temperature": float,
-    "cfg_weight": float,
-    "exaggeration": float,
-    "top_p": float,
-    "min_p": float,
-    "repetition_penalty": float,
-    "max_new_tokens": int,
-    "n_timesteps": int,  # CFM steps of S3Gen's flow (fewer: faster, rougher)
-    "first_chunk_timesteps": int,  # CFM steps of the utterance's first chunk only
-    "chunk_schedule": str,  # "first,growth,max" speech tokens per audio chunk
-}
-
-# Inclusive bounds of each option: wide enough for any real use, narrow enough that no
-# request can ask for hours of work. check_option() applies them; the daemon and every
-# CLI that takes an option use it, so a value is refused the same way everywhere.
-OPTION_RANGES: dict[str, tuple[float, float]] = {
-    "seed": (0, 2**62 - 1),
-    "temperature": (0.0, 5.0),
-    "cfg_weight": (0.0, 5.0),
-    "exaggeration": (0.0, 2.0),
-    "top_p": (0.01, 1.0),
-    "min_p": (0.0, 1.0),
-    "repetition_penalty": (1.0, 5.0),
-    "max_new_tokens": (1, 4096),  # T3's learned speech positions
-    "n_timesteps": (1, 100),  # the model's default is 10
-    "first_chunk_timesteps": (1, 100),  # the model's default is 4 (capped by n_timesteps)
-}
-CHUNK_TOKENS_RANGE = (4, 1000)  # first and max speech tokens per chunk
-CHUNK_GROWTH_RANGE = (1.0, 10.0)
-
-
-class OptionError(ValueError):
-    """An option value out of type or range; the message is one line naming the field
-    and what it accepts."""
-
-
-def check_option(name: str, value: Any) -> Any:
-    """Validate one speak option; returns it normalised (ints as float for float options,
-    chunk_schedule as canonical "first,growth,max"). Raises OptionError."""
-    want = SPEAK_OPTIONS.get(name)
-    if want is None:
-        raise OptionError(f"unknown option {name!r}; known: {', '.join(SPEAK_OPTIONS)}")
-    if name == "chunk_schedule":
-        return _check_chunk_schedule(value)
-    low, high = OPTION_RANGES[name]
-    if want is int:
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise OptionError(f"option {name!r} must be an integer in {low}..{high}, got {value!r}")
-    elif not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise OptionError(f"option {name!r} must be a finite number in {low:g}..{high:g}, got {value!r}")
-    if not low <= value <= high:
-        shown = f"{low}..{high}" if want is int else f"{low:g}..{high:g}"
-        raise OptionError(f"option {name!r} must be in {shown}, got {value!r}")
-    return float(value) if want is float else value
-
-
-def _check_chunk_schedule(value: Any) -> str:
-    lo, hi = CHUNK_TOKENS_RANGE
-    glo, ghi = CHUNK_GROWTH_RANGE
-    usage = f"option 'chunk_schedule' is first[,growth[,max]] with first and max in {lo}..{hi} tokens and growth in {glo:g}..{ghi:g}"
-    if not isinstance(value, str) or len(value) > 64:
-        raise OptionError(f"{usage}, got {value!r}")
-    try:
-        parts = [float(v) for v in value.split(",")]
-    except ValueError:
-        raise OptionError(f"{usage}, got {value!r}") from None
-    if not 1 <= len(parts) <= 3 or not all(math.isfinite(v) for v in parts):
-        raise OptionError(f"{usage}, got {value!r}")
-    first = parts[0]
-    growth = parts[1] if len(parts) > 1 else 2.0
-    top = parts[2] if len(parts) > 2 else max(first, 48)
-    if first != int(first) or top != int(top) or not lo <= first <= top <= hi or not glo <= growth <= ghi:
-        raise OptionError(f"{usage} (max not below first), got {value!r}")
-    return f"{int(first)},{growth:g},{int(top)}"
 
 # Error codes (the `code` of an `error` event).
 E_BAD_FRAME = "bad_frame"  # body is not exactly one msgpack map, or the frame was cut short
@@ -183,8 +83,86 @@ class ProtocolError(Exception):
 # ----------------------------------------------------------------------------- messages
 
 
-@dataclass(kw_only=True)
-class Message:
+MISSING: Any = object()  # a field without a default
+
+
+class Field:
+    """One field of a message class: its name and default, or a factory for a fresh
+    default per message (lists, dicts)."""
+
+    __slots__ = ("name", "default", "default_factory")
+
+    def __init__(self, name: str = "", default: Any = MISSING, default_factory: Callable[[], Any] | None = None):
+        self.name = name
+        self.default = default
+        self.default_factory = default_factory
+
+    @property
+    def required(self) -> bool:
+        return self.default is MISSING and self.default_factory is None
+
+
+def field(*, default_factory: Callable[[], Any]) -> Any:
+    """A field whose default is made fresh for each message, as dataclasses.field()."""
+    return Field(default_factory=default_factory)
+
+
+def fields(message: Message | type[Message]) -> tuple[Field, ...]:
+    """The fields of a message class or message, the base class's first."""
+    return message._fields
+
+
+# Python 3.11+: type checkers see each message class's keyword-only __init__.
+_dataclass_like = getattr(typing, "dataclass_transform", lambda **_: lambda cls: cls)
+
+
+@_dataclass_like(kw_only_default=True, field_specifiers=(field,))
+class _Record:
+    """Keyword-only fields from the class annotations, with __init__, __repr__ and __eq__
+    as a keyword-only dataclass has them."""
+
+    _fields: ClassVar[tuple[Field, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own: dict[str, Field] = {}
+        for name, annotation in cls.__dict__.get("__annotations__", {}).items():
+            if str(annotation).startswith("ClassVar"):
+                continue
+            value = cls.__dict__.get(name, MISSING)
+            if isinstance(value, Field):
+                own[name] = Field(name, default_factory=value.default_factory)
+                delattr(cls, name)
+            else:
+                own[name] = Field(name, default=value)
+        # A redeclared field keeps its place among the base's, as in dataclasses.
+        cls._fields = tuple({**{f.name: f for f in cls._fields}, **own}.values())
+
+    def __init__(self, **values: Any) -> None:
+        for f in self._fields:
+            if f.name in values:
+                value = values.pop(f.name)
+            elif f.default_factory is not None:
+                value = f.default_factory()
+            elif f.default is not MISSING:
+                value = f.default
+            else:
+                raise TypeError(f"{type(self).__name__}() needs the keyword argument {f.name!r}")
+            setattr(self, f.name, value)
+        if values:
+            raise TypeError(f"{type(self).__name__}() got unexpected keyword arguments {', '.join(values)}")
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in self._fields)
+        return f"{type(self).__qualname__}({shown})"
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return all(getattr(self, f.name) == getattr(other, f.name) for f in self._fields)
+
+
+class Message(_Record):
     """Base of every message. `ref` is an optional client-chosen tag that the daemon
     echoes in the reply (and in any error) so a client can match answers to requests."""
 
@@ -194,7 +172,7 @@ class Message:
     def to_wire(self) -> dict[str, Any]:
         """The msgpack map for this message; None-valued fields are left out."""
         out: dict[str, Any] = {"v": PROTOCOL_VERSION, "type": self.TYPE}
-        for f in fields(self):
+        for f in self._fields:
             value = getattr(self, f.name)
             if value is not None:
                 out[f.name] = value
@@ -240,7 +218,6 @@ def _check_text(msg: Message, text: str | None) -> None:
 # --- requests
 
 
-@dataclass(kw_only=True)
 class Speak(Request):
     """Speak `text`, or open a text stream (`stream=True`) fed by SpeakText and closed
     by SpeakEnd, so speech starts before the input ends.
@@ -285,7 +262,6 @@ class Speak(Request):
                 raise _bad(self, f"speak.options: {err}") from None
 
 
-@dataclass(kw_only=True)
 class SpeakText(Request):
     """The next piece of an open text stream."""
 
@@ -299,7 +275,6 @@ class SpeakText(Request):
         _check_text(self, self.text)
 
 
-@dataclass(kw_only=True)
 class SpeakEnd(Request):
     """Close a text stream: the rest of the buffered text is spoken."""
 
@@ -311,7 +286,6 @@ class SpeakEnd(Request):
         _check_id(self, "id", self.id)
 
 
-@dataclass(kw_only=True)
 class Cancel(Request):
     """Cancel one of this connection's utterances (`id`), or every utterance of every
     client (`all`), queued or speaking."""
@@ -327,7 +301,6 @@ class Cancel(Request):
             raise _bad(self, "cancel needs exactly one of id or all: true")
 
 
-@dataclass(kw_only=True)
 class Pause(Request):
     """Hold local playback; queued and partly played audio is kept, not dropped.
 
@@ -338,29 +311,24 @@ class Pause(Request):
     keep: bool = False
 
 
-@dataclass(kw_only=True)
 class Resume(Request):
     """Continue local playback where it was paused."""
 
     TYPE = "resume"
 
 
-@dataclass(kw_only=True)
 class GetStatus(Request):
     TYPE = "status"
 
 
-@dataclass(kw_only=True)
 class ListVoices(Request):
     TYPE = "voices"
 
 
-@dataclass(kw_only=True)
 class Ping(Request):
     TYPE = "ping"
 
 
-@dataclass(kw_only=True)
 class Shutdown(Request):
     """Ask the daemon to drain and exit."""
 
@@ -370,7 +338,6 @@ class Shutdown(Request):
 # --- events
 
 
-@dataclass(kw_only=True)
 class Hello(Event):
     """Sent first on every connection. state: one of STATES; sample_rate is None while
     loading."""
@@ -386,7 +353,6 @@ class Hello(Event):
     languages: list[str] = field(default_factory=list)  # what the loaded model speaks
 
 
-@dataclass(kw_only=True)
 class Ready(Event):
     """Sent to every connected client when the model is loaded and warmed."""
 
@@ -395,7 +361,6 @@ class Ready(Event):
     model: str = ""
 
 
-@dataclass(kw_only=True)
 class Loading(Event):
     """The answer to a request that needs the model while it is still loading; the
     request was not performed. Wait for `ready`, then send it again."""
@@ -406,7 +371,6 @@ class Loading(Event):
     message: str = "the model is loading"
 
 
-@dataclass(kw_only=True)
 class Accepted(Event):
     """A speak request was queued. position: utterances ahead of it (0 = next)."""
 
@@ -417,7 +381,6 @@ class Accepted(Event):
     output: str
 
 
-@dataclass(kw_only=True)
 class Started(Event):
     """Synthesis of the utterance began (it left the queue). wait_ms: time queued."""
 
@@ -428,7 +391,6 @@ class Started(Event):
     language: str | None = None
 
 
-@dataclass(kw_only=True)
 class Audio(Event):
     """PCM audio of an utterance streamed back (output "stream" or "both"); mono.
     seq counts audio events of the utterance from 0; start_s is the offset of the first
@@ -444,7 +406,6 @@ class Audio(Event):
     start_s: float = 0.0
 
 
-@dataclass(kw_only=True)
 class Progress(Event):
     """One synthesized chunk. tokens and audio_s are running totals for the utterance.
     text_start/text_end: the characters of the utterance's text (for a text stream, of
@@ -464,7 +425,6 @@ class Progress(Event):
     text: str | None = None
 
 
-@dataclass(kw_only=True)
 class Done(Event):
     """The end of an accepted utterance; exactly one per accepted speak.
 
@@ -491,7 +451,6 @@ class Done(Event):
     s3gen_ms_per_chunk: float | None = None
 
 
-@dataclass(kw_only=True)
 class Error(Event):
     """A failed request or a broken frame. id names the utterance when known."""
 
@@ -502,7 +461,6 @@ class Error(Event):
     id: str | None = None
 
 
-@dataclass(kw_only=True)
 class Status(Event):
     """The daemon's state and telemetry (the `status` request's answer); the dict
     fields are documented in docs/protocol.md."""
@@ -525,20 +483,17 @@ class Status(Event):
     counters: dict = field(default_factory=dict)
 
 
-@dataclass(kw_only=True)
 class Voices(Event):
     TYPE = "voices"
     voices: list[str] = field(default_factory=list)
     family: str = ""  # the loaded model's family ("chatterbox", "turbo"); "" from older daemons
 
 
-@dataclass(kw_only=True)
 class Pong(Event):
     TYPE = "pong"
     state: str = "ready"
 
 
-@dataclass(kw_only=True)
 class Cancelled(Event):
     """The answer to `cancel`: the ids that were cancelled (each also gets its `done`)."""
 
@@ -546,17 +501,14 @@ class Cancelled(Event):
     ids: list[str] = field(default_factory=list)
 
 
-@dataclass(kw_only=True)
 class Paused(Event):
     TYPE = "paused"
 
 
-@dataclass(kw_only=True)
 class Resumed(Event):
     TYPE = "resumed"
 
 
-@dataclass(kw_only=True)
 class ShuttingDown(Event):
     """The daemon is draining: sent in answer to `shutdown` and to every client when a
     drain begins (signal or shutdown request)."""
@@ -635,7 +587,7 @@ def _from_wire(cls: type[Message], obj: dict[str, Any]) -> Message:
     msg_id = obj.get("id") if isinstance(obj.get("id"), str) else None
     for f in fields(cls):
         if f.name not in obj:
-            if f.default is MISSING and f.default_factory is MISSING:
+            if f.required:
                 raise ProtocolError(E_BAD_FIELD, f"{mtype} needs field {f.name!r}", request=mtype, id=msg_id)
             continue
         value = obj[f.name]
@@ -690,234 +642,3 @@ def decode_event(obj: Any) -> Event:
     """A decoded frame body as a typed event; raises ProtocolError (E_UNKNOWN_TYPE for an
     event this client does not know, which a client may ignore)."""
     return _decode(obj, EVENTS)  # type: ignore[return-value]
-
-
-# ----------------------------------------------------------------------------- framing
-
-
-def pack_body(obj: dict[str, Any]) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)
-
-
-def encode_frame(message: Message | dict[str, Any]) -> bytes:
-    """Header + msgpack body of a message (or of a raw map, for tests of bad input)."""
-    body = pack_body(message.to_wire() if isinstance(message, Message) else message)
-    if len(body) > MAX_FRAME_BYTES:
-        raise ValueError(f"frame body of {len(body)} bytes exceeds {MAX_FRAME_BYTES}")
-    return HEADER.pack(len(body)) + body
-
-
-def unpack_body(body: bytes) -> Any:
-    """A frame body as Python objects; raises ProtocolError (E_BAD_UTF8 / E_BAD_FRAME)."""
-    try:
-        return msgpack.unpackb(body, raw=False, use_list=True, strict_map_key=True)
-    except UnicodeDecodeError as err:
-        raise ProtocolError(E_BAD_UTF8, f"a string in the frame is not valid UTF-8 ({err.reason})") from None
-    except msgpack.ExtraData:
-        raise ProtocolError(E_BAD_FRAME, "the frame holds more than one msgpack object") from None
-    except Exception as err:  # msgpack raises ValueError, TypeError, FormatError, StackError...
-        raise ProtocolError(E_BAD_FRAME, f"the frame is not valid msgpack ({type(err).__name__})") from None
-
-
-class FrameDecoder:
-    """Incremental, sans-IO frame splitter.
-
-    feed() bytes as they arrive; frames() yields each complete body (bytes) or a
-    ProtocolError for an oversized frame. An oversized body is skipped as it streams in,
-    never buffered, so the next frame is read correctly.
-    """
-
-    def __init__(self, max_frame_bytes: int = MAX_FRAME_BYTES):
-        self.max_frame_bytes = max_frame_bytes
-        self._buf = bytearray()
-        self._skip = 0  # bytes of an oversized body still to discard
-
-    def feed(self, data: bytes) -> None:
-        if self._skip:
-            dropped = min(self._skip, len(data))
-            self._skip -= dropped
-            data = data[dropped:]
-        self._buf += data
-
-    @property
-    def buffered(self) -> int:
-        """Bytes held in memory for an unfinished frame."""
-        return len(self._buf)
-
-    @property
-    def pending(self) -> int:
-        """Bytes of an unfinished frame (or of an oversized body still being skipped)."""
-        return len(self._buf) + self._skip
-
-    def frames(self) -> Iterator[bytes | ProtocolError]:
-        while True:
-            if self._skip:
-                dropped = min(self._skip, len(self._buf))
-                del self._buf[:dropped]
-                self._skip -= dropped
-                if self._skip:
-                    return
-            if len(self._buf) < HEADER.size:
-                return
-            (length,) = HEADER.unpack_from(self._buf)
-            if length > self.max_frame_bytes:
-                del self._buf[: HEADER.size]
-                self._skip = length
-                yield ProtocolError(
-                    E_FRAME_TOO_LARGE, f"frame of {length} bytes exceeds the limit of {self.max_frame_bytes} bytes"
-                )
-                continue
-            if len(self._buf) < HEADER.size + length:
-                return
-            body = bytes(self._buf[HEADER.size : HEADER.size + length])
-            del self._buf[: HEADER.size + length]
-            yield body
-
-
-# ----------------------------------------------------------------------------- socket location
-
-
-def default_socket_path() -> Path:
-    """The per-user socket: platformdirs' runtime dir (Linux: $XDG_RUNTIME_DIR or a
-    private fallback) or app-support dir (macOS), plus SOCKET_NAME."""
-    import platformdirs
-
-    with warnings.catch_warnings():
-        # platformdirs warns when XDG_RUNTIME_DIR is unset and it falls back to /tmp/runtime-UID.
-        warnings.simplefilter("ignore")
-        if sys.platform == "darwin":
-            base = platformdirs.user_data_dir(APP_NAME, appauthor=False)  # ~/Library/Application Support
-        else:
-            base = platformdirs.user_runtime_dir(APP_NAME, appauthor=False)
-    return Path(base) / SOCKET_NAME
-
-
-def socket_path(explicit: str | os.PathLike[str] | None = None) -> Path:
-    """Where the daemon listens: `--socket PATH`, else $NIGHTINGALE_SOCKET, else the default.
-    Raises ValueError when the path is too long for a Unix socket address."""
-    raw = explicit or os.environ.get(SOCKET_ENV) or default_socket_path()
-    path = Path(raw).expanduser()
-    if len(os.fsencode(str(path))) > MAX_SOCKET_PATH_BYTES:
-        raise ValueError(
-            f"socket path {path} is longer than {MAX_SOCKET_PATH_BYTES} bytes; choose a shorter --socket"
-        )
-    return path
-
-
-# ----------------------------------------------------------------------------- blocking client
-
-
-class DaemonUnavailable(ConnectionError):
-    """No daemon answers at the socket path."""
-
-
-CONNECT_RETRY_S = 5.0  # how long a full listen backlog (EAGAIN) is retried
-
-
-def _connect_retrying(sock: socket.socket, path: str) -> None:
-    """connect(), retried with backoff while the daemon's listen backlog is full: a local
-    connect flood then delays a client instead of failing it."""
-    deadline = time.monotonic() + CONNECT_RETRY_S
-    delay = 0.005
-    while True:
-        try:
-            sock.connect(path)
-            return
-        except BlockingIOError:  # EAGAIN on a Unix socket: the backlog is full
-            if time.monotonic() + delay > deadline:
-                raise
-            time.sleep(delay)
-            delay = min(0.2, delay * 2)
-
-
-class Connection:
-    """A blocking framed connection to the daemon (clients, tests, bench).
-
-    `hello` holds the daemon's first event. recv() returns typed events, None at a clean
-    end of stream, and raises ProtocolError for a frame cut short or malformed, and
-    TimeoutError when `timeout` passes with no complete frame.
-    """
-
-    def __init__(self, path: str | os.PathLike[str] | None = None, *, timeout: float | None = 10.0):
-        self.path = socket_path(path)
-        deadline = time.monotonic() + CONNECT_RETRY_S
-        delay = 0.05
-        while True:
-            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self._sock.settimeout(timeout)
-            try:
-                _connect_retrying(self._sock, str(self.path))
-            except (FileNotFoundError, ConnectionRefusedError) as err:
-                self._sock.close()
-                raise DaemonUnavailable(
-                    f"no nightingale daemon at {self.path} ({err.strerror}); start one with `nightingale serve`"
-                ) from None
-            except OSError:
-                self._sock.close()
-                raise
-            self._decoder = FrameDecoder()
-            self._frames: Iterator[bytes | ProtocolError] = iter(())
-            self._send_lock = threading.Lock()  # whole frames when threads share the connection
-            first = self.recv(timeout)
-            if isinstance(first, Hello):
-                break
-            self.close()
-            if isinstance(first, Error) and first.code == E_BUSY and time.monotonic() + delay < deadline:
-                time.sleep(delay)  # the daemon is at its connection cap: a flood, usually brief
-                delay = min(0.5, delay * 2)
-                continue
-            if isinstance(first, Error):
-                raise ProtocolError(first.code, first.message)
-            raise ProtocolError(E_BAD_FRAME, f"expected hello from the daemon, got {first!r}")
-        self.hello: Hello = first
-
-    def send(self, message: Message | dict[str, Any]) -> None:
-        """Thread-safe: a frame is written whole before another thread's frame starts."""
-        frame = encode_frame(message)
-        with self._send_lock:
-            self._sock.sendall(frame)
-
-    def send_raw(self, data: bytes) -> None:
-        """Bytes as they are (for tests of malformed input)."""
-        with self._send_lock:
-            self._sock.sendall(data)
-
-    def recv(self, timeout: float | None = None) -> Event | None:
-        body = self._next_body(timeout)
-        if body is None:
-            return None
-        return decode_event(unpack_body(body))
-
-    def _next_body(self, timeout: float | None) -> bytes | None:
-        if timeout is not None:
-            self._sock.settimeout(timeout)
-        while True:
-            for item in self._frames:
-                if isinstance(item, ProtocolError):
-                    raise item
-                return item
-            try:
-                data = self._sock.recv(1 << 16)
-            except socket.timeout:
-                raise TimeoutError(f"no frame from the daemon within {timeout} s") from None
-            if not data:
-                if self._decoder.pending:
-                    raise ProtocolError(E_BAD_FRAME, "the daemon closed the connection in the middle of a frame")
-                return None
-            self._decoder.feed(data)
-            self._frames = self._decoder.frames()
-
-    def fileno(self) -> int:
-        return self._sock.fileno()
-
-    def close(self) -> None:
-        try:
-            self._sock.close()
-        except OSError:
-            pass
-
-    def __enter__(self) -> "Connection":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
