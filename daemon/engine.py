@@ -30,7 +30,7 @@ from nightingale import protocol as p
 from nightingale.models.positions import segment_origins
 from nightingale.models.chunks import Cancelled
 
-from .playback import PlaybackError
+from nightingale.playback import PlaybackError
 from .utterance import Utterance
 
 log = logging.getLogger(__name__)

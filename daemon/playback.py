@@ -20,7 +20,6 @@ from typing import Any, Callable, Hashable
 import numpy as np
 
 from nightingale.playback import DEFAULT_LATENCY, AudioPlayer, ProbeResult
-from nightingale.playback import DeviceNotFound, PlaybackError, probe_output  # noqa: F401 (server.py and engine.py import them from here)
 
 log = logging.getLogger(__name__)
 

@@ -32,13 +32,14 @@ import anyio.abc
 
 from nightingale import __version__
 from nightingale import protocol as p
+from nightingale.playback import DeviceNotFound, ProbeResult, probe_output
 
 from .binding import SocketBinding, SocketInUse
 from .config import CLOSE_TIMEOUT_S, DEFAULT_MAX_QUEUE, DRAIN_TIMEOUT_S, SAMPLE_RATE, DaemonConfig
 from .connection import ClientConnection, PendingBytes, reap_idle
 from .engine import Engine
 from .frontend import Frontdoor, build_frontends
-from .playback import DeviceNotFound, Player, ProbeResult, probe_output
+from .playback import Player
 from .requests import Requests
 from .scheduler import Scheduler
 from .telemetry import Telemetry

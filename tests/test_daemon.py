@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 
 from nightingale import protocol as p
-from nightingale.client.connection import Connection, DaemonUnavailable
 from nightingale.daemon.binding import SocketBinding, SocketInUse
 
 from .helpers.daemon import (

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from nightingale import protocol as p
-from nightingale.client.connection import Connection
-from nightingale.daemon.playback import DeviceNotFound, Player, probe_output
+from nightingale.daemon.playback import Player
+from nightingale.playback import DeviceNotFound, probe_output
 
 from .helpers.daemon import (
     FAST,
@@ -141,7 +141,7 @@ def test_unknown_device_is_a_clear_error(pulse):
 def test_no_audio_device_is_detected(tmp_path):
     conf = tmp_path / "asound.conf"
     conf.write_text("pcm.!default { type hw card 0 }\n")  # no card 0 here: no output at all
-    code = "from nightingale.daemon.playback import probe_output; r = probe_output(None, 24000); print(r.available, r.reason)"
+    code = "from nightingale.playback import probe_output; r = probe_output(None, 24000); print(r.available, r.reason)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env={**os.environ, "ALSA_CONFIG_PATH": str(conf)})
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("False no audio output device")
