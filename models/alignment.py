@@ -160,7 +160,7 @@ def generate_aligned(
     if not cfg.alignment_heads:
         raise ValueError("this T3 has no aligned heads (the English model has none)")
     params = sampling.MULTILINGUAL.with_options(**options)
-    t3_mod.check_lengths(cfg, text_tokens, max_new_tokens)
+    t3.check_request(text_tokens, max_new_tokens)
     if max_new_tokens == 0:
         return
     keys = sampling.step_keys(seed, cfg.max_speech_tokens + 4)

@@ -405,6 +405,18 @@ def build_voice_encoder(weights: dict[str, np.ndarray], cfg: voice_encoder.Voice
     return ve
 
 
+def build_s3gen(weights: dict[str, np.ndarray], cfg: s3gen_mod.S3GenConfig, dtype: str) -> s3gen_mod.S3Gen:
+    """An S3Gen from checked upstream tensors, its flow cast to `dtype`. Consumes `weights`:
+    the dict is emptied once loaded, so the host copy is freed before the cast."""
+    s3gen = s3gen_mod.S3Gen(cfg)
+    s3gen.load_upstream(weights)
+    weights.clear()
+    if dtype != "float32":
+        s3gen.flow.set_dtype(DTYPES[dtype])
+    mx.eval(s3gen.parameters())
+    return s3gen
+
+
 def assemble_upstream(model_cls: type[ChatterboxModel], parts: tuple, configs: tuple, directory: Path, *,
                       tokenizer, size: str, dtype: str, quantize: int | None, group_size: int) -> ChatterboxModel:
     """A model from its loaded (t3, s3gen, ve) and their configs, with the checkpoint's
@@ -451,12 +463,7 @@ def load_upstream(directory: Path, *, quantize: int | None = None, dtype: str = 
     t3 = t3_mod.build_t3(t3_weights, t3_cfg, DTYPES[dtype])
     del t3_weights
     ve = build_voice_encoder(ve_weights, ve_cfg)
-    s3gen = s3gen_mod.S3Gen(s3_cfg)
-    s3gen.load_upstream(s3_weights)
-    del s3_weights
-    if dtype != "float32":
-        s3gen.flow.set_dtype(DTYPES[dtype])
-    mx.eval(s3gen.parameters())
+    s3gen = build_s3gen(s3_weights, s3_cfg, dtype)
 
     model = assemble_upstream(ChatterboxModel, (t3, s3gen, ve), (t3_cfg, ve_cfg, s3_cfg), directory,
                               tokenizer=_tokenizer(directory), size=dims.raw.get("size", "full"),

@@ -471,12 +471,24 @@ def _token_array(token: mx.array | int) -> mx.array:
 class T3Base(nn.Module):
     """What T3 and Turbo T3 (models/t3_turbo.py) share around their backbones.
 
-    A subclass sets `cfg`, `tfmr` (called as tfmr(embeds (B, L, D), cache, ...) -> hidden
-    (B, L, D), advancing the cache), `cond_enc.spkr_enc`, `speech_emb` and `speech_head`, and
-    says how many layers its cache holds (`num_layers`). Logits are always float32.
+    The constructor sets `cfg`, the backbone `tfmr` (called as tfmr(embeds (B, L, D), cache,
+    ...) -> hidden (B, L, D), advancing the cache), `cond_enc` (with `spkr_enc`), `text_emb`
+    and `speech_emb`; a subclass adds its heads (`speech_head`) and position tables. Logits
+    are always float32. For `generate_tokens` a subclass also gives its sampler settings
+    (`sampling_defaults`, `sample`), its checks (`check_request`) and its prefill (`start`).
     """
 
-    num_layers: int
+    sampling_defaults: sampling.SamplingParams | sampling.TurboSamplingParams
+    penalise_bos_after_first = True  # the repetition penalty keeps counting BOS after the first token
+
+    def __init__(self, cfg, num_layers: int, width: int, tfmr: nn.Module, cond_enc: nn.Module) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.num_layers = num_layers
+        self.tfmr = tfmr
+        self.cond_enc = cond_enc
+        self.text_emb = nn.Embedding(cfg.text_tokens_dict_size, width)
+        self.speech_emb = nn.Embedding(cfg.speech_tokens_dict_size, width)
 
     @property
     def dtype(self) -> mx.Dtype:
@@ -523,15 +535,11 @@ class T3(T3Base):
     sampler are always float32.
     """
 
+    sampling_defaults = sampling.ENGLISH
+
     def __init__(self, cfg: T3Config) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.num_layers = cfg.num_hidden_layers
         d = cfg.hidden_size
-        self.tfmr = LlamaModel(cfg)
-        self.cond_enc = T3CondEnc(cfg)
-        self.text_emb = nn.Embedding(cfg.text_tokens_dict_size, d)
-        self.speech_emb = nn.Embedding(cfg.speech_tokens_dict_size, d)
+        super().__init__(cfg, cfg.num_hidden_layers, d, LlamaModel(cfg), T3CondEnc(cfg))
         self.text_pos_emb = LearnedPositionEmbeddings(cfg.max_text_tokens + 2, d)
         self.speech_pos_emb = LearnedPositionEmbeddings(cfg.max_speech_tokens + 2 + 2, d)
         self.text_head = nn.Linear(d, cfg.text_tokens_dict_size, bias=False)  # unused at inference
@@ -605,6 +613,32 @@ class T3(T3Base):
         emb = mx.broadcast_to(emb[None], (cache.batch, 1, emb.shape[-1]))
         return self.last_logits(emb, cache, probe=probe), cache
 
+    # -- generate_tokens ---------------------------------------------------------------
+
+    @property
+    def key_count(self) -> int:
+        """PRNG keys split per request: one per learned speech position."""
+        return self.cfg.max_speech_tokens + 4
+
+    def check_request(self, text_tokens: list[int], max_new_tokens: int) -> None:
+        """ValueError unless the text and the speech budget fit the learned position tables."""
+        cfg = self.cfg
+        if max_new_tokens < 0 or max_new_tokens > cfg.max_speech_tokens + 3:
+            raise ValueError(f"max_new_tokens must be in 0..{cfg.max_speech_tokens + 3} (learned speech positions)")
+        if len(text_tokens) > cfg.max_text_tokens:
+            raise ValueError(f"text is {len(text_tokens)} tokens; T3 takes at most {cfg.max_text_tokens}")
+
+    def start(self, cond: T3Cond, text_tokens: list[int], params: SamplingParams, max_new_tokens: int):
+        """Prefill [cond | SOT text EOT | BOS | BOS] (CFG's batch 2 unless cfg_weight is 0);
+        returns its logits (B, V) and step(token, k), which feeds generated token k - 1 at
+        learned speech position k and returns the next logits."""
+        logits, cache = self.prefill(self.prepare_conditioning(cond), self.wrap_text(text_tokens),
+                                     use_cfg=params.cfg_weight > 0)
+        return logits, lambda token, position: self.step(token, position, cache)[0]
+
+    def sample(self, logits: mx.array, seen: mx.array | None, params: SamplingParams, key: mx.array) -> mx.array:
+        return sample_token(logits, seen, params, key)
+
     def teacher_forced_logits(self, cond_emb: mx.array, text_tokens: mx.array, speech_tokens: mx.array,
                               use_cfg: bool = True) -> mx.array:
         """One forward pass over [cond | text | BOS | BOS | speech_tokens] (speech token k at
@@ -672,49 +706,42 @@ def sample_token(logits: mx.array, seen: mx.array | None, params: SamplingParams
     return _compiled_sampler(params, True)(logits, seen, key)
 
 
-def check_lengths(cfg: T3Config, text_tokens: list[int], max_new_tokens: int) -> None:
-    """ValueError unless the text and the speech budget fit T3's learned position tables."""
-    if max_new_tokens < 0 or max_new_tokens > cfg.max_speech_tokens + 3:
-        raise ValueError(f"max_new_tokens must be in 0..{cfg.max_speech_tokens + 3} (learned speech positions)")
-    if len(text_tokens) > cfg.max_text_tokens:
-        raise ValueError(f"text is {len(text_tokens)} tokens; T3 takes at most {cfg.max_text_tokens}")
-
-
 def generate_tokens(
-    t3: T3,
+    t3: T3Base,
     cond: T3Cond,
     text_tokens: list[int],
     *,
     max_new_tokens: int = 1000,
     seed: int | None = None,
     cancel: threading.Event | None = None,
-    defaults: SamplingParams = sampling.ENGLISH,
+    defaults: SamplingParams | sampling.TurboSamplingParams | None = None,
     **options: float | None,
 ) -> Iterator[int]:
-    """Yield speech tokens one by one as T3 samples them (upstream `T3.inference`).
+    """Yield speech tokens one by one as T3 (upstream `T3.inference`) or Turbo T3
+    (`inference_turbo`, models/t3_turbo.py) samples them.
 
-    text_tokens: the tokenizer's ids of the normalised text, *without* SOT/EOT (they are
-    added here, as upstream's `generate` does). Every sampled token is yielded, including ids
-    >= 6561 (they are fed back like any other; filter them before S3Gen); EOS (6562) is not
-    yielded and ends the generator. At most `max_new_tokens` tokens are sampled (EOS counts).
-    `options` (cfg_weight, temperature, repetition_penalty, min_p, top_p; None or absent:
-    `defaults`, the English model's) set the sampler. With cfg_weight 0 the unconditional
-    row is skipped (batch 1): the logits equal what upstream's c + 0 (c - u) gives, where
-    upstream itself crashes. `seed` fixes the mx.random key (None: a random seed). `cancel`
-    (threading.Event or None) is checked before each step; when set, Cancelled
-    (models/chunks.py) is raised.
+    text_tokens: the tokenizer's ids of the normalised text; T3 wraps them in SOT/EOT here,
+    as upstream's `generate` does (Turbo adds nothing). Every sampled token is yielded,
+    including ids >= 6561 (they are fed back like any other; filter them before S3Gen); EOS
+    (6562) is not yielded and ends the generator. At most `max_new_tokens` tokens are
+    sampled (EOS counts). `options` (T3: cfg_weight, temperature, repetition_penalty, min_p,
+    top_p; Turbo: temperature, top_k, top_p, repetition_penalty) set the sampler; None or
+    absent: `defaults`, else the model's `sampling_defaults` (models/sampling.py). With
+    cfg_weight 0 T3 skips the unconditional row (batch 1): the logits equal what upstream's
+    c + 0 (c - u) gives, where upstream itself crashes. `seed` fixes the mx.random key
+    (None: a random seed). `cancel` (threading.Event or None) is checked before each step;
+    when set, Cancelled (models/chunks.py) is raised.
     """
-    cfg = t3.cfg
-    params = defaults.with_options(**options)
-    check_lengths(cfg, text_tokens, max_new_tokens)
+    params = (defaults or t3.sampling_defaults).with_options(**options)
+    t3.check_request(text_tokens, max_new_tokens)
     if max_new_tokens == 0:
         return
-    keys = sampling.step_keys(seed, cfg.max_speech_tokens + 4)  # (S, 2)
-    cond_emb = t3.prepare_conditioning(cond)
-    logits, cache = t3.prefill(cond_emb, t3.wrap_text(text_tokens), use_cfg=params.cfg_weight > 0)
+    keys = sampling.step_keys(seed, t3.key_count)  # (S, 2)
+    logits, step = t3.start(cond, text_tokens, params, max_new_tokens)
+    cfg = t3.cfg
     yield from sampling.decode(
-        logits, lambda token, position: t3.step(token, position, cache)[0],
-        lambda x, seen, key: sample_token(x, seen, params, key), keys,
+        logits, step, lambda x, seen, key: t3.sample(x, seen, params, key), keys,
         max_new_tokens=max_new_tokens, vocab_size=cfg.speech_tokens_dict_size, bos=cfg.start_speech_token,
-        eos=cfg.stop_speech_token, penalise=params.repetition_penalty != 1.0, cancel=cancel,
+        eos=cfg.stop_speech_token, penalise=params.repetition_penalty != 1.0,
+        penalise_bos_after_first=t3.penalise_bos_after_first, cancel=cancel,
     )

@@ -22,10 +22,7 @@ GPT-2's Conv1D layers store weights (in, out); they become MLX Linears (out, in)
 
 from __future__ import annotations
 
-import logging
-import threading
 from dataclasses import dataclass
-from typing import Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -36,8 +33,7 @@ from .conds import T3Cond
 from .config import Config
 from .sampling import TurboSamplingParams, apply_repetition_penalty, apply_temperature, apply_top_k, apply_top_p, draw
 from .t3 import T3Base, T3Cache, _token_array, checked_float32, load_parameters
-
-logger = logging.getLogger(__name__)
+from .t3 import generate_tokens  # noqa: F401 (one decode for both models; TurboT3 gives its hooks)
 
 # Checkpoint keys the reference loads but never uses at inference (not kept here).
 UNUSED_KEYS = ("tfmr.wte.weight", "text_head.weight")
@@ -207,16 +203,12 @@ class TurboCondEnc(nn.Module):
 class TurboT3(T3Base):
     """The whole Turbo T3. Attribute names equal the checkpoint's key segments."""
 
+    sampling_defaults = sampling.TURBO
+    penalise_bos_after_first = False  # inference_turbo: BOS for the first token only
+
     def __init__(self, cfg: TurboT3Config) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.num_layers = cfg.n_layer
-        d = cfg.n_embd
-        self.tfmr = GPT2Model(cfg)
-        self.cond_enc = TurboCondEnc(cfg)
-        self.text_emb = nn.Embedding(cfg.text_tokens_dict_size, d)
-        self.speech_emb = nn.Embedding(cfg.speech_tokens_dict_size, d)
-        self.speech_head = nn.Linear(d, cfg.speech_tokens_dict_size)
+        super().__init__(cfg, cfg.n_layer, cfg.n_embd, GPT2Model(cfg), TurboCondEnc(cfg))
+        self.speech_head = nn.Linear(cfg.n_embd, cfg.speech_tokens_dict_size)
 
     def prepare_conditioning(self, cond: T3Cond) -> mx.array:
         """T3Cond -> (1, 1 + P, D): the speaker projection, then the prompt tokens' speech
@@ -238,6 +230,32 @@ class TurboT3(T3Base):
     def step(self, token: mx.array | int, cache: T3Cache) -> tuple[mx.array, T3Cache]:
         """Feed one generated token ((1,) int32 or int); returns float32 logits (1, V)."""
         return self.last_logits(self.speech_emb(_token_array(token).reshape(1, 1)), cache), cache
+
+    # -- generate_tokens (models/t3.py) ------------------------------------------------
+
+    @property
+    def key_count(self) -> int:
+        """PRNG keys split per request: one per GPT-2 position."""
+        return self.cfg.n_positions + 1
+
+    def check_request(self, text_tokens: list[int], max_new_tokens: int) -> None:
+        if max_new_tokens < 0:
+            raise ValueError("max_new_tokens must be >= 0")
+
+    def start(self, cond: T3Cond, text_tokens: list[int], params: TurboSamplingParams, max_new_tokens: int):
+        """Prefill [cond | text | BOS] (batch 1, no CFG) after checking that the request fits
+        GPT-2's positions; returns its logits (1, V) and step(token, k), which feeds
+        generated token k - 1 and returns the next logits."""
+        cond_emb = self.prepare_conditioning(cond)
+        prefill_len = cond_emb.shape[1] + len(text_tokens) + 1
+        if prefill_len + max_new_tokens - 1 > self.cfg.n_positions:
+            raise ValueError(f"text is too long: {len(text_tokens)} text tokens and {max_new_tokens} speech tokens "
+                             f"exceed GPT-2's {self.cfg.n_positions} positions")
+        logits, cache = self.prefill(cond_emb, mx.array([int(t) for t in text_tokens], dtype=mx.int32))
+        return logits, lambda token, _: self.step(token, cache)[0]
+
+    def sample(self, logits: mx.array, seen: mx.array | None, params: TurboSamplingParams, key: mx.array) -> mx.array:
+        return sample_token(logits, seen, params, key)
 
     def teacher_forced_logits(self, cond_emb: mx.array, text_tokens: mx.array, speech_tokens: mx.array) -> mx.array:
         """One forward pass over [cond | text | BOS | speech_tokens] -> float32 logits
@@ -268,44 +286,3 @@ def process_logits(logits: mx.array, seen: mx.array | None, params: TurboSamplin
 def sample_token(logits: mx.array, seen: mx.array | None, params: TurboSamplingParams, key: mx.array | None) -> mx.array:
     """(1, V) -> next token id, (1,) int32 (lazy)."""
     return draw(process_logits(logits, seen, params), params.temperature, key)
-
-
-def generate_tokens(
-    t3: TurboT3,
-    cond: T3Cond,
-    text_tokens: list[int],
-    *,
-    max_new_tokens: int = 1000,
-    seed: int | None = None,
-    cancel: threading.Event | None = None,
-    **options: float | None,
-) -> Iterator[int]:
-    """Yield speech tokens one by one as Turbo T3 samples them (upstream `inference_turbo`).
-
-    text_tokens: the GPT-2 tokenizer's ids (no BOS/EOS; upstream adds none). EOS (6562) is
-    not yielded and ends the generator; at most `max_new_tokens` tokens are sampled (EOS
-    counts; the reference's loop allows 1 + max_gen_len). `options` (temperature, top_k,
-    top_p, repetition_penalty; None or absent: `sampling.TURBO`) set the sampler. The
-    repetition penalty sees BOS for the first token and only the generated tokens after
-    that. `cancel` (threading.Event or None) is checked before each step; when set,
-    Cancelled (models/chunks.py) is raised.
-    """
-    cfg = t3.cfg
-    params = sampling.TURBO.with_options(**options)
-    if max_new_tokens < 0:
-        raise ValueError("max_new_tokens must be >= 0")
-    if max_new_tokens == 0:
-        return
-    cond_emb = t3.prepare_conditioning(cond)
-    prefill_len = cond_emb.shape[1] + len(text_tokens) + 1
-    if prefill_len + max_new_tokens - 1 > cfg.n_positions:
-        raise ValueError(f"text is too long: {len(text_tokens)} text tokens and {max_new_tokens} speech tokens "
-                         f"exceed GPT-2's {cfg.n_positions} positions")
-    keys = sampling.step_keys(seed, cfg.n_positions + 1)
-    logits, cache = t3.prefill(cond_emb, mx.array([int(t) for t in text_tokens], dtype=mx.int32))
-    yield from sampling.decode(
-        logits, lambda token, _: t3.step(token, cache)[0], lambda x, seen, key: sample_token(x, seen, params, key),
-        keys, max_new_tokens=max_new_tokens, vocab_size=cfg.speech_tokens_dict_size, bos=cfg.start_speech_token,
-        eos=cfg.stop_speech_token, penalise=params.repetition_penalty != 1.0, penalise_bos_after_first=False,
-        cancel=cancel,
-    )

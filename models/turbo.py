@@ -32,7 +32,7 @@ import numpy as np
 from . import loading, t3_turbo, voice_encoder
 from .checkpoint import random_conds, random_weights, _save_safetensors
 from .conds import Conditionals
-from .model import DTYPES, ChatterboxModel, assemble_converted, assemble_upstream, build_voice_encoder
+from .model import DTYPES, ChatterboxModel, assemble_converted, assemble_upstream, build_s3gen, build_voice_encoder
 from .s3gen import s3gen as s3gen_mod
 from .tokenizer_turbo import TurboTokenizer, punc_norm, write_stand_in_tokenizer
 
@@ -141,13 +141,7 @@ def read_meanflow_s3gen(directory: Path, s3_cfg: s3gen_mod.S3GenConfig, dtype: s
         raise ValueError("a MeanFlow S3Gen needs S3GenConfig(meanflow=True)")
     weights = loading.read_safetensors(directory / S3GEN_FILE)
     loading.check_keys(S3GEN_FILE, weights, meanflow_shapes(s3_cfg))
-    s3gen = s3gen_mod.S3Gen(s3_cfg)
-    s3gen.load_upstream(weights)
-    del weights
-    if dtype != "float32":
-        s3gen.flow.set_dtype(DTYPES[dtype])
-    mx.eval(s3gen.parameters())
-    return s3gen
+    return build_s3gen(weights, s3_cfg, dtype)
 
 
 class TurboModel(ChatterboxModel):
