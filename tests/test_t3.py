@@ -82,7 +82,8 @@ def assert_close(ours, ref, atol=ATOL, rtol=RTOL):
 def test_upstream_layout_full():
     shapes = upstream_shapes(T3Config.full())
     assert len(shapes) == 292
-    assert sum(int(np.prod(s)) for s in shapes.values()) == 532_405_248  # spec section 2.6
+    # upstream T3 at full size: the 0.5B Llama plus conditioning, embeddings and heads
+    assert sum(int(np.prod(s)) for s in shapes.values()) == 532_405_248
     assert shapes["speech_pos_emb.emb.weight"] == (4100, 1024)
     assert shapes["text_pos_emb.emb.weight"] == (2050, 1024)
     assert shapes["cond_enc.emotion_adv_fc.weight"] == (1024, 1)
