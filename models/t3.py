@@ -461,7 +461,7 @@ class LearnedPositionEmbeddings(nn.Module):
 # T3
 
 
-def _token_array(token: mx.array | int) -> mx.array:
+def token_array(token: mx.array | int) -> mx.array:
     """A generated token id as a (1,) int32 array."""
     if isinstance(token, int):
         return mx.array([token], dtype=mx.int32)
@@ -609,7 +609,7 @@ class T3(T3Base):
         `position` (k + 1 for the k-th generated token) to every row; returns float32 logits
         (B, V) and the cache."""
         # Module calls rather than weight indexing, so a quantized embedding works too.
-        emb = self.speech_emb(_token_array(token)) + self.speech_pos_emb.emb(mx.array([position]))  # (1, D)
+        emb = self.speech_emb(token_array(token)) + self.speech_pos_emb.emb(mx.array([position]))  # (1, D)
         emb = mx.broadcast_to(emb[None], (cache.batch, 1, emb.shape[-1]))
         return self.last_logits(emb, cache, probe=probe), cache
 

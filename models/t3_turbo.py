@@ -32,7 +32,7 @@ from . import sampling
 from .conds import T3Cond
 from .config import Config
 from .sampling import TurboSamplingParams, apply_repetition_penalty, apply_temperature, apply_top_k, apply_top_p, draw
-from .t3 import T3Base, T3Cache, _token_array, checked_float32, load_parameters
+from .t3 import T3Base, T3Cache, token_array, checked_float32, load_parameters
 from .t3 import generate_tokens  # noqa: F401 (one decode for both models; TurboT3 gives its hooks)
 
 # Checkpoint keys the reference loads but never uses at inference (not kept here).
@@ -229,7 +229,7 @@ class TurboT3(T3Base):
 
     def step(self, token: mx.array | int, cache: T3Cache) -> tuple[mx.array, T3Cache]:
         """Feed one generated token ((1,) int32 or int); returns float32 logits (1, V)."""
-        return self.last_logits(self.speech_emb(_token_array(token).reshape(1, 1)), cache), cache
+        return self.last_logits(self.speech_emb(token_array(token).reshape(1, 1)), cache), cache
 
     # -- generate_tokens (models/t3.py) ------------------------------------------------
 
