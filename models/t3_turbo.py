@@ -32,7 +32,7 @@ from . import sampling
 from .conds import T3Cond
 from .config import Config
 from .sampling import TurboSamplingParams, apply_repetition_penalty, apply_temperature, apply_top_k, apply_top_p, draw
-from .t3 import T3Base, T3Cache, token_array, checked_float32, load_parameters
+from .t3 import T3Base, T3Cache, checked_float32, load_parameters, token_array
 from .t3 import generate_tokens  # noqa: F401 (one decode for both models; TurboT3 gives its hooks)
 
 # Checkpoint keys the reference loads but never uses at inference (not kept here).
