@@ -22,17 +22,15 @@ fewer and generation completes; here an empty slice counts as no repetition.
 from __future__ import annotations
 
 import logging
-import secrets
 from dataclasses import dataclass
 from typing import Iterator
 
 import mlx.core as mx
 import numpy as np
 
-from . import t3 as t3_mod
-from .conds import T3Cond
+from . import sampling, t3 as t3_mod
 from .chunks import check_cancel
-from .tokenizer import wrap_text_tokens
+from .conds import T3Cond
 
 logger = logging.getLogger(__name__)
 
@@ -146,47 +144,39 @@ def generate_aligned(
     cond: T3Cond,
     text_tokens: list[int],
     *,
-    cfg_weight: float = 0.5,
-    temperature: float = 0.8,
-    repetition_penalty: float = 2.0,
-    min_p: float = 0.05,
-    top_p: float = 1.0,
     max_new_tokens: int = 1000,
     seed: int | None = None,
     cancel=None,
+    **options: float | None,
 ) -> Iterator[AlignedToken]:
     """`t3.generate_tokens` for the multilingual model: upstream's T3.inference with the
     analyzer (CFG, analyzer, repetition penalty, temperature, min_p, top_p, sample).
-    Defaults are mtl_tts.generate's (repetition penalty 2.0). EOS ends the generator and is
-    not yielded; the generator's return value is then the analyzer's last result (why it
-    stopped), None when max_new_tokens ran out. Each step waits for its attention weights,
-    so steps are not pipelined. `cancel` (threading.Event or None) is checked before each
-    step (raises Cancelled)."""
+    `options` default to `sampling.MULTILINGUAL` (mtl_tts.generate's: repetition penalty
+    2.0). EOS ends the generator and is not yielded; the generator's return value is then
+    the analyzer's last result (why it stopped), None when max_new_tokens ran out. Each step
+    waits for its attention weights, so steps are not pipelined. `cancel` (threading.Event
+    or None) is checked before each step (raises Cancelled)."""
     cfg = t3.cfg
     if not cfg.alignment_heads:
         raise ValueError("this T3 has no aligned heads (the English model has none)")
-    if max_new_tokens < 0 or max_new_tokens > cfg.max_speech_tokens + 3:
-        raise ValueError(f"max_new_tokens must be in 0..{cfg.max_speech_tokens + 3} (learned speech positions)")
-    if len(text_tokens) > cfg.max_text_tokens:
-        raise ValueError(f"text is {len(text_tokens)} tokens; T3 takes at most {cfg.max_text_tokens}")
+    params = sampling.MULTILINGUAL.with_options(**options)
+    t3.check_request(text_tokens, max_new_tokens)
     if max_new_tokens == 0:
         return
-    params = t3_mod.SamplingParams(cfg_weight, temperature, repetition_penalty, min_p, top_p)
-    seed = secrets.randbits(63) if seed is None else seed
-    keys = mx.random.split(mx.random.key(seed), cfg.max_speech_tokens + 4)
+    keys = sampling.step_keys(seed, cfg.max_speech_tokens + 4)
     vocab_ids = mx.arange(cfg.speech_tokens_dict_size)
-    use_penalty = repetition_penalty != 1.0
+    use_penalty = params.repetition_penalty != 1.0
     seen = (vocab_ids == cfg.start_speech_token) if use_penalty else None
 
     cond_emb = t3.prepare_conditioning(cond)
-    text = mx.array(wrap_text_tokens([int(t) for t in text_tokens]), dtype=mx.int32)
+    text = t3.wrap_text(text_tokens)
     probe = t3_mod.AttentionProbe(cfg.alignment_heads)
     analyzer = AlignmentStreamAnalyzer((cond_emb.shape[1], cond_emb.shape[1] + text.shape[0]), cfg.stop_speech_token)
-    logits, cache = t3.prefill(cond_emb, text, use_cfg=cfg_weight > 0, probe=probe)
+    logits, cache = t3.prefill(cond_emb, text, use_cfg=params.cfg_weight > 0, probe=probe)
     last = cfg.start_speech_token
     for i in range(max_new_tokens):
         check_cancel(cancel)
-        x = t3_mod.cfg_combine(logits, cfg_weight)
+        x = t3_mod.cfg_combine(logits, params.cfg_weight)
         mx.eval(x, *probe.weights)
         x = analyzer.step([np.array(w) for w in probe.weights], x, next_token=last)
         token = t3_mod.sample_token(x, seen, params, keys[i]).item()

@@ -5,7 +5,8 @@ This follows the reference's `ChatterboxTTS.prepare_conditionals` (tts.py) and
 
     file --soundfile, mono--> any rate --soxr_hq--> wav24 (full length)
     wav24 --soxr_hq--> wav16 (full length)       VoiceEncoder over all of it; T3 prompt
-                                                 tokens from its first 6 s (<= 150 tokens)
+                                                 tokens from its first 6 s (at most
+                                                 T3Config.speech_cond_prompt_len, 150)
     wav24[:10 s] --> S3Gen mel (prompt_feat)
     wav24[:10 s] --torchaudio sinc--> 16 kHz --> CAMPPlus x-vector, S3Gen prompt tokens
 
@@ -38,7 +39,6 @@ logger = logging.getLogger(__name__)
 
 ENC_COND_LEN = 6 * S3_SR  # T3 prompt tokens come from the first 6 s of the 16 kHz clip
 DEC_COND_LEN = 10 * S3GEN_SR  # S3Gen's prompt comes from the first 10 s of the 24 kHz clip
-T3_PROMPT_TOKENS = 150  # T3Config.speech_cond_prompt_len
 DEFAULT_EXAGGERATION = 0.5
 
 MIN_DURATION_S = 2.0  # shorter clips give too few prompt tokens to clone a voice
@@ -54,7 +54,6 @@ class VoiceRecipe:
     """What a model family's prepare_conditionals does with a reference clip."""
 
     enc_cond_samples: int = ENC_COND_LEN  # T3 prompt tokens come from this many 16 kHz samples
-    t3_prompt_tokens: int = T3_PROMPT_TOKENS
     min_duration_s: float = MIN_DURATION_S
     longer_than_s: float | None = None  # Turbo asserts the 24 kHz clip is longer than this
     loudness_lufs: float | None = None  # Turbo normalises the 24 kHz clip to this loudness
@@ -62,9 +61,10 @@ class VoiceRecipe:
 
 
 ORIGINAL_RECIPE = VoiceRecipe()
-# tts_turbo.prepare_conditionals: > 5 s, -27 LUFS, ENC_COND_LEN 15 s, 375 prompt tokens
-TURBO_RECIPE = VoiceRecipe(enc_cond_samples=15 * S3_SR, t3_prompt_tokens=375, longer_than_s=5.0,
-                           loudness_lufs=-27.0, family="Chatterbox Turbo")
+# tts_turbo.prepare_conditionals: > 5 s, -27 LUFS, ENC_COND_LEN 15 s (its 375 prompt tokens
+# are TurboT3Config.speech_cond_prompt_len)
+TURBO_RECIPE = VoiceRecipe(enc_cond_samples=15 * S3_SR, longer_than_s=5.0, loudness_lufs=-27.0,
+                           family="Chatterbox Turbo")
 
 
 def normalize_loudness(wav: np.ndarray, sample_rate: int, target_lufs: float) -> np.ndarray:
@@ -201,13 +201,16 @@ def compute_conditionals(
     sample_rate: int,
     exaggeration: float = DEFAULT_EXAGGERATION,
     *,
+    t3_prompt_tokens: int,
     source: str = "reference clip",
     recipe: VoiceRecipe = ORIGINAL_RECIPE,
 ) -> Conditionals:
     """Voice conditioning from a mono waveform at any rate (prepare_conditionals + embed_ref).
 
-    wav: (N,) float in [-1, 1]. Returns Conditionals, evaluated, with
-      t3.speaker_emb (1, 256), t3.cond_prompt_speech_tokens (1, <=150) int32, t3.emotion_adv (1, 1, 1);
+    wav: (N,) float in [-1, 1]; t3_prompt_tokens: the most T3 prompt tokens (the T3 config's
+    speech_cond_prompt_len). Returns Conditionals, evaluated, with
+      t3.speaker_emb (1, 256), t3.cond_prompt_speech_tokens (1, <= t3_prompt_tokens) int32,
+      t3.emotion_adv (1, 1, 1);
       gen prompt_token (1, P) int32, prompt_token_len (1,) int32, prompt_feat (1, P', 80) with
       P = P' // 2 (P' = 2P when the clip is whole 40 ms tokens), prompt_feat_len None, embedding (1, 192).
     Raises VoiceError (naming `source`) for clips that are too short or silent.
@@ -242,7 +245,7 @@ def compute_conditionals(
         "embedding": embedding,
     }
 
-    t3_tokens = tokenize_wav(tokenizer, wav16[: recipe.enc_cond_samples], max_len=recipe.t3_prompt_tokens)  # (1, <=150)
+    t3_tokens = tokenize_wav(tokenizer, wav16[: recipe.enc_cond_samples], max_len=t3_prompt_tokens)  # (1, <= P)
     speaker_emb = embed_utterance(ve, wav16)  # (1, 256), over the whole clip
     if not bool(mx.all(mx.isfinite(speaker_emb)).item()):
         raise VoiceError("the voice encoder found no usable speech in the clip")
@@ -264,8 +267,9 @@ def prepare_voice(
 ) -> Conditionals:
     """A voice from a reference file, or from samples with their rate (VoiceError if unusable).
 
-    `model` is anything with `.ve` (VoiceEncoder) and `.s3gen.tokenizer` / `.s3gen.speaker_encoder`
-    (S3Tokenizer, CAMPPlus), such as ChatterboxModel.
+    `model` is anything with `.ve` (VoiceEncoder), `.s3gen.tokenizer` / `.s3gen.speaker_encoder`
+    (S3Tokenizer, CAMPPlus) and `.t3.cfg` (its speech_cond_prompt_len caps the T3 prompt),
+    such as ChatterboxModel.
     """
     if isinstance(path_or_samples, (str, os.PathLike)):
         wav, sample_rate = load_audio(path_or_samples)
@@ -279,4 +283,4 @@ def prepare_voice(
         source = "reference audio"
     s3gen = model.s3gen
     return compute_conditionals(model.ve, s3gen.tokenizer, s3gen.speaker_encoder, wav, sample_rate, exaggeration,
-                                source=source, recipe=recipe)
+                                t3_prompt_tokens=model.t3.cfg.speech_cond_prompt_len, source=source, recipe=recipe)

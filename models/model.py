@@ -21,7 +21,7 @@ from typing import Iterable, Iterator
 import mlx.core as mx
 import numpy as np
 
-from . import loading, t3 as t3_mod, voice_encoder
+from . import loading, sampling, t3 as t3_mod, voice_encoder
 from .conds import Conditionals
 from .s3gen import s3gen as s3gen_mod
 from .chunks import SAMPLE_RATE, AudioChunk
@@ -30,8 +30,6 @@ from .tokenizer import EnTokenizer, punc_norm
 
 logger = logging.getLogger(__name__)
 
-START_SPEECH_TOKEN = 6561
-STOP_SPEECH_TOKEN = 6562
 DEFAULT_VOICE = "default"
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -39,8 +37,6 @@ ENGLISH = "chatterbox"  # the English model (the name the Turbo work uses for it
 MULTILINGUAL = "multilingual"
 ENGLISH_LANGUAGES = {"en": "English"}
 DEFAULT_LANGUAGE = "en"  # what the multilingual model speaks when neither request nor voice says
-# Sampling defaults that differ by family (tts.generate / mtl_tts.generate).
-REPETITION_PENALTY = {ENGLISH: 1.2, MULTILINGUAL: 2.0}
 
 
 @dataclass
@@ -180,16 +176,15 @@ class ChatterboxModel:
         return text_spans_for_positions(to_input)
 
     def generate_aligned_tokens(self, text: str, *, language: str, voice: Conditionals | str | None = None,
-                                exaggeration: float = 0.5, repetition_penalty: float | None = None, **sampling):
-        """Multilingual: yield `alignment.AlignedToken`s (token and text position)."""
+                                exaggeration: float = 0.5, **sampling_options):
+        """Multilingual: yield `alignment.AlignedToken`s (token and text position).
+        `sampling_options` as `generate_tokens`."""
         from .alignment import generate_aligned
 
         if self.family != MULTILINGUAL:
             raise ValueError("only the multilingual model has aligned heads")
         cond = self._t3_cond(voice, exaggeration)
-        penalty = REPETITION_PENALTY[MULTILINGUAL] if repetition_penalty is None else repetition_penalty
-        yield from generate_aligned(self.t3, cond, self.text_tokens(text, language),
-                                    repetition_penalty=penalty, **sampling)
+        yield from generate_aligned(self.t3, cond, self.text_tokens(text, language), **sampling_options)
 
     def _t3_cond(self, voice, exaggeration: float):
         cond = self.resolve_voice(voice).t3
@@ -203,44 +198,27 @@ class ChatterboxModel:
         *,
         voice: Conditionals | str | None = None,
         exaggeration: float = 0.5,
-        cfg_weight: float = 0.5,
-        temperature: float = 0.8,
-        repetition_penalty: float | None = None,
-        min_p: float = 0.05,
-        top_p: float = 1.0,
         max_new_tokens: int = 1000,
         seed: int | None = None,
         language: str | None = None,
         cancel: threading.Event | None = None,
+        **sampling_options: float | None,
     ) -> Iterator[int]:
         """Yield every token T3 samples, as soon as it is sampled (EOS excluded). The
         multilingual model decodes with the alignment analyzer, as upstream does.
 
-        `cancel` (threading.Event or None): checked before each T3 step; raises Cancelled."""
-        penalty = REPETITION_PENALTY[self.family] if repetition_penalty is None else repetition_penalty
+        sampling_options: cfg_weight, temperature, repetition_penalty, min_p, top_p (None or
+        absent: this family's defaults, models/sampling.py DEFAULTS). `cancel`
+        (threading.Event or None): checked before each T3 step; raises Cancelled."""
+        run = dict(max_new_tokens=max_new_tokens, seed=seed, cancel=cancel, **sampling_options)
         if self.family == MULTILINGUAL:
-            for aligned in self.generate_aligned_tokens(
-                text, language=language, voice=voice, exaggeration=exaggeration, cfg_weight=cfg_weight,
-                temperature=temperature, repetition_penalty=penalty, min_p=min_p, top_p=top_p,
-                max_new_tokens=max_new_tokens, seed=seed, cancel=cancel,
-            ):
+            for aligned in self.generate_aligned_tokens(text, language=language, voice=voice,
+                                                        exaggeration=exaggeration, **run):
                 yield aligned.token
             return
         cond = self._t3_cond(voice, exaggeration)
-        repetition_penalty = penalty
-        yield from t3_mod.generate_tokens(
-            self.t3,
-            cond,
-            self.text_tokens(text, language),
-            cfg_weight=cfg_weight,
-            temperature=temperature,
-            repetition_penalty=repetition_penalty,
-            min_p=min_p,
-            top_p=top_p,
-            max_new_tokens=max_new_tokens,
-            seed=seed,
-            cancel=cancel,
-        )
+        yield from t3_mod.generate_tokens(self.t3, cond, self.text_tokens(text, language),
+                                          defaults=sampling.DEFAULTS[self.family], **run)
 
     # -- audio -------------------------------------------------------------------------
 
@@ -402,22 +380,57 @@ def _configs(dims: dict, family: str = ENGLISH) -> tuple[t3_mod.T3Config, voice_
     )
 
 
-def _tokenizer_and_voice(directory: Path) -> tuple[EnTokenizer | MTLTokenizer, Conditionals | None]:
-    """The tokenizer (tokenizer.json, or the multilingual one) and the built-in voice
-    (conds.pt, if the checkpoint has one)."""
+def builtin_voice(directory: Path) -> Conditionals | None:
+    """The checkpoint's built-in voice (conds.pt), or None when it has none."""
     from . import torchpickle
+
+    path = directory / "conds.pt"
+    return torchpickle.load_conds(path) if path.exists() else None
+
+
+def _tokenizer(directory: Path) -> EnTokenizer | MTLTokenizer:
+    """tokenizer.json, or the multilingual tokenizer when the checkpoint has its file."""
     from .mtl_tokenizer import TOKENIZER_FILE as MTL_TOKENIZER_FILE
 
-    conds_path = directory / "conds.pt"
-    conds = torchpickle.load_conds(conds_path) if conds_path.exists() else None
     if (directory / MTL_TOKENIZER_FILE).is_file():
-        return MTLTokenizer(directory / MTL_TOKENIZER_FILE), conds
-    return EnTokenizer(directory / "tokenizer.json"), conds
+        return MTLTokenizer(directory / MTL_TOKENIZER_FILE)
+    return EnTokenizer(directory / "tokenizer.json")
 
 
-def _all_dims(t3_cfg, ve_cfg, s3_cfg, size: str) -> dict:
-    family = MULTILINGUAL if t3_cfg.is_multilingual else ENGLISH
-    return {"family": family, "size": size, "t3": t3_cfg.to_dict(), "ve": ve_cfg.to_dict(), "s3gen": s3_cfg.to_dict()}
+def build_voice_encoder(weights: dict[str, np.ndarray], cfg: voice_encoder.VoiceEncoderConfig) -> voice_encoder.VoiceEncoder:
+    """A VoiceEncoder loaded strictly from upstream tensors (float32, evaluated)."""
+    ve = voice_encoder.VoiceEncoder(cfg)
+    ve.load_weights(list(voice_encoder.convert_weights(weights, cfg).items()), strict=True)
+    mx.eval(ve.parameters())
+    return ve
+
+
+def build_s3gen(weights: dict[str, np.ndarray], cfg: s3gen_mod.S3GenConfig, dtype: str) -> s3gen_mod.S3Gen:
+    """An S3Gen from checked upstream tensors, its flow cast to `dtype`. Consumes `weights`:
+    the dict is emptied once loaded, so the host copy is freed before the cast."""
+    s3gen = s3gen_mod.S3Gen(cfg)
+    s3gen.load_upstream(weights)
+    weights.clear()
+    if dtype != "float32":
+        s3gen.flow.set_dtype(DTYPES[dtype])
+    mx.eval(s3gen.parameters())
+    return s3gen
+
+
+def assemble_upstream(model_cls: type[ChatterboxModel], parts: tuple, configs: tuple, directory: Path, *,
+                      tokenizer, size: str, dtype: str, quantize: int | None, group_size: int) -> ChatterboxModel:
+    """A model from its loaded (t3, s3gen, ve) and their configs, with the checkpoint's
+    tokenizer and built-in voice, its dims recorded for the converted cache, then quantized
+    when asked."""
+    checkpoint = Checkpoint(source=str(directory), path=directory, size=size)
+    model = model_cls(*parts, tokenizer, builtin_voice(directory), checkpoint, dtype=dtype)
+    t3_cfg, ve_cfg, s3_cfg = configs
+    model.dims = {"family": model.family, "size": size, "t3": t3_cfg.to_dict(), "ve": ve_cfg.to_dict(), "s3gen": s3_cfg.to_dict()}
+    if quantize is not None:
+        from .quantize import quantize_model
+
+        quantize_model(model, bits=quantize, group_size=group_size)
+    return model
 
 
 def load_upstream(directory: Path, *, quantize: int | None = None, dtype: str = "float32", group_size: int = 64) -> ChatterboxModel:
@@ -449,41 +462,27 @@ def load_upstream(directory: Path, *, quantize: int | None = None, dtype: str = 
 
     t3 = t3_mod.build_t3(t3_weights, t3_cfg, DTYPES[dtype])
     del t3_weights
-    ve = voice_encoder.VoiceEncoder(ve_cfg)
-    ve.load_weights(list(voice_encoder.convert_weights(ve_weights, ve_cfg).items()), strict=True)
-    s3gen = s3gen_mod.S3Gen(s3_cfg)
-    s3gen.load_upstream(s3_weights)
-    del s3_weights
-    if dtype != "float32":
-        s3gen.flow.set_dtype(DTYPES[dtype])
-    mx.eval(s3gen.parameters(), ve.parameters())
+    ve = build_voice_encoder(ve_weights, ve_cfg)
+    s3gen = build_s3gen(s3_weights, s3_cfg, dtype)
 
-    tokenizer, conds = _tokenizer_and_voice(directory)
-    checkpoint = Checkpoint(source=str(directory), path=directory, size=dims.raw.get("size", "full"))
-    model = ChatterboxModel(t3, s3gen, ve, tokenizer, conds, checkpoint, dtype=dtype)
-    model.dims = _all_dims(t3_cfg, ve_cfg, s3_cfg, checkpoint.size)
-    if quantize is not None:
-        from .quantize import quantize_model
-
-        quantize_model(model, bits=quantize, group_size=group_size)
+    model = assemble_upstream(ChatterboxModel, (t3, s3gen, ve), (t3_cfg, ve_cfg, s3_cfg), directory,
+                              tokenizer=_tokenizer(directory), size=dims.raw.get("size", "full"),
+                              dtype=dtype, quantize=quantize, group_size=group_size)
     logger.info("loaded %s in %.2f s", directory, time.perf_counter() - t0)
     return model
 
 
-def load_converted(directory: Path) -> ChatterboxModel:
-    """Load an MLX-native directory (models/cache.py): no remapping, no quantizing."""
+def assemble_converted(model_cls: type[ChatterboxModel], t3_cls: type, configs: tuple, directory: Path,
+                       config: dict, tokenizer) -> ChatterboxModel:
+    """A model from an MLX-native directory (models/cache.py): modules built from `configs`
+    (t3, ve, s3gen) in the quantized structure `config` records, loaded strictly as saved
+    (no remapping, no quantizing), with the tokenizer and the built-in voice."""
     from . import cache as cache_mod
     from .quantize import quantized_structure
 
-    t0 = time.perf_counter()
-    config = cache_mod.read_config(directory)
-    if config.get("family") == "turbo":
-        from .turbo import load_turbo_converted
-
-        return load_turbo_converted(directory, config)
-    t3_cfg, ve_cfg, s3_cfg = _configs(config["dims"])
+    t3_cfg, ve_cfg, s3_cfg = configs
     dtype, bits, group_size = config["dtype"], config["quantize"], config["group_size"]
-    t3 = t3_mod.T3(t3_cfg)
+    t3 = t3_cls(t3_cfg)
     s3gen = s3gen_mod.S3Gen(s3_cfg)
     ve = voice_encoder.VoiceEncoder(ve_cfg)
     if bits is not None:
@@ -494,11 +493,25 @@ def load_converted(directory: Path) -> ChatterboxModel:
     # mx.load is lazy: the S3Tokenizer and CAMPPlus (about 0.5 GB, used only when a new
     # voice is computed) stay on disk until prepare_voice first needs them.
     mx.eval(t3.parameters(), s3gen.flow.parameters(), s3gen.mel2wav.parameters(), ve.parameters())
-    tokenizer, conds = _tokenizer_and_voice(directory)
     size = config["dims"].get("size", "full")
     checkpoint = Checkpoint(source=config.get("source", str(directory)), path=directory, size=size)
-    model = ChatterboxModel(t3, s3gen, ve, tokenizer, conds, checkpoint, quantize=bits, dtype=dtype)
+    model = model_cls(t3, s3gen, ve, tokenizer, builtin_voice(directory), checkpoint, quantize=bits, dtype=dtype)
     model.group_size = group_size
     model.dims = config["dims"]
+    return model
+
+
+def load_converted(directory: Path) -> ChatterboxModel:
+    """Load an MLX-native directory (models/cache.py)."""
+    from . import cache as cache_mod
+
+    t0 = time.perf_counter()
+    config = cache_mod.read_config(directory)
+    if config.get("family") == "turbo":
+        from .turbo import load_turbo_converted
+
+        return load_turbo_converted(directory, config)
+    model = assemble_converted(ChatterboxModel, t3_mod.T3, _configs(config["dims"]), directory, config,
+                               _tokenizer(directory))
     logger.info("loaded converted model %s in %.2f s", directory, time.perf_counter() - t0)
     return model

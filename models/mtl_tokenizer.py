@@ -41,13 +41,13 @@ from .tokenizer import (
     EMPTY_TEXT_REPLACEMENT,
     EOT,
     EOT_TOKEN,
+    MERGE_CORPUS,
     PUNCTUATION_REPLACEMENTS,
     SOT,
     SOT_TOKEN,
     SPACE_TOKEN,
     UNK_TOKEN,
-    _learn_merges,
-    _MERGE_CORPUS,
+    learn_word_merges,
 )
 
 logger = logging.getLogger(__name__)
@@ -458,7 +458,7 @@ def stand_in_tokenizer() -> Tokenizer:
     for ch in alphabet:
         vocab[ch] = next(free_ids)
     n_merges = TEXT_VOCAB_SIZE - len(vocab)
-    merges = _learn_merges(_MERGE_CORPUS.lower(), set(alphabet), n_merges)
+    merges = learn_word_merges(MERGE_CORPUS.lower(), set(alphabet), n_merges)
     for a in string.ascii_lowercase:
         for b in string.ascii_lowercase:
             if len(merges) < n_merges and a + b not in {x + y for x, y in merges}:

@@ -13,7 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
-START_SPEECH_TOKEN = 6561  # ids from here on are not rendered
+# T3's start-of-speech id; it and every id above it are T3's own, outside S3Gen's 6561-token
+# codebook, so they are never rendered (upstream drops them before S3Gen, as streaming does).
+START_SPEECH_TOKEN = 6561
 
 
 def segment_origins(text: str, segments: list[str]) -> list[list[int]]:

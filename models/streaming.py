@@ -38,13 +38,12 @@ import numpy as np
 from . import dsp
 from .conds import Conditionals
 from .s3gen.flow import fixed_noise
-from .positions import SegmentPositions, segment_origins, tracked_tokens
+from .positions import START_SPEECH_TOKEN, SegmentPositions, segment_origins, tracked_tokens
 from .chunks import SAMPLE_RATE, SAMPLES_PER_TOKEN, AudioChunk, check_cancel
 from .text import split_text
 
 logger = logging.getLogger(__name__)
 
-START_SPEECH_TOKEN = 6561
 MEL_FRAMES_PER_TOKEN = 2
 SAMPLES_PER_FRAME = SAMPLES_PER_TOKEN // MEL_FRAMES_PER_TOKEN  # 480 at 24 kHz
 LOOKAHEAD_TOKENS = 3  # the flow encoder's pre-lookahead conv sees 3 tokens ahead
@@ -64,7 +63,7 @@ class ChunkSchedule:
     per-call cost (the prompt is re-encoded and re-denoised on every call).
     """
 
-    # Measured on an H100 with INT8 (docs/benchmarks.md, issue 11): with T3 pipelined and
+    # Measured on an H100 with INT8 (docs/benchmarks.md): with T3 pipelined and
     # a 4-step first chunk, 16 tokens gave 0.29 s to first audio and no stalls (24 tokens:
     # 0.44-0.49 s). The first chunk emits first - 8 tokens of audio (HiFT holds 16 frames back).
     first: int = 16

@@ -25,20 +25,23 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import secrets
 import threading
-from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Iterator
+from dataclasses import dataclass, field, replace
+from typing import Iterator, TypeVar
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from . import sampling
 from .conds import T3Cond
-from .chunks import check_cancel
+from .config import Config
+from .sampling import SamplingParams, apply_min_p, apply_repetition_penalty, apply_temperature, apply_top_p, draw
 from .tokenizer import wrap_text_tokens
 
 logger = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=nn.Module)
 
 PERCEIVER_LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm default, used by the perceiver block
 CACHE_STEP = 256  # the KV cache grows in blocks of this many positions
@@ -59,7 +62,7 @@ def _default_rope_scaling() -> dict:
 
 
 @dataclass
-class T3Config:
+class T3Config(Config):
     """T3 dimensions. Field names follow upstream's LlamaConfig dict and T3Config."""
 
     # Llama backbone (LLAMA_520M_CONFIG_DICT)
@@ -89,7 +92,7 @@ class T3Config:
     perceiver_heads: int = 4
     # Multilingual only: the (layer, head) pairs whose attention tracks the text
     # (alignment_stream_analyzer.LLAMA_ALIGNED_HEADS); None for English.
-    alignment_heads: list | None = None
+    alignment_heads: tuple[tuple[int, int], ...] | None = None
 
     @classmethod
     def full(cls) -> "T3Config":
@@ -103,17 +106,6 @@ class T3Config:
         return cls(num_hidden_layers=2, hidden_size=256, num_attention_heads=4, num_key_value_heads=4,
                    head_dim=64, intermediate_size=512, perceiver_heads=4)
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "T3Config":
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown T3Config fields: {sorted(unknown)}")
-        return cls(**d)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
     @property
     def is_multilingual(self) -> bool:
         """Upstream's test (T3Config.is_multilingual): the 2454-id text vocabulary."""
@@ -126,7 +118,7 @@ class T3Config:
         heads = LLAMA_ALIGNED_HEADS if full else TINY_ALIGNED_HEADS
         if any(layer >= self.num_hidden_layers or head >= self.num_attention_heads for layer, head in heads):
             raise ValueError("the backbone is too small for the aligned heads")
-        return replace(self, text_tokens_dict_size=MTL_TEXT_VOCAB_SIZE, alignment_heads=[list(h) for h in heads])
+        return replace(self, text_tokens_dict_size=MTL_TEXT_VOCAB_SIZE, alignment_heads=heads)
 
     @property
     def cond_len(self) -> int:
@@ -179,22 +171,31 @@ MERGED_PROJECTIONS = {
 }
 
 
-def convert_weights(weights: dict[str, np.ndarray], cfg: T3Config) -> dict[str, mx.array]:
-    """Upstream T3 tensors -> MLX parameters (float32). Keys map to themselves (all layers
-    are Linear/Embedding/norms, whose torch layout is MLX's), except each layer's q/k/v and
-    gate/up projections, which are concatenated into `qkv_proj` and `gate_up_proj`
-    (MERGED_PROJECTIONS). Strict: keys and shapes must equal `upstream_shapes(cfg)`."""
-    expected = upstream_shapes(cfg)
+def checked_float32(weights: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]], name: str,
+                    drop: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """`weights` as float32 arrays, after checking that their keys and shapes are exactly
+    `expected` (ValueError naming `name` and the first differences otherwise). Keys in `drop`
+    are checked but not returned."""
     missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"T3 weights do not match the config: missing {missing[:5]} ({len(missing)}), "
+        raise ValueError(f"{name} weights do not match the config: missing {missing[:5]} ({len(missing)}), "
                          f"unexpected {unexpected[:5]} ({len(unexpected)})")
     arrays = {}
     for key, shape in expected.items():
         value = np.asarray(weights[key])
         if tuple(value.shape) != shape:
             raise ValueError(f"{key}: shape {tuple(value.shape)}, expected {shape}")
-        arrays[key] = value.astype(np.float32, copy=False)
+        if key not in drop:
+            arrays[key] = value.astype(np.float32, copy=False)
+    return arrays
+
+
+def convert_weights(weights: dict[str, np.ndarray], cfg: T3Config) -> dict[str, mx.array]:
+    """Upstream T3 tensors -> MLX parameters (float32). Keys map to themselves (all layers
+    are Linear/Embedding/norms, whose torch layout is MLX's), except each layer's q/k/v and
+    gate/up projections, which are concatenated into `qkv_proj` and `gate_up_proj`
+    (MERGED_PROJECTIONS). Strict: keys and shapes must equal `upstream_shapes(cfg)`."""
+    arrays = checked_float32(weights, upstream_shapes(cfg), "T3")
     for n in range(cfg.num_hidden_layers):
         prefix = f"tfmr.layers.{n}."
         for merged, parts in MERGED_PROJECTIONS.items():
@@ -202,14 +203,18 @@ def convert_weights(weights: dict[str, np.ndarray], cfg: T3Config) -> dict[str, 
     return {key: mx.array(value) for key, value in arrays.items()}
 
 
-def build_t3(weights: dict[str, np.ndarray], cfg: T3Config, dtype: mx.Dtype = mx.float32) -> "T3":
-    """A T3 loaded strictly from upstream tensors, cast to `dtype` (float32 is the reference's)."""
-    model = T3(cfg)
-    model.load_weights(list(convert_weights(weights, cfg).items()), strict=True)
+def load_parameters(model: M, params: dict[str, mx.array], dtype: mx.Dtype = mx.float32) -> M:
+    """`model` with `params` loaded strictly, cast to `dtype` and evaluated."""
+    model.load_weights(list(params.items()), strict=True)
     if dtype != mx.float32:
         model.set_dtype(dtype)
     mx.eval(model.parameters())
     return model
+
+
+def build_t3(weights: dict[str, np.ndarray], cfg: T3Config, dtype: mx.Dtype = mx.float32) -> "T3":
+    """A T3 loaded strictly from upstream tensors, cast to `dtype` (float32 is the reference's)."""
+    return load_parameters(T3(cfg), convert_weights(weights, cfg), dtype)
 
 
 def llama3_rope_periods(cfg: T3Config) -> np.ndarray:
@@ -456,37 +461,95 @@ class LearnedPositionEmbeddings(nn.Module):
 # T3
 
 
-class T3(nn.Module):
+def token_array(token: mx.array | int) -> mx.array:
+    """A generated token id as a (1,) int32 array."""
+    if isinstance(token, int):
+        return mx.array([token], dtype=mx.int32)
+    return token.reshape(1)
+
+
+class T3Base(nn.Module):
+    """What T3 and Turbo T3 (models/t3_turbo.py) share around their backbones.
+
+    The constructor sets `cfg`, the backbone `tfmr` (called as tfmr(embeds (B, L, D), cache,
+    ...) -> hidden (B, L, D), advancing the cache), `cond_enc` (with `spkr_enc`), `text_emb`
+    and `speech_emb`; a subclass adds its heads (`speech_head`) and position tables. Logits
+    are always float32. For `generate_tokens` a subclass also gives its sampler settings
+    (`sampling_defaults`, `sample`), its checks (`check_request`) and its prefill (`start`).
+    """
+
+    sampling_defaults: sampling.SamplingParams | sampling.TurboSamplingParams
+    penalise_bos_after_first = True  # the repetition penalty keeps counting BOS after the first token
+
+    def __init__(self, cfg, num_layers: int, width: int, tfmr: nn.Module, cond_enc: nn.Module) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.num_layers = num_layers
+        self.tfmr = tfmr
+        self.cond_enc = cond_enc
+        self.text_emb = nn.Embedding(cfg.text_tokens_dict_size, width)
+        self.speech_emb = nn.Embedding(cfg.speech_tokens_dict_size, width)
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        return self.speech_emb.weight.dtype
+
+    def make_cache(self, batch: int = 1) -> T3Cache:
+        return T3Cache(self.num_layers, batch)
+
+    def speech_logits(self, hidden: mx.array) -> mx.array:
+        """Hidden states (..., D) -> float32 speech logits (..., V)."""
+        return self.speech_head(hidden).astype(mx.float32)
+
+    def forward(self, embeds: mx.array, cache: T3Cache | None = None) -> tuple[mx.array, T3Cache]:
+        """embeds (B, L, D) -> (float32 speech logits (B, L, V), cache). A fresh cache when
+        None; the input is appended after the cached positions."""
+        if cache is None:
+            cache = self.make_cache(embeds.shape[0])
+        return self.speech_logits(self.tfmr(embeds, cache)), cache
+
+    def last_logits(self, embeds: mx.array, cache: T3Cache, **backbone) -> mx.array:
+        """Run `embeds` (B, L, D) after the cache; the last position's logits (B, V)."""
+        return self.speech_logits(self.tfmr(embeds, cache, **backbone)[:, -1, :])
+
+    def speaker_and_prompt(self, cond: T3Cond, embed_prompt) -> tuple[mx.array, mx.array | None]:
+        """The speaker projection (B, 1, D) and the prompt speech embeddings (B, P, D) in the
+        model's dtype: `cond.cond_prompt_speech_emb` when given (upstream caches it there),
+        else `embed_prompt(tokens)` of the prompt tokens, else None."""
+        speaker = cond.speaker_emb.reshape(-1, self.cfg.speaker_embed_size).astype(self.dtype)
+        prompt = cond.cond_prompt_speech_emb
+        if prompt is None and cond.cond_prompt_speech_tokens is not None:
+            prompt = embed_prompt(cond.cond_prompt_speech_tokens.astype(mx.int32))
+        return self.cond_enc.spkr_enc(speaker)[:, None], None if prompt is None else prompt.astype(self.dtype)
+
+
+class T3(T3Base):
     """The whole T3. Attribute names equal the checkpoint's key segments.
 
     Text token sequences given to `prefill_embeds`/`prefill`/`teacher_forced_logits` are the
-    exact sequence upstream feeds, i.e. already wrapped as [SOT] ids [EOT]
-    (`tokenizer.wrap_text_tokens`). `generate_tokens` takes unwrapped ids and wraps them.
+    exact sequence upstream feeds, i.e. already wrapped as [SOT] ids [EOT] (`wrap_text`).
+    `generate_tokens` takes unwrapped ids and wraps them.
 
     The parameters are float32 (as the reference runs); `set_dtype(mx.bfloat16)` (or
     float16) casts them, and activations and the KV cache then follow; logits handed to the
     sampler are always float32.
     """
 
+    sampling_defaults = sampling.ENGLISH
+
     def __init__(self, cfg: T3Config) -> None:
-        super().__init__()
-        self.cfg = cfg
         d = cfg.hidden_size
-        self.tfmr = LlamaModel(cfg)
-        self.cond_enc = T3CondEnc(cfg)
-        self.text_emb = nn.Embedding(cfg.text_tokens_dict_size, d)
-        self.speech_emb = nn.Embedding(cfg.speech_tokens_dict_size, d)
+        super().__init__(cfg, cfg.num_hidden_layers, d, LlamaModel(cfg), T3CondEnc(cfg))
         self.text_pos_emb = LearnedPositionEmbeddings(cfg.max_text_tokens + 2, d)
         self.speech_pos_emb = LearnedPositionEmbeddings(cfg.max_speech_tokens + 2 + 2, d)
         self.text_head = nn.Linear(d, cfg.text_tokens_dict_size, bias=False)  # unused at inference
         self.speech_head = nn.Linear(d, cfg.speech_tokens_dict_size, bias=False)
 
-    @property
-    def dtype(self) -> mx.Dtype:
-        return self.speech_emb.weight.dtype
-
-    def make_cache(self, batch: int) -> T3Cache:
-        return T3Cache(self.cfg.num_hidden_layers, batch)
+    def wrap_text(self, text_tokens: list[int]) -> mx.array:
+        """Tokenizer ids (T,) -> [start_text_token] ids [stop_text_token], (T + 2,) int32,
+        with the config's ids (upstream `generate` pads the token tensor so)."""
+        ids = [int(t) for t in text_tokens]
+        return mx.array(wrap_text_tokens(ids, self.cfg.start_text_token, self.cfg.stop_text_token), dtype=mx.int32)
 
     # -- conditioning and embeddings --------------------------------------------------
 
@@ -497,20 +560,12 @@ class T3(nn.Module):
 
     def prepare_conditioning(self, cond: T3Cond) -> mx.array:
         """T3Cond -> conditioning embeddings (1, 34, D): speaker, perceiver(prompt), emotion.
-
-        Uses `cond.cond_prompt_speech_emb` when given (as upstream does), else embeds
-        `cond.cond_prompt_speech_tokens`; without either, the perceiver part is empty.
-        """
-        enc = self.cond_enc
-        dtype = self.dtype
-        speaker = cond.speaker_emb.reshape(-1, self.cfg.speaker_embed_size).astype(dtype)
-        parts = [enc.spkr_enc(speaker)[:, None]]  # (B, 1, D)
-        prompt = cond.cond_prompt_speech_emb
-        if prompt is None and cond.cond_prompt_speech_tokens is not None:
-            prompt = self.prompt_speech_embeds(cond.cond_prompt_speech_tokens.astype(mx.int32))
+        Without a prompt (neither embeddings nor tokens) the perceiver part is empty."""
+        speaker, prompt = self.speaker_and_prompt(cond, self.prompt_speech_embeds)
+        parts = [speaker]  # (B, 1, D)
         if prompt is not None:
-            parts.append(enc.perceiver(prompt.astype(dtype)))  # (B, 32, D)
-        parts.append(enc.emotion_adv_fc(cond.emotion_adv.reshape(-1, 1, 1).astype(dtype)))  # (B, 1, D)
+            parts.append(self.cond_enc.perceiver(prompt))  # (B, 32, D)
+        parts.append(self.cond_enc.emotion_adv_fc(cond.emotion_adv.reshape(-1, 1, 1).astype(self.dtype)))  # (B, 1, D)
         return mx.concatenate(parts, axis=1)
 
     def prefill_embeds(self, cond_emb: mx.array, text_tokens: mx.array, use_cfg: bool = True) -> mx.array:
@@ -540,35 +595,49 @@ class T3(nn.Module):
 
     # -- forward passes -----------------------------------------------------------------
 
-    def forward(self, embeds: mx.array, cache: T3Cache | None = None) -> tuple[mx.array, T3Cache]:
-        """embeds (B, L, D) -> (float32 speech logits (B, L, V), cache). A fresh cache when
-        None; the input is appended after the cached positions."""
-        if cache is None:
-            cache = self.make_cache(embeds.shape[0])
-        hidden = self.tfmr(embeds, cache)
-        return self.speech_head(hidden).astype(mx.float32), cache
-
     def prefill(self, cond_emb: mx.array, text_tokens: mx.array, use_cfg: bool = True,
                 probe: "AttentionProbe | None" = None) -> tuple[mx.array, T3Cache]:
         """Run the prefill (batch 2 with CFG, else 1); returns the last position's float32
         logits (B, V) and the cache."""
         embeds = self.prefill_embeds(cond_emb, text_tokens, use_cfg)
         cache = self.make_cache(embeds.shape[0])
-        hidden = self.tfmr(embeds, cache, probe)
-        return self.speech_head(hidden[:, -1, :]).astype(mx.float32), cache
+        return self.last_logits(embeds, cache, probe=probe), cache
 
     def step(self, token: mx.array | int, position: int, cache: T3Cache,
              probe: "AttentionProbe | None" = None) -> tuple[mx.array, T3Cache]:
         """Feed one generated token (id as int or (1,) array) at learned speech position
         `position` (k + 1 for the k-th generated token) to every row; returns float32 logits
         (B, V) and the cache."""
-        if isinstance(token, int):
-            token = mx.array([token], dtype=mx.int32)
         # Module calls rather than weight indexing, so a quantized embedding works too.
-        emb = self.speech_emb(token.reshape(1)) + self.speech_pos_emb.emb(mx.array([position]))  # (1, D)
+        emb = self.speech_emb(token_array(token)) + self.speech_pos_emb.emb(mx.array([position]))  # (1, D)
         emb = mx.broadcast_to(emb[None], (cache.batch, 1, emb.shape[-1]))
-        hidden = self.tfmr(emb, cache, probe)
-        return self.speech_head(hidden[:, 0, :]).astype(mx.float32), cache
+        return self.last_logits(emb, cache, probe=probe), cache
+
+    # -- generate_tokens ---------------------------------------------------------------
+
+    @property
+    def key_count(self) -> int:
+        """PRNG keys split per request: one per learned speech position."""
+        return self.cfg.max_speech_tokens + 4
+
+    def check_request(self, text_tokens: list[int], max_new_tokens: int) -> None:
+        """ValueError unless the text and the speech budget fit the learned position tables."""
+        cfg = self.cfg
+        if max_new_tokens < 0 or max_new_tokens > cfg.max_speech_tokens + 3:
+            raise ValueError(f"max_new_tokens must be in 0..{cfg.max_speech_tokens + 3} (learned speech positions)")
+        if len(text_tokens) > cfg.max_text_tokens:
+            raise ValueError(f"text is {len(text_tokens)} tokens; T3 takes at most {cfg.max_text_tokens}")
+
+    def start(self, cond: T3Cond, text_tokens: list[int], params: SamplingParams, max_new_tokens: int):
+        """Prefill [cond | SOT text EOT | BOS | BOS] (CFG's batch 2 unless cfg_weight is 0);
+        returns its logits (B, V) and step(token, k), which feeds generated token k - 1 at
+        learned speech position k and returns the next logits."""
+        logits, cache = self.prefill(self.prepare_conditioning(cond), self.wrap_text(text_tokens),
+                                     use_cfg=params.cfg_weight > 0)
+        return logits, lambda token, position: self.step(token, position, cache)[0]
+
+    def sample(self, logits: mx.array, seen: mx.array | None, params: SamplingParams, key: mx.array) -> mx.array:
+        return sample_token(logits, seen, params, key)
 
     def teacher_forced_logits(self, cond_emb: mx.array, text_tokens: mx.array, speech_tokens: mx.array,
                               use_cfg: bool = True) -> mx.array:
@@ -584,16 +653,8 @@ class T3(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------
-# Sampler (upstream order: CFG, repetition penalty, temperature, min_p, top_p, multinomial)
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    cfg_weight: float = 0.5
-    temperature: float = 0.8  # 0 means greedy: CFG, repetition penalty, argmax
-    repetition_penalty: float = 1.2
-    min_p: float = 0.05
-    top_p: float = 1.0
+# Sampler (upstream order: CFG, repetition penalty, temperature, min_p, top_p, multinomial;
+# the steps and each family's defaults are in models/sampling.py)
 
 
 def cfg_combine(logits: mx.array, cfg_weight: float) -> mx.array:
@@ -611,37 +672,14 @@ def process_logits(logits: mx.array, seen: mx.array | None, params: SamplingPara
     Each step of HF's processors, in the reference's order.
     """
     x = cfg_combine(logits, params.cfg_weight)
-    if seen is not None and params.repetition_penalty != 1.0:
-        # RepetitionPenaltyLogitsProcessor: each distinct id once, sign-dependent.
-        rp = params.repetition_penalty
-        x = mx.where(seen, mx.where(x < 0, x * rp, x / rp), x)
-    if params.temperature > 0 and params.temperature != 1.0:
-        x = x / params.temperature
-    if params.min_p > 0:
-        # MinPLogitsWarper: drop p < min_p * p_max, always keep the top token.
-        probs = mx.softmax(x, axis=-1)
-        top = mx.argmax(probs, axis=-1, keepdims=True)
-        remove = probs < params.min_p * mx.max(probs, axis=-1, keepdims=True)
-        remove = remove & (mx.arange(x.shape[-1])[None] != top)
-        x = mx.where(remove, -mx.inf, x)
-    if params.top_p < 1.0:
-        # TopPLogitsWarper: sort ascending, drop the prefix whose cumulative probability is
-        # <= 1 - top_p, keep the top token. (top_p = 1.0, upstream's default, is a no-op.)
-        order = mx.argsort(x, axis=-1)
-        sorted_x = mx.take_along_axis(x, order, axis=-1)
-        cum = mx.cumsum(mx.softmax(sorted_x, axis=-1), axis=-1)
-        drop_sorted = cum <= (1.0 - params.top_p)
-        drop_sorted[..., -1] = False
-        drop = mx.put_along_axis(mx.zeros(x.shape, dtype=mx.bool_), order, drop_sorted, axis=-1)
-        x = mx.where(drop, -mx.inf, x)
-    return x
+    x = apply_repetition_penalty(x, seen, params.repetition_penalty)
+    x = apply_temperature(x, params.temperature)
+    x = apply_min_p(x, params.min_p)
+    return apply_top_p(x, params.top_p)
 
 
 def _sample(logits: mx.array, seen: mx.array | None, params: SamplingParams, key: mx.array | None) -> mx.array:
-    x = process_logits(logits, seen, params)
-    if params.temperature == 0:
-        return mx.argmax(x, axis=-1).astype(mx.int32)
-    return mx.random.categorical(x, axis=-1, key=key).astype(mx.int32)
+    return draw(process_logits(logits, seen, params), params.temperature, key)
 
 
 # The sampler is ~20 small ops per decode step; on GPU backends (launch-bound at batch 2)
@@ -669,65 +707,41 @@ def sample_token(logits: mx.array, seen: mx.array | None, params: SamplingParams
 
 
 def generate_tokens(
-    t3: T3,
+    t3: T3Base,
     cond: T3Cond,
     text_tokens: list[int],
     *,
-    cfg_weight: float = 0.5,
-    temperature: float = 0.8,
-    repetition_penalty: float = 1.2,
-    min_p: float = 0.05,
-    top_p: float = 1.0,
     max_new_tokens: int = 1000,
     seed: int | None = None,
     cancel: threading.Event | None = None,
+    defaults: SamplingParams | sampling.TurboSamplingParams | None = None,
+    **options: float | None,
 ) -> Iterator[int]:
-    """Yield speech tokens one by one as T3 samples them (upstream `T3.inference`).
+    """Yield speech tokens one by one as T3 (upstream `T3.inference`) or Turbo T3
+    (`inference_turbo`, models/t3_turbo.py) samples them.
 
-    text_tokens: the tokenizer's ids of the normalised text, *without* SOT/EOT (they are
-    added here, as upstream's `generate` does). Every sampled token is yielded, including ids
-    >= 6561 (they are fed back like any other; filter them before S3Gen); EOS (6562) is not
-    yielded and ends the generator. At most `max_new_tokens` tokens are sampled (EOS counts).
-    With cfg_weight 0 the unconditional row is skipped (batch 1): the logits equal what
-    upstream's c + 0 (c - u) gives, where upstream itself crashes. `seed` fixes the mx.random
-    key (None: a random seed). `cancel` (threading.Event or None) is checked before each
-    step; when set, Cancelled (models/chunks.py) is raised.
+    text_tokens: the tokenizer's ids of the normalised text; T3 wraps them in SOT/EOT here,
+    as upstream's `generate` does (Turbo adds nothing). Every sampled token is yielded,
+    including ids >= 6561 (they are fed back like any other; filter them before S3Gen); EOS
+    (6562) is not yielded and ends the generator. At most `max_new_tokens` tokens are
+    sampled (EOS counts). `options` (T3: cfg_weight, temperature, repetition_penalty, min_p,
+    top_p; Turbo: temperature, top_k, top_p, repetition_penalty) set the sampler; None or
+    absent: `defaults`, else the model's `sampling_defaults` (models/sampling.py). With
+    cfg_weight 0 T3 skips the unconditional row (batch 1): the logits equal what upstream's
+    c + 0 (c - u) gives, where upstream itself crashes. `seed` fixes the mx.random key
+    (None: a random seed). `cancel` (threading.Event or None) is checked before each step;
+    when set, Cancelled (models/chunks.py) is raised.
     """
-    cfg = t3.cfg
-    if max_new_tokens < 0 or max_new_tokens > cfg.max_speech_tokens + 3:
-        raise ValueError(f"max_new_tokens must be in 0..{cfg.max_speech_tokens + 3} (learned speech positions)")
-    if len(text_tokens) + 2 > cfg.max_text_tokens + 2:
-        raise ValueError(f"text is {len(text_tokens)} tokens; T3 takes at most {cfg.max_text_tokens}")
+    params = (defaults or t3.sampling_defaults).with_options(**options)
+    t3.check_request(text_tokens, max_new_tokens)
     if max_new_tokens == 0:
         return
-    params = SamplingParams(cfg_weight, temperature, repetition_penalty, min_p, top_p)
-    seed = secrets.randbits(63) if seed is None else seed
-    # One key per step, from a split whose size does not depend on max_new_tokens, so the
-    # same seed gives the same first tokens whatever the limit.
-    keys = mx.random.split(mx.random.key(seed), cfg.max_speech_tokens + 4)  # (S, 2)
-    vocab_ids = mx.arange(cfg.speech_tokens_dict_size)
-    use_penalty = repetition_penalty != 1.0
-    seen = (vocab_ids == cfg.start_speech_token) if use_penalty else None
-
-    cond_emb = t3.prepare_conditioning(cond)
-    text = mx.array(wrap_text_tokens([int(t) for t in text_tokens]), dtype=mx.int32)
-    logits, cache = t3.prefill(cond_emb, text, use_cfg=cfg_weight > 0)
-    token = sample_token(logits, seen, params, keys[0])
-    mx.async_eval(token)
-    # Pipelined: the graph for step i+1 is built and queued (it only needs the lazy token of
-    # step i) before waiting for token i, so host-side graph building overlaps device work.
-    for i in range(max_new_tokens):
-        check_cancel(cancel)
-        if i + 1 < max_new_tokens:
-            if use_penalty:
-                seen = seen | (vocab_ids == token)
-            logits, cache = t3.step(token, i + 1, cache)
-            next_token = sample_token(logits, seen, params, keys[i + 1])
-            mx.async_eval(next_token)
-        value = token.item()
-        if value == cfg.stop_speech_token:
-            logger.debug("T3 EOS after %d tokens", i)
-            return
-        yield value
-        if i + 1 < max_new_tokens:
-            token = next_token
+    keys = sampling.step_keys(seed, t3.key_count)  # (S, 2)
+    logits, step = t3.start(cond, text_tokens, params, max_new_tokens)
+    cfg = t3.cfg
+    yield from sampling.decode(
+        logits, step, lambda x, seen, key: t3.sample(x, seen, params, key), keys,
+        max_new_tokens=max_new_tokens, vocab_size=cfg.speech_tokens_dict_size, bos=cfg.start_speech_token,
+        eos=cfg.stop_speech_token, penalise=params.repetition_penalty != 1.0,
+        penalise_bos_after_first=t3.penalise_bos_after_first, cancel=cancel,
+    )

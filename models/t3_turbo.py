@@ -22,20 +22,18 @@ GPT-2's Conv1D layers store weights (in, out); they become MLX Linears (out, in)
 
 from __future__ import annotations
 
-import logging
-import secrets
-from dataclasses import asdict, dataclass, fields
-from typing import Iterator
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from . import sampling
 from .conds import T3Cond
-from .chunks import check_cancel
-from .t3 import T3Cache
-
-logger = logging.getLogger(__name__)
+from .config import Config
+from .sampling import TurboSamplingParams, apply_repetition_penalty, apply_temperature, apply_top_k, apply_top_p, draw
+from .t3 import T3Base, T3Cache, checked_float32, load_parameters, token_array
+from .t3 import generate_tokens  # noqa: F401 (one decode for both models; TurboT3 gives its hooks)
 
 # Checkpoint keys the reference loads but never uses at inference (not kept here).
 UNUSED_KEYS = ("tfmr.wte.weight", "text_head.weight")
@@ -44,7 +42,7 @@ SILENCE_TOKENS = 3
 
 
 @dataclass
-class TurboT3Config:
+class TurboT3Config(Config):
     """Turbo T3 dimensions. Field names follow GPT2_MEDIUM_CONFIG and T3Config."""
 
     # GPT-2 backbone (GPT2_MEDIUM_CONFIG)
@@ -76,17 +74,6 @@ class TurboT3Config:
             text_vocab = stand_in_vocab_size()
         return cls(n_layer=2, n_embd=256, n_head=4, n_positions=2048, vocab_size=text_vocab,
                    text_tokens_dict_size=text_vocab)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TurboT3Config":
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown TurboT3Config fields: {sorted(unknown)}")
-        return cls(**d)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     @property
     def head_dim(self) -> int:
@@ -133,32 +120,13 @@ def convert_weights(weights: dict[str, np.ndarray], cfg: TurboT3Config) -> dict[
     """Upstream tensors -> MLX parameters (float32): GPT-2 Conv1D weights are transposed to
     Linear layout; `UNUSED_KEYS` are dropped. Strict: keys and shapes must equal
     `upstream_shapes(cfg)`."""
-    expected = upstream_shapes(cfg)
-    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"Turbo T3 weights do not match the config: missing {missing[:5]} ({len(missing)}), "
-                         f"unexpected {unexpected[:5]} ({len(unexpected)})")
-    params = {}
-    for key, shape in expected.items():
-        value = np.asarray(weights[key])
-        if tuple(value.shape) != shape:
-            raise ValueError(f"{key}: shape {tuple(value.shape)}, expected {shape}")
-        if key in UNUSED_KEYS:
-            continue
-        value = value.astype(np.float32, copy=False)
-        if key.endswith(_CONV1D):
-            value = np.ascontiguousarray(value.T)
-        params[key] = mx.array(value)
-    return params
+    arrays = checked_float32(weights, upstream_shapes(cfg), "Turbo T3", drop=UNUSED_KEYS)
+    return {key: mx.array(np.ascontiguousarray(value.T) if key.endswith(_CONV1D) else value)
+            for key, value in arrays.items()}
 
 
 def build_t3(weights: dict[str, np.ndarray], cfg: TurboT3Config, dtype: mx.Dtype = mx.float32) -> "TurboT3":
-    model = TurboT3(cfg)
-    model.load_weights(list(convert_weights(weights, cfg).items()), strict=True)
-    if dtype != mx.float32:
-        model.set_dtype(dtype)
-    mx.eval(model.parameters())
-    return model
+    return load_parameters(TurboT3(cfg), convert_weights(weights, cfg), dtype)
 
 
 # ---------------------------------------------------------------------------------------
@@ -232,37 +200,21 @@ class TurboCondEnc(nn.Module):
         self.spkr_enc = nn.Linear(cfg.speaker_embed_size, cfg.n_embd)
 
 
-class TurboT3(nn.Module):
+class TurboT3(T3Base):
     """The whole Turbo T3. Attribute names equal the checkpoint's key segments."""
 
+    sampling_defaults = sampling.TURBO
+    penalise_bos_after_first = False  # inference_turbo: BOS for the first token only
+
     def __init__(self, cfg: TurboT3Config) -> None:
-        super().__init__()
-        self.cfg = cfg
-        d = cfg.n_embd
-        self.tfmr = GPT2Model(cfg)
-        self.cond_enc = TurboCondEnc(cfg)
-        self.text_emb = nn.Embedding(cfg.text_tokens_dict_size, d)
-        self.speech_emb = nn.Embedding(cfg.speech_tokens_dict_size, d)
-        self.speech_head = nn.Linear(d, cfg.speech_tokens_dict_size)
-
-    @property
-    def dtype(self) -> mx.Dtype:
-        return self.speech_emb.weight.dtype
-
-    def make_cache(self, batch: int = 1) -> T3Cache:
-        return T3Cache(self.cfg.n_layer, batch)
+        super().__init__(cfg, cfg.n_layer, cfg.n_embd, GPT2Model(cfg), TurboCondEnc(cfg))
+        self.speech_head = nn.Linear(cfg.n_embd, cfg.speech_tokens_dict_size)
 
     def prepare_conditioning(self, cond: T3Cond) -> mx.array:
         """T3Cond -> (1, 1 + P, D): the speaker projection, then the prompt tokens' speech
         embeddings (no positions; GPT-2 adds its own over the whole sequence)."""
-        speaker = cond.speaker_emb.reshape(-1, self.cfg.speaker_embed_size).astype(self.dtype)
-        parts = [self.cond_enc.spkr_enc(speaker)[:, None]]
-        prompt = cond.cond_prompt_speech_emb
-        if prompt is None and cond.cond_prompt_speech_tokens is not None:
-            prompt = self.speech_emb(cond.cond_prompt_speech_tokens.astype(mx.int32))
-        if prompt is not None:
-            parts.append(prompt.astype(self.dtype))
-        return mx.concatenate(parts, axis=1)
+        speaker, prompt = self.speaker_and_prompt(cond, self.speech_emb)
+        return mx.concatenate([speaker] if prompt is None else [speaker, prompt], axis=1)
 
     def prefill_embeds(self, cond_emb: mx.array, text_tokens: mx.array) -> mx.array:
         """[cond | text | BOS], (1, C + T + 1, D). text_tokens (T,) int, as the tokenizer gives them."""
@@ -270,26 +222,40 @@ class TurboT3(nn.Module):
         bos = self.speech_emb(mx.array([[self.cfg.start_speech_token]]))
         return mx.concatenate([cond_emb, text, bos], axis=1)
 
-    def forward(self, embeds: mx.array, cache: T3Cache | None = None) -> tuple[mx.array, T3Cache]:
-        """embeds (B, L, D) -> (float32 speech logits (B, L, V), cache)."""
-        if cache is None:
-            cache = self.make_cache(embeds.shape[0])
-        hidden = self.tfmr(embeds, cache)
-        return self.speech_head(hidden).astype(mx.float32), cache
-
     def prefill(self, cond_emb: mx.array, text_tokens: mx.array) -> tuple[mx.array, T3Cache]:
         """The prefill; returns the last position's float32 logits (1, V) and the cache."""
-        embeds = self.prefill_embeds(cond_emb, text_tokens)
         cache = self.make_cache(1)
-        hidden = self.tfmr(embeds, cache)
-        return self.speech_head(hidden[:, -1, :]).astype(mx.float32), cache
+        return self.last_logits(self.prefill_embeds(cond_emb, text_tokens), cache), cache
 
     def step(self, token: mx.array | int, cache: T3Cache) -> tuple[mx.array, T3Cache]:
         """Feed one generated token ((1,) int32 or int); returns float32 logits (1, V)."""
-        if isinstance(token, int):
-            token = mx.array([token], dtype=mx.int32)
-        hidden = self.tfmr(self.speech_emb(token.reshape(1, 1)), cache)
-        return self.speech_head(hidden[:, 0, :]).astype(mx.float32), cache
+        return self.last_logits(self.speech_emb(token_array(token).reshape(1, 1)), cache), cache
+
+    # -- generate_tokens (models/t3.py) ------------------------------------------------
+
+    @property
+    def key_count(self) -> int:
+        """PRNG keys split per request: one per GPT-2 position."""
+        return self.cfg.n_positions + 1
+
+    def check_request(self, text_tokens: list[int], max_new_tokens: int) -> None:
+        if max_new_tokens < 0:
+            raise ValueError("max_new_tokens must be >= 0")
+
+    def start(self, cond: T3Cond, text_tokens: list[int], params: TurboSamplingParams, max_new_tokens: int):
+        """Prefill [cond | text | BOS] (batch 1, no CFG) after checking that the request fits
+        GPT-2's positions; returns its logits (1, V) and step(token, k), which feeds
+        generated token k - 1 and returns the next logits."""
+        cond_emb = self.prepare_conditioning(cond)
+        prefill_len = cond_emb.shape[1] + len(text_tokens) + 1
+        if prefill_len + max_new_tokens - 1 > self.cfg.n_positions:
+            raise ValueError(f"text is too long: {len(text_tokens)} text tokens and {max_new_tokens} speech tokens "
+                             f"exceed GPT-2's {self.cfg.n_positions} positions")
+        logits, cache = self.prefill(cond_emb, mx.array([int(t) for t in text_tokens], dtype=mx.int32))
+        return logits, lambda token, _: self.step(token, cache)[0]
+
+    def sample(self, logits: mx.array, seen: mx.array | None, params: TurboSamplingParams, key: mx.array) -> mx.array:
+        return sample_token(logits, seen, params, key)
 
     def teacher_forced_logits(self, cond_emb: mx.array, text_tokens: mx.array, speech_tokens: mx.array) -> mx.array:
         """One forward pass over [cond | text | BOS | speech_tokens] -> float32 logits
@@ -302,15 +268,8 @@ class TurboT3(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------
-# Sampler (inference_turbo: temperature, top-k, top-p, repetition penalty, multinomial)
-
-
-@dataclass(frozen=True)
-class TurboSamplingParams:
-    temperature: float = 0.8  # 0: greedy (argmax of the processed logits)
-    top_k: int = 1000
-    top_p: float = 0.95
-    repetition_penalty: float = 1.2
+# Sampler (inference_turbo: temperature, top-k, top-p, repetition penalty, multinomial; the
+# steps and the defaults are in models/sampling.py)
 
 
 def process_logits(logits: mx.array, seen: mx.array | None, params: TurboSamplingParams) -> mx.array:
@@ -318,93 +277,12 @@ def process_logits(logits: mx.array, seen: mx.array | None, params: TurboSamplin
 
     seen: (V,) bool, the ids the repetition penalty applies to (None: no penalty).
     """
-    x = logits
-    if params.temperature > 0 and params.temperature != 1.0:
-        x = x / params.temperature
-    if params.top_k > 0:
-        # TopKLogitsWarper: drop everything below the k-th largest logit (ties kept)
-        k = min(params.top_k, x.shape[-1])
-        kth = mx.sort(x, axis=-1)[..., x.shape[-1] - k : x.shape[-1] - k + 1]
-        x = mx.where(x < kth, -mx.inf, x)
-    if params.top_p < 1.0:
-        # TopPLogitsWarper: ascending sort, drop the prefix whose cumulative probability is
-        # <= 1 - top_p, always keep the top token
-        order = mx.argsort(x, axis=-1)
-        sorted_x = mx.take_along_axis(x, order, axis=-1)
-        cum = mx.cumsum(mx.softmax(sorted_x, axis=-1), axis=-1)
-        drop_sorted = cum <= (1.0 - params.top_p)
-        drop_sorted[..., -1] = False
-        drop = mx.put_along_axis(mx.zeros(x.shape, dtype=mx.bool_), order, drop_sorted, axis=-1)
-        x = mx.where(drop, -mx.inf, x)
-    if seen is not None and params.repetition_penalty != 1.0:
-        rp = params.repetition_penalty
-        x = mx.where(seen, mx.where(x < 0, x * rp, x / rp), x)
-    return x
+    x = apply_temperature(logits, params.temperature)
+    x = apply_top_k(x, params.top_k)
+    x = apply_top_p(x, params.top_p)
+    return apply_repetition_penalty(x, seen, params.repetition_penalty)
 
 
 def sample_token(logits: mx.array, seen: mx.array | None, params: TurboSamplingParams, key: mx.array | None) -> mx.array:
     """(1, V) -> next token id, (1,) int32 (lazy)."""
-    x = process_logits(logits, seen, params)
-    if params.temperature == 0:
-        return mx.argmax(x, axis=-1).astype(mx.int32)
-    return mx.random.categorical(x, axis=-1, key=key).astype(mx.int32)
-
-
-def generate_tokens(
-    t3: TurboT3,
-    cond: T3Cond,
-    text_tokens: list[int],
-    *,
-    temperature: float = 0.8,
-    top_k: int = 1000,
-    top_p: float = 0.95,
-    repetition_penalty: float = 1.2,
-    max_new_tokens: int = 1000,
-    seed: int | None = None,
-    cancel=None,
-) -> Iterator[int]:
-    """Yield speech tokens one by one as Turbo T3 samples them (upstream `inference_turbo`).
-
-    text_tokens: the GPT-2 tokenizer's ids (no BOS/EOS; upstream adds none). EOS (6562) is
-    not yielded and ends the generator; at most `max_new_tokens` tokens are sampled (EOS
-    counts; the reference's loop allows 1 + max_gen_len). `cancel` (threading.Event or None)
-    is checked before each step; when set, Cancelled (models/chunks.py) is raised.
-    """
-    cfg = t3.cfg
-    if max_new_tokens < 0:
-        raise ValueError("max_new_tokens must be >= 0")
-    if max_new_tokens == 0:
-        return
-    cond_emb = t3.prepare_conditioning(cond)
-    prefill_len = cond_emb.shape[1] + len(text_tokens) + 1
-    if prefill_len + max_new_tokens - 1 > cfg.n_positions:
-        raise ValueError(f"text is too long: {len(text_tokens)} text tokens and {max_new_tokens} speech tokens "
-                         f"exceed GPT-2's {cfg.n_positions} positions")
-    params = TurboSamplingParams(temperature, top_k, top_p, repetition_penalty)
-    seed = secrets.randbits(63) if seed is None else seed
-    keys = mx.random.split(mx.random.key(seed), cfg.n_positions + 1)
-    vocab_ids = mx.arange(cfg.speech_tokens_dict_size)
-    use_penalty = repetition_penalty != 1.0
-    # the first token is penalised for BOS only; later ones for the generated tokens only
-    seen = (vocab_ids == cfg.start_speech_token) if use_penalty else None
-
-    logits, cache = t3.prefill(cond_emb, mx.array([int(t) for t in text_tokens], dtype=mx.int32))
-    token = sample_token(logits, seen, params, keys[0])
-    mx.async_eval(token)
-    if use_penalty:
-        seen = mx.zeros(vocab_ids.shape, dtype=mx.bool_)
-    for i in range(max_new_tokens):
-        check_cancel(cancel)
-        if i + 1 < max_new_tokens:
-            if use_penalty:
-                seen = seen | (vocab_ids == token)
-            logits, cache = t3.step(token, cache)
-            next_token = sample_token(logits, seen, params, keys[i + 1])
-            mx.async_eval(next_token)
-        value = token.item()
-        if value == cfg.stop_speech_token:
-            logger.debug("Turbo T3 EOS after %d tokens", i)
-            return
-        yield value
-        if i + 1 < max_new_tokens:
-            token = next_token
+    return draw(process_logits(logits, seen, params), params.temperature, key)

@@ -56,12 +56,14 @@ PUNCTUATION_REPLACEMENTS = (
 SENTENCE_ENDERS = (".", "!", "?", "-", ",")
 
 
-def punc_norm(text: str) -> str:
-    """Clean up punctuation the model rarely saw in training (upstream `tts.punc_norm`).
+def normalize_punctuation(text: str, replacements: tuple[tuple[str, str], ...],
+                          enders: tuple[str, ...] = SENTENCE_ENDERS) -> str:
+    """The punctuation clean-up every Chatterbox `punc_norm` does, with its own table.
 
     Empty text becomes a fixed sentence; a lowercase first character is uppercased with
-    `str.upper` (so "ß" becomes "SS"); whitespace runs collapse; uncommon punctuation is
-    replaced; a "." is appended unless the text ends with one of . ! ? - ,
+    `str.upper` (so "ß" becomes "SS"); whitespace runs collapse; each (old, new) of
+    `replacements` is applied in order; a "." is appended unless the text ends with one of
+    `enders`.
     """
     if len(text) == 0:
         return EMPTY_TEXT_REPLACEMENT
@@ -69,17 +71,24 @@ def punc_norm(text: str) -> str:
     if text[0].islower():
         text = text[0].upper() + text[1:]
     text = " ".join(text.split())
-    for old, new in PUNCTUATION_REPLACEMENTS:
+    for old, new in replacements:
         text = text.replace(old, new)
     text = text.rstrip(" ")
-    if not text.endswith(SENTENCE_ENDERS):
+    if not text.endswith(enders):
         text += "."
     return text
 
 
-def wrap_text_tokens(ids: list[int]) -> list[int]:
-    """[SOT] + ids + [EOT], as upstream `generate` pads the token tensor."""
-    return [SOT] + list(ids) + [EOT]
+def punc_norm(text: str) -> str:
+    """Clean up punctuation the model rarely saw in training (upstream `tts.punc_norm`)."""
+    return normalize_punctuation(text, PUNCTUATION_REPLACEMENTS)
+
+
+def wrap_text_tokens(ids: list[int], start: int = SOT, stop: int = EOT) -> list[int]:
+    """[start] + ids + [stop], as upstream `generate` pads the token tensor. The ids are
+    T3Config's start_text_token / stop_text_token (models/t3.py `T3.wrap_text` passes them);
+    the defaults are upstream's."""
+    return [start] + list(ids) + [stop]
 
 
 class EnTokenizer:
@@ -109,7 +118,7 @@ class EnTokenizer:
 # Text the stand-in's merges are learned from (written for this purpose). Only the shape of
 # the result matters: frequent English letter groups become multi-character tokens, so that
 # encoding exercises real BPE merges the way the upstream file does.
-_MERGE_CORPUS = """
+MERGE_CORPUS = """
 The quick brown fox jumps over the lazy dog while the band plays on the corner.
 Please call me back when you have a moment; there is something I want to tell you.
 It was the best of evenings, and everyone in the station waited for the last train.
@@ -123,15 +132,11 @@ Every morning he walked along the river, listening to the birds and the water.
 """
 
 
-def _learn_merges(corpus: str, alphabet: set[str], limit: int) -> list[tuple[str, str]]:
-    """Greedy BPE merges over whitespace/punctuation words of `corpus`, at most `limit`.
+def learn_merges(words: Counter, limit: int) -> list[tuple[str, str]]:
+    """Greedy BPE merges over `words` (a Counter of character tuples), at most `limit`.
 
     Ties are broken by the pair's text, so the result is the same on every machine.
     """
-    words: Counter[tuple[str, ...]] = Counter()
-    for word, _ in Whitespace().pre_tokenize_str(corpus):
-        if all(ch in alphabet for ch in word):
-            words[tuple(word)] += 1
     merges: list[tuple[str, str]] = []
     while len(merges) < limit:
         pairs: Counter[tuple[str, str]] = Counter()
@@ -157,6 +162,15 @@ def _learn_merges(corpus: str, alphabet: set[str], limit: int) -> list[tuple[str
     return merges
 
 
+def learn_word_merges(corpus: str, alphabet: set[str], limit: int) -> list[tuple[str, str]]:
+    """`learn_merges` over the whitespace/punctuation words of `corpus` written in `alphabet`."""
+    words: Counter[tuple[str, ...]] = Counter()
+    for word, _ in Whitespace().pre_tokenize_str(corpus):
+        if all(ch in alphabet for ch in word):
+            words[tuple(word)] += 1
+    return learn_merges(words, limit)
+
+
 def stand_in_tokenizer() -> Tokenizer:
     """A tokenizer in the reference's conventions, 704 ids.
 
@@ -172,7 +186,7 @@ def stand_in_tokenizer() -> Tokenizer:
     for ch in alphabet:
         vocab[ch] = next(free_ids)
     n_merges = TEXT_VOCAB_SIZE - len(vocab)
-    merges = _learn_merges(_MERGE_CORPUS, set(alphabet), n_merges)
+    merges = learn_word_merges(MERGE_CORPUS, set(alphabet), n_merges)
     for a in string.ascii_lowercase:
         for b in string.ascii_lowercase:
             if len(merges) < n_merges and a + b not in {x + y for x, y in merges}:

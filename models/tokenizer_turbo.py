@@ -25,6 +25,9 @@ from pathlib import Path
 from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers
 from tokenizers.models import BPE
 
+from .tokenizer import MERGE_CORPUS as ENGLISH_MERGE_CORPUS
+from .tokenizer import learn_merges, normalize_punctuation
+
 logger = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "added_tokens.json", "special_tokens_map.json", "tokenizer_config.json")
@@ -37,7 +40,6 @@ TAGS = (
 )
 TURBO_TEXT_VOCAB = 50276  # what the reference expects (it warns otherwise)
 
-EMPTY_TEXT_REPLACEMENT = "You need to add some text for me to talk."
 # tts_turbo.punc_norm: fewer replacements than the original model's, in this order
 PUNCTUATION_REPLACEMENTS = (
     ("\u2026", ", "),  # horizontal ellipsis
@@ -50,24 +52,12 @@ PUNCTUATION_REPLACEMENTS = (
     ("\u2018", "'"),
     ("\u2019", "'"),
 )
-SENTENCE_ENDERS = (".", "!", "?", "-", ",")
 
 
 def punc_norm(text: str) -> str:
-    """Turbo's punctuation clean-up (`tts_turbo.punc_norm`): empty text becomes a fixed
-    sentence, a lowercase first character is uppercased, whitespace runs collapse, a few
-    characters are replaced, and "." is appended unless the text ends with . ! ? - ,"""
-    if len(text) == 0:
-        return EMPTY_TEXT_REPLACEMENT
-    if text[0].islower():
-        text = text[0].upper() + text[1:]
-    text = " ".join(text.split())
-    for old, new in PUNCTUATION_REPLACEMENTS:
-        text = text.replace(old, new)
-    text = text.rstrip(" ")
-    if not text.endswith(SENTENCE_ENDERS):
-        text += "."
-    return text
+    """Turbo's punctuation clean-up (`tts_turbo.punc_norm`): the original's steps
+    (tokenizer.normalize_punctuation) with Turbo's shorter replacement table."""
+    return normalize_punctuation(text, PUNCTUATION_REPLACEMENTS)
 
 
 class TurboTokenizer:
@@ -113,19 +103,9 @@ class TurboTokenizer:
 # ---------------------------------------------------------------------------------------
 # Stand-in tokenizer files for random-weight checkpoints.
 
-_MERGE_CORPUS = """
-The quick brown fox jumps over the lazy dog while the band plays on the corner.
-Please call me back when you have a moment, there is something I want to tell you.
-It was the best of evenings, and everyone in the station waited for the last train.
-She said that the weather would change tomorrow, then went outside to water the garden.
-Reading aloud is a good way to hear the rhythm and the music of a sentence.
-They were thinking about moving to another city, where the winters are warmer.
-Numbers like 1, 2, 3 and 2024 should be spoken clearly, without hesitation.
-Would you like some tea or coffee? I have both, and there is fresh bread in the kitchen.
-The children were laughing and running through the fields until the sun went down.
-Every morning he walked along the river, listening to the birds and the water.
-Hi there, this is a call about your billing issue. Oh, that's hilarious! Well, let me think.
-"""
+# The English stand-in's text (models/tokenizer.py) with its one ";" written as ",", plus a line.
+MERGE_CORPUS = ENGLISH_MERGE_CORPUS.replace(";", ",") + (
+    "Hi there, this is a call about your billing issue. Oh, that's hilarious! Well, let me think.\n")
 STAND_IN_MERGES = 480
 
 
@@ -142,41 +122,14 @@ def _byte_alphabet() -> list[str]:
     return [chars[b] for b in range(256)]
 
 
-def _learn_merges(words: Counter, limit: int) -> list[tuple[str, str]]:
-    """Greedy BPE merges, ties broken by the pair's text (the same result everywhere)."""
-    merges: list[tuple[str, str]] = []
-    while len(merges) < limit:
-        pairs: Counter = Counter()
-        for parts, count in words.items():
-            for pair in zip(parts, parts[1:]):
-                pairs[pair] += count
-        if not pairs:
-            break
-        best = min(pairs, key=lambda p: (-pairs[p], p))
-        merges.append(best)
-        merged: Counter = Counter()
-        for parts, count in words.items():
-            out, i = [], 0
-            while i < len(parts):
-                if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
-                    out.append(parts[i] + parts[i + 1])
-                    i += 2
-                else:
-                    out.append(parts[i])
-                    i += 1
-            merged[tuple(out)] += count
-        words = merged
-    return merges
-
-
 def stand_in_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """(vocab without the added tags, merges): 256 byte characters, learned merges, EOS last."""
     alphabet = _byte_alphabet()
     vocab = {ch: i for i, ch in enumerate(alphabet)}
     words: Counter = Counter()
-    for word, _ in pre_tokenizers.ByteLevel(add_prefix_space=False).pre_tokenize_str(_MERGE_CORPUS.replace("\n", " ")):
+    for word, _ in pre_tokenizers.ByteLevel(add_prefix_space=False).pre_tokenize_str(MERGE_CORPUS.replace("\n", " ")):
         words[tuple(word)] += 1
-    merges = _learn_merges(words, STAND_IN_MERGES)
+    merges = learn_merges(words, STAND_IN_MERGES)
     for a, b in merges:
         vocab[a + b] = len(vocab)
     vocab[EOS_TOKEN] = len(vocab)

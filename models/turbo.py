@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -28,7 +29,7 @@ import mlx.core as mx
 
 from . import loading, t3_turbo, voice_encoder
 from .conds import Conditionals
-from .model import DTYPES, Checkpoint, ChatterboxModel
+from .model import DTYPES, ChatterboxModel, assemble_converted, assemble_upstream, build_s3gen, build_voice_encoder
 from .s3gen import s3gen as s3gen_mod
 from .tokenizer_turbo import TurboTokenizer, punc_norm
 
@@ -38,6 +39,7 @@ FAMILY = "turbo"
 T3_FILE = "t3_turbo_v1.safetensors"
 S3GEN_FILE = "s3gen_meanflow.safetensors"
 VE_FILE = "ve.safetensors"
+IGNORED_OPTIONS = ("exaggeration", "cfg_weight", "min_p")  # the original model's; Turbo has no such inputs
 
 
 def is_turbo_dir(path: str | os.PathLike) -> bool:
@@ -82,13 +84,7 @@ def read_meanflow_s3gen(directory: Path, s3_cfg: s3gen_mod.S3GenConfig, dtype: s
         raise ValueError("a MeanFlow S3Gen needs S3GenConfig(meanflow=True)")
     weights = loading.read_safetensors(directory / S3GEN_FILE)
     loading.check_keys(S3GEN_FILE, weights, meanflow_shapes(s3_cfg))
-    s3gen = s3gen_mod.S3Gen(s3_cfg)
-    s3gen.load_upstream(weights)
-    del weights
-    if dtype != "float32":
-        s3gen.flow.set_dtype(DTYPES[dtype])
-    mx.eval(s3gen.parameters())
-    return s3gen
+    return build_s3gen(weights, s3_cfg, dtype)
 
 
 class TurboModel(ChatterboxModel):
@@ -118,27 +114,21 @@ class TurboModel(ChatterboxModel):
         text: str,
         *,
         voice: Conditionals | str | None = None,
-        temperature: float = 0.8,
-        top_k: int = 1000,
-        top_p: float = 0.95,
-        repetition_penalty: float = 1.2,
         max_new_tokens: int = 1000,
         seed: int | None = None,
-        exaggeration: float | None = None,
-        cfg_weight: float | None = None,
-        min_p: float | None = None,
-        cancel=None,
+        cancel: threading.Event | None = None,
+        **sampling_options: float | None,
     ) -> Iterator[int]:
         """Yield every token Turbo T3 samples (EOS excluded), then the 3 silence tokens the
-        reference appends before S3Gen. exaggeration, cfg_weight and min_p are the original
-        model's; Turbo ignores them, as the reference does."""
-        if any(v for v in (exaggeration, cfg_weight, min_p)):
-            logger.debug("Turbo ignores exaggeration, cfg_weight and min_p")
+        reference appends before S3Gen. sampling_options: temperature, top_k, top_p,
+        repetition_penalty (None or absent: models/sampling.py TURBO); the original model's
+        exaggeration, cfg_weight and min_p are accepted and ignored, as the reference does."""
+        ignored = {name: sampling_options.pop(name, None) for name in IGNORED_OPTIONS}
+        if any(ignored.values()):
+            logger.debug("Turbo ignores %s", ", ".join(IGNORED_OPTIONS))
         conds = self.resolve_voice(voice)
-        yield from t3_turbo.generate_tokens(
-            self.t3, conds.t3, self.text_tokens(text), temperature=temperature, top_k=top_k, top_p=top_p,
-            repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens, seed=seed, cancel=cancel,
-        )
+        yield from t3_turbo.generate_tokens(self.t3, conds.t3, self.text_tokens(text), max_new_tokens=max_new_tokens,
+                                            seed=seed, cancel=cancel, **sampling_options)
         yield from [t3_turbo.S3GEN_SIL] * t3_turbo.SILENCE_TOKENS
 
 
@@ -156,55 +146,21 @@ def load_turbo_upstream(directory: Path, *, quantize: int | None = None, dtype: 
 
     ve_weights = loading.read_safetensors(directory / VE_FILE)
     loading.check_keys(VE_FILE, ve_weights, voice_encoder.upstream_shapes(ve_cfg))
-    ve = voice_encoder.VoiceEncoder(ve_cfg)
-    ve.load_weights(list(voice_encoder.convert_weights(ve_weights, ve_cfg).items()), strict=True)
-    mx.eval(ve.parameters())
+    ve = build_voice_encoder(ve_weights, ve_cfg)
 
     s3gen = read_meanflow_s3gen(directory, s3_cfg, dtype)
-    tokenizer, conds = _tokenizer_and_voice(directory)
-    size = dims.get("size", "full")
-    model = TurboModel(t3, s3gen, ve, tokenizer, conds, Checkpoint(source=str(directory), path=directory, size=size),
-                       dtype=dtype)
-    model.dims = {"family": FAMILY, "size": size, "t3": t3_cfg.to_dict(), "ve": ve_cfg.to_dict(), "s3gen": s3_cfg.to_dict()}
-    if quantize is not None:
-        from .quantize import quantize_model
-
-        quantize_model(model, bits=quantize, group_size=group_size)
+    model = assemble_upstream(TurboModel, (t3, s3gen, ve), (t3_cfg, ve_cfg, s3_cfg), directory,
+                              tokenizer=TurboTokenizer(directory), size=dims.get("size", "full"), dtype=dtype,
+                              quantize=quantize, group_size=group_size)
     logger.info("loaded Turbo %s in %.2f s", directory, time.perf_counter() - t0)
     return model
 
 
-def _tokenizer_and_voice(directory: Path) -> tuple[TurboTokenizer, Conditionals | None]:
-    from . import torchpickle
-
-    conds_path = directory / "conds.pt"
-    conds = torchpickle.load_conds(conds_path) if conds_path.exists() else None
-    return TurboTokenizer(directory), conds
-
-
 def load_turbo_converted(directory: Path, config: dict) -> TurboModel:
     """An MLX-native Turbo directory (models/cache.py)."""
-    from . import cache as cache_mod
-    from .quantize import quantized_structure
-
     t0 = time.perf_counter()
-    t3_cfg, ve_cfg, s3_cfg = _configs(config["dims"])
-    dtype, bits, group_size = config["dtype"], config["quantize"], config["group_size"]
-    t3 = t3_turbo.TurboT3(t3_cfg)
-    s3gen = s3gen_mod.S3Gen(s3_cfg)
-    ve = voice_encoder.VoiceEncoder(ve_cfg)
-    if bits is not None:
-        quantized_structure(t3, s3gen.flow, bits, group_size)
-    for name, module in (("t3", t3), ("s3gen", s3gen), ("ve", ve)):
-        weights = mx.load(str(directory / cache_mod.COMPONENT_FILES[name]))
-        module.load_weights(list(weights.items()), strict=True)
-    mx.eval(t3.parameters(), s3gen.flow.parameters(), s3gen.mel2wav.parameters(), ve.parameters())
-    tokenizer, conds = _tokenizer_and_voice(directory)
-    size = config["dims"].get("size", "full")
-    checkpoint = Checkpoint(source=config.get("source", str(directory)), path=directory, size=size)
-    model = TurboModel(t3, s3gen, ve, tokenizer, conds, checkpoint, quantize=bits, dtype=dtype)
-    model.group_size = group_size
-    model.dims = config["dims"]
+    model = assemble_converted(TurboModel, t3_turbo.TurboT3, _configs(config["dims"]), directory, config,
+                               TurboTokenizer(directory))
     logger.info("loaded converted Turbo model %s in %.2f s", directory, time.perf_counter() - t0)
     return model
 

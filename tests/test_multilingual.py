@@ -68,7 +68,7 @@ def test_checkpoint_has_upstreams_files_and_loads_strictly(tiny_mtl_checkpoint, 
 
 def test_full_multilingual_config_has_upstreams_heads():
     cfg = T3Config.full().multilingual()
-    assert cfg.alignment_heads == [[12, 15], [13, 11], [9, 2]] and cfg.is_multilingual
+    assert cfg.alignment_heads == ((12, 15), (13, 11), (9, 2)) and cfg.is_multilingual
     assert not T3Config.full().is_multilingual and T3Config.full().alignment_heads is None
 
 
@@ -217,7 +217,7 @@ def test_t3_with_analyzer_matches_reference(run, t3_fixture, mtl_weights):
     cfg = T3Config.tiny().multilingual()
     weights = mtl_weights if run == "plain" else alignment.sharpen_aligned_heads(mtl_weights, cfg, SHARPEN_FACTOR)
     assert np.allclose(weights_check(weights), f[f"{run}_weights_check"], rtol=1e-9), "regenerate tools/fixtures_mtl.py"
-    assert [list(h) for h in f["heads"]] == cfg.alignment_heads
+    assert [list(h) for h in f["heads"]] == [list(h) for h in cfg.alignment_heads]
     t3 = build_t3(weights, cfg)
     ref_tokens = f[f"{run}_tokens"].tolist()
     max_new = 40 if run == "plain" else 160

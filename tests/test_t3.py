@@ -7,6 +7,7 @@ Tolerance for float32 parity: |ours - ref| <= 1e-3 + 1e-3 |ref| (measured: ~5e-6
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -15,7 +16,8 @@ import pytest
 from mlx.utils import tree_flatten
 
 from nightingale.dev.checkpoint import random_weights
-from nightingale.models import t3 as t3_module
+from nightingale.models import sampling, t3 as t3_module
+from nightingale.models.config import ConfigError
 from nightingale.models.conds import T3Cond
 from nightingale.models.t3 import (
     SamplingParams,
@@ -80,7 +82,8 @@ def assert_close(ours, ref, atol=ATOL, rtol=RTOL):
 def test_upstream_layout_full():
     shapes = upstream_shapes(T3Config.full())
     assert len(shapes) == 292
-    assert sum(int(np.prod(s)) for s in shapes.values()) == 532_405_248  # spec section 2.6
+    # upstream T3 at full size: the 0.5B Llama plus conditioning, embeddings and heads
+    assert sum(int(np.prod(s)) for s in shapes.values()) == 532_405_248
     assert shapes["speech_pos_emb.emb.weight"] == (4100, 1024)
     assert shapes["text_pos_emb.emb.weight"] == (2050, 1024)
     assert shapes["cond_enc.emotion_adv_fc.weight"] == (1024, 1)
@@ -115,9 +118,12 @@ def test_module_names_are_checkpoint_keys(model, weights):
 
 
 def test_config_round_trip():
-    cfg = T3Config.tiny()
-    assert T3Config.from_dict(cfg.to_dict()) == cfg
-    with pytest.raises(ValueError):
+    """One rule for every config (models/config.py): unknown keys are named, JSON lists
+    come back as the tuples the config holds."""
+    for cfg in (T3Config.tiny(), T3Config.tiny().multilingual(), T3Config.full().multilingual()):
+        assert T3Config.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert T3Config.full().multilingual().alignment_heads == ((12, 15), (13, 11), (9, 2))
+    with pytest.raises(ConfigError, match="unknown T3Config field: nonsense"):
         T3Config.from_dict({"nonsense": 1})
 
 
@@ -327,3 +333,33 @@ def test_half_precision_cast(weights, model, fwd):
     ref, _ = model.prefill(model.prepare_conditioning(fixture_cond(fwd)), text)
     # bf16 has 8 mantissa bits: loose agreement only.
     assert float(mx.abs(logits - ref).max()) < 0.25 * float(mx.abs(ref).max())
+
+
+def test_text_is_wrapped_with_the_configs_start_and_stop_ids(weights, model, fwd):
+    """generate_tokens wraps the text with T3Config.start_text_token / stop_text_token, not
+    with fixed ids: a config with other ids (the same weights) prefills with those."""
+    cfg = replace(T3Config.tiny(), start_text_token=254, stop_text_token=1)
+    custom = build_t3(weights, cfg)
+    text = fwd["text_tokens"][1:-1].tolist()
+    assert custom.wrap_text(text).tolist() == [254, *text, 1]
+    assert model.wrap_text(text).tolist() == fwd["text_tokens"].tolist()  # upstream's 255 ... 0
+    cond = fixture_cond(fwd)
+    cond_emb = custom.prepare_conditioning(cond)
+    logits, _ = custom.prefill(cond_emb, mx.array([254, *text, 1]))
+    default_logits, _ = custom.prefill(cond_emb, mx.array(fwd["text_tokens"]))
+    assert not np.allclose(np.array(logits), np.array(default_logits), atol=1e-3)  # the ids matter
+    first = int(mx.argmax(logits[0] + 0.5 * (logits[0] - logits[1])).item())
+    ours = list(generate_tokens(custom, cond, text, temperature=0, repetition_penalty=1.0, max_new_tokens=1))
+    assert ours == [first]
+
+
+def test_sampling_defaults_per_family():
+    """One definition per family (models/sampling.py), as the references' generate()."""
+    assert sampling.DEFAULTS["chatterbox"] == SamplingParams(0.5, 0.8, 1.2, 0.05, 1.0) == SamplingParams()
+    assert sampling.DEFAULTS["multilingual"] == SamplingParams(0.5, 0.8, 2.0, 0.05, 1.0)
+    assert sampling.DEFAULTS["turbo"] == sampling.TurboSamplingParams(temperature=0.8, top_k=1000, top_p=0.95,
+                                                                       repetition_penalty=1.2)
+    params = sampling.MULTILINGUAL.with_options(temperature=0.3, top_p=None)
+    assert params == SamplingParams(0.5, 0.3, 2.0, 0.05, 1.0)
+    with pytest.raises(TypeError, match="top_k"):
+        sampling.ENGLISH.with_options(top_k=5)

@@ -19,6 +19,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from nightingale.models import loading, t3_turbo, turbo
+from nightingale.models.config import ConfigError
 from nightingale.models.s3gen import meanflow
 from nightingale.models.s3gen.s3gen import S3GenConfig
 from nightingale.models.tokenizer_turbo import TAGS, TurboTokenizer, punc_norm
@@ -262,7 +263,7 @@ def test_config_round_trip_and_tiny_vocab():
     merges = len(stand_in_vocab()[1])  # as many as the stand-in's text yields (at most 480)
     assert cfg.text_tokens_dict_size == stand_in_vocab_size() == 256 + merges + 1 + len(TAGS) and merges > 300
     assert t3_turbo.TurboT3Config.from_dict(cfg.to_dict()) == cfg
-    with pytest.raises(ValueError, match="unknown TurboT3Config fields"):
+    with pytest.raises(ConfigError, match="unknown TurboT3Config field: n_inner"):
         t3_turbo.TurboT3Config.from_dict({**cfg.to_dict(), "n_inner": 7})
     s3 = turbo.turbo_configs("tiny")["s3gen"]
     assert S3GenConfig.from_dict(s3.to_dict()) == s3 and s3.meanflow and s3.flow.n_timesteps == 2

@@ -14,7 +14,7 @@ import soundfile as sf
 from nightingale import protocol as p
 from nightingale.dev.metrics import log_spectral_distance
 from nightingale.models import cloning
-from nightingale.models.model import START_SPEECH_TOKEN
+from nightingale.models.positions import START_SPEECH_TOKEN
 from nightingale.models.streaming import ChunkSchedule, StreamOptions, render_tokens, stream_tokens
 from nightingale.models.t3_turbo import S3GEN_SIL
 

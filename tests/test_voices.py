@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,6 +22,7 @@ from nightingale.models import s3tokenizer as stm
 from nightingale.models import cloning, voice_store
 from nightingale.models import voice_encoder as vem
 from nightingale.models.conds import Conditionals, T3Cond
+from nightingale.models.t3 import T3Config
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CLIP = FIXTURES / "ref_clip.wav"
@@ -36,8 +38,10 @@ def _build(module, cls, cfg, prefix: str = ""):
 
 @pytest.fixture(scope="module")
 def tiny():
-    """Stands in for ChatterboxModel: .ve and .s3gen.tokenizer / .s3gen.speaker_encoder."""
+    """Stands in for ChatterboxModel: .ve, .s3gen.tokenizer / .s3gen.speaker_encoder and
+    .t3.cfg (prepare_voice reads the T3 prompt length from it)."""
     return SimpleNamespace(
+        t3=SimpleNamespace(cfg=T3Config.tiny()),
         ve=_build(vem, vem.VoiceEncoder, vem.VoiceEncoderConfig.tiny()),
         s3gen=SimpleNamespace(
             tokenizer=_build(stm, stm.S3Tokenizer, stm.S3TokenizerConfig.tiny(), "tokenizer."),
@@ -155,12 +159,25 @@ def test_long_reference_is_cut_like_the_reference(tiny):
     # 12 s of speech: T3 gets 150 tokens from the first 6 s, S3Gen a 10 s (500-frame) prompt.
     wav, sample_rate = cloning.load_audio(CLIP)
     long = np.tile(wav, 3)[: 12 * sample_rate]
-    conds = cloning.compute_conditionals(tiny.ve, tiny.s3gen.tokenizer, tiny.s3gen.speaker_encoder, long, sample_rate, 0.7)
+    conds = cloning.compute_conditionals(tiny.ve, tiny.s3gen.tokenizer, tiny.s3gen.speaker_encoder, long, sample_rate, 0.7,
+                                         t3_prompt_tokens=tiny.t3.cfg.speech_cond_prompt_len)
     assert conds.t3.cond_prompt_speech_tokens.shape == (1, 150)
     assert conds.gen["prompt_feat"].shape == (1, 500, 80)
     assert conds.gen["prompt_token"].shape == (1, 250)
     assert conds.gen["prompt_token_len"].tolist() == [250]
     assert conds.t3.emotion_adv.tolist() == [[[pytest.approx(0.7)]]]
+
+
+def test_t3_prompt_length_comes_from_the_t3_config(tiny):
+    """prepare_voice caps the T3 prompt at the model's T3Config.speech_cond_prompt_len, not
+    at a number of its own: 40 here, where the 6 s window holds 150 tokens."""
+    wav, sample_rate = cloning.load_audio(CLIP)
+    long = np.tile(wav, 3)[: 12 * sample_rate]
+    short_prompt = SimpleNamespace(ve=tiny.ve, s3gen=tiny.s3gen,
+                                   t3=SimpleNamespace(cfg=replace(T3Config.tiny(), speech_cond_prompt_len=40)))
+    conds = cloning.prepare_voice(short_prompt, long, sample_rate=sample_rate)
+    assert conds.t3.cond_prompt_speech_tokens.shape == (1, 40)
+    assert cloning.prepare_voice(tiny, long, sample_rate=sample_rate).t3.cond_prompt_speech_tokens.shape == (1, 150)
 
 
 # ---------------------------------------------------------------------------------------------
