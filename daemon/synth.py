@@ -111,13 +111,10 @@ def synth_main(args: argparse.Namespace) -> int:
     model = _load(args, parse_quantize(args.quantize))
     language = _language(model, getattr(args, "language", None), args.voice)
     voice = _voice(model, args.voice)
-    sampling = dict(
-        exaggeration=args.exaggeration,
-        cfg_weight=args.cfg_weight,
-        temperature=args.temperature,
-        max_new_tokens=args.max_new_tokens,
-        language=language,
-    )
+    # Options not given are left out: the model's family decides their defaults (models/sampling.py).
+    given = dict(exaggeration=args.exaggeration, cfg_weight=args.cfg_weight, temperature=args.temperature,
+                 max_new_tokens=args.max_new_tokens)
+    sampling = {name: value for name, value in given.items() if value is not None} | {"language": language}
     writer = AudioFileWriter(spec) if spec else None
     player = _open_player(model.sample_rate) if args.play else None
     try:
@@ -203,7 +200,8 @@ def voices_main(args: argparse.Namespace) -> int:
         language = getattr(args, "language", None)
         if language is not None:
             language = _language(model, language, None)
-        conds = model.prepare_voice(args.audio, exaggeration=args.exaggeration)
+        given = {} if args.exaggeration is None else {"exaggeration": args.exaggeration}
+        conds = model.prepare_voice(args.audio, **given)
         entry = voice_store.add(args.name, conds, args.audio, force=args.force, language=language)
         print(voice_store.describe(entry))
         return 0
