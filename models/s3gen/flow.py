@@ -23,14 +23,15 @@ import functools
 import logging
 import math
 import threading
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..convert import conv1d_from_torch
 from ..chunks import check_cancel
+from ..config import Config
+from ..convert import conv1d_from_torch
 from .encoder import UpsampleConformerEncoder
 from .estimator import ConditionalDecoder
 
@@ -49,7 +50,7 @@ NOISE_BLOCK_FRAMES = 1024  # fixed_noise draws noise in blocks of this many fram
 
 
 @dataclass
-class FlowConfig:
+class FlowConfig(Config):
     """Dimensions of the flow (field names follow upstream's constructor arguments)."""
 
     vocab_size: int = 6561
@@ -103,19 +104,6 @@ class FlowConfig:
             decoder_num_mid_blocks=2,
             decoder_num_heads=2,
         )
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "FlowConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown FlowConfig fields: {sorted(unknown)}")
-        return cls(**d)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["decoder_channels"] = list(self.decoder_channels)
-        return d
 
 
 def _linear(out_dim: int, in_dim: int, bias: bool = True) -> dict[str, tuple[int, ...]]:

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
 from .. import dsp
+from ..config import Config
 from ..convert import conv1d_from_torch, conv_transpose1d_from_torch, fold_weight_norm
 from .conv import conv1d, conv_transpose1d
 
@@ -46,7 +47,7 @@ WEIGHT_NORM_SUFFIXES = (".parametrizations.weight.original0", ".parametrizations
 
 
 @dataclass
-class HiFTConfig:
+class HiFTConfig(Config):
     """HiFTGenerator hyper-parameters; field names follow the reference's constructor."""
 
     in_channels: int = 80
@@ -77,18 +78,6 @@ class HiFTConfig:
     def tiny(cls) -> "HiFTConfig":
         """Narrow channels only: rates, kernels and the iSTFT keep 480 samples per frame."""
         return cls(base_channels=32, f0_cond_channels=32)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "HiFTConfig":
-        known = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in d.items() if k in known}
-        for k, v in kw.items():
-            if isinstance(v, list):
-                kw[k] = tuple(tuple(e) if isinstance(e, list) else e for e in v)
-        return cls(**kw)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     @property
     def upsample_total(self) -> int:
