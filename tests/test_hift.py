@@ -17,7 +17,7 @@ from mlx.utils import tree_flatten
 
 from nightingale.models.checkpoint import random_weights
 from nightingale.models.s3gen import conv, hifigan
-from nightingale.models.s3gen.hifigan import HiFTConfig, HiFTGenerator, convert_weights, load_hift, upstream_shapes
+from nightingale.models.s3gen.hifigan import HiFTConfig, HiFTGenerator, convert_weights, upstream_shapes
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SEED = 0  # as tools/fixtures_hift.py
@@ -36,16 +36,24 @@ def weights():
     return tiny_weights()
 
 
+def build(weights: dict[str, np.ndarray]) -> HiFTGenerator:
+    """A tiny HiFTGenerator loaded strictly, as S3Gen.load_upstream loads `mel2wav.`."""
+    cfg = HiFTConfig.tiny()
+    model = HiFTGenerator(cfg)
+    model.load_weights(list(convert_weights(weights, cfg).items()), strict=True)
+    return model
+
+
 @pytest.fixture(scope="module")
 def model(weights):
-    return load_hift(weights, HiFTConfig.tiny())
+    return build(weights)
 
 
 @pytest.fixture(scope="module")
 def voiced_model(weights):
     voiced = dict(weights)
     voiced["f0_predictor.classifier.bias"] = np.full_like(weights["f0_predictor.classifier.bias"], VOICED_F0_BIAS_HZ)
-    return load_hift(voiced, HiFTConfig.tiny())
+    return build(voiced)
 
 
 @pytest.fixture(params=[("matmul", "poly"), ("native", "sin")], ids=["cpu-kernels", "native-ops"])
@@ -84,7 +92,8 @@ def test_upstream_layout_and_conversion_cover_every_parameter(weights):
 
 
 def test_full_config_parameter_count():
-    """20,821,295 parameters with weight-norm g and v both counted (reference spec 3.11)."""
+    """20,821,295 parameters with weight-norm g and v both counted (the reference's
+    HiFTGenerator at its default config; tools/fixtures_hift.py loads the tiny one strictly)."""
     shapes = upstream_shapes(HiFTConfig.full())
     assert sum(int(np.prod(s)) for s in shapes.values()) == 20_821_295
     assert shapes["ups.0.parametrizations.weight.original0"] == (512, 1, 1)  # g over in_channels

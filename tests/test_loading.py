@@ -18,8 +18,9 @@ from nightingale.models.s3gen import s3gen
 
 
 def test_full_spec_matches_the_upstream_key_counts():
-    """chatterbox.md 2.6, 3.11, 4, 5: 292 T3 tensors, 16 VE tensors, 2488 S3Gen tensors
-    saved by state_dict (2490 with the two tokenizer buffers the reference may omit)."""
+    """The reference's state_dict counts (chatterbox-tts 0.1.7, tools/check_reference_load.py
+    loads them strictly): 292 T3 tensors, 16 VE tensors, 2488 S3Gen tensors (2490 with the
+    two tokenizer buffers the reference may omit)."""
     cfgs = checkpoint.component_configs("full")
     t3_shapes = t3.upstream_shapes(cfgs["t3"])
     assert len(t3_shapes) == 292

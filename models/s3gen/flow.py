@@ -14,7 +14,8 @@ pipeline for one utterance:
 
 Noise is always explicit: callers pass it, or pass an `mx.random` key. `fixed_noise`
 gives position-indexed noise, so overlapping windows of a stream see identical noise on
-the frames they share (upstream 0.1.7 draws fresh noise per call; see the spec, 7.3).
+the frames they share (upstream 0.1.7 draws fresh noise per call, so two windows would
+disagree on their overlap; models/streaming.py relies on this).
 """
 
 from __future__ import annotations

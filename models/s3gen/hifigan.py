@@ -522,10 +522,3 @@ def convert_weights(weights: dict[str, np.ndarray], cfg: HiFTConfig) -> dict[str
             out[key] = mx.array(np.asarray(value, dtype=np.float32))
     return out
 
-
-def load_hift(weights: dict[str, np.ndarray], cfg: HiFTConfig) -> HiFTGenerator:
-    """Build a HiFTGenerator and load upstream-layout weights strictly."""
-    model = HiFTGenerator(cfg)
-    model.load_weights(list(convert_weights(weights, cfg).items()), strict=True)
-    model.eval()
-    return model
