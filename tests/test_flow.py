@@ -31,7 +31,7 @@ from nightingale.models.s3gen.flow import (
 )
 
 FIXTURES = Path(__file__).parent / "fixtures"
-WEIGHTS_SEED = 0  # tools/fixtures_flow.py SEED
+WEIGHTS_SEED = 0  # tools/fixtures_flow.py --seed (default 0)
 REL_TOL = 1e-3
 
 
