@@ -90,9 +90,7 @@ def main() -> int:
         cond = mx.concatenate([prompt_feat.transpose(0, 2, 1),
                                mx.zeros((1, 80, total - prompt_feat.shape[1]), dtype=mu.dtype)], axis=2)
         spks = flow.speaker_projection(gen["embedding"])
-        mu_in = mx.concatenate([mu, mx.zeros_like(mu)], axis=0)
-        spks_in = mx.concatenate([spks, mx.zeros_like(spks)], axis=0)
-        cond_in = mx.concatenate([cond, mx.zeros_like(cond)], axis=0)
+        mu_in, _, spks_in, cond_in = flow.decoder.conditioning(mu, None, spks, cond)
         x = noise.astype(mx.float32)
         t, r = mx.array(0.5, dtype=mx.float32), mx.array(0.6, dtype=mx.float32)
         mx.eval(mu_in, spks_in, cond_in, x)
