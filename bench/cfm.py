@@ -88,24 +88,21 @@ def main() -> int:
         cond = mx.concatenate([prompt_feat.transpose(0, 2, 1),
                                mx.zeros((1, 80, total - prompt_feat.shape[1]), dtype=mu.dtype)], axis=2)
         spks = flow.speaker_projection(gen["embedding"])
-        mu_in = mx.concatenate([mu, mx.zeros_like(mu)], axis=0)
-        spks_in = mx.concatenate([spks, mx.zeros_like(spks)], axis=0)
-        cond_in = mx.concatenate([cond, mx.zeros_like(cond)], axis=0)
+        mu_in, _, spks_in, cond_in = flow.decoder.conditioning(mu, None, spks, cond)
         x = noise.astype(mx.float32)
-        t = mx.full((2,), 0.5, dtype=mx.float32)
-        dt = mx.array(0.1, dtype=mx.float32)
+        t, r = mx.array(0.5, dtype=mx.float32), mx.array(0.6, dtype=mx.float32)
         mx.eval(mu_in, spks_in, cond_in, x)
         cfm = flow.decoder
         eager = cfm.euler_step
         with tempfile.NamedTemporaryFile("r", suffix=".dot") as dot:
-            mx.export_to_dot(dot.name, eager(x, t, dt, mu_in, spks_in, cond_in))
+            mx.export_to_dot(dot.name, eager(x, t, r, mu_in, spks_in, cond_in))
             text = dot.read()
             row["ops_per_step"] = sum(1 for line in text.splitlines() if "->" not in line and "label" in line
                                       and "shape=box" not in line) or text.count("label")
         for _ in range(3):
-            mx.eval(eager(x, t, dt, mu_in, spks_in, cond_in))
-        row["host_ms_per_step"] = timed(lambda: eager(x, t, dt, mu_in, spks_in, cond_in), 10)
-        row["eager_step_ms"] = timed(lambda: mx.eval(eager(x, t, dt, mu_in, spks_in, cond_in)), 10)
+            mx.eval(eager(x, t, r, mu_in, spks_in, cond_in))
+        row["host_ms_per_step"] = timed(lambda: eager(x, t, r, mu_in, spks_in, cond_in), 10)
+        row["eager_step_ms"] = timed(lambda: mx.eval(eager(x, t, r, mu_in, spks_in, cond_in)), 10)
         modes = ("off",) if args.no_compile else ("off", "on")
         row["call_ms_compiled"] = row["compiled_step_ms"] = row["trace_ms"] = float("nan")
         for mode in modes:
@@ -120,11 +117,11 @@ def main() -> int:
             continue
         compiled = mx.compile(cfm.euler_step)
         t0 = time.perf_counter()
-        y_c = compiled(x, t, dt, mu_in, spks_in, cond_in)
+        y_c = compiled(x, t, r, mu_in, spks_in, cond_in)
         mx.eval(y_c)
         row["trace_ms"] = (time.perf_counter() - t0) * 1000
-        row["compiled_step_ms"] = timed(lambda: mx.eval(compiled(x, t, dt, mu_in, spks_in, cond_in)), 10)
-        y_e = eager(x, t, dt, mu_in, spks_in, cond_in)
+        row["compiled_step_ms"] = timed(lambda: mx.eval(compiled(x, t, r, mu_in, spks_in, cond_in)), 10)
+        y_e = eager(x, t, r, mu_in, spks_in, cond_in)
         row["compiled_vs_eager_max_abs"] = float(mx.max(mx.abs(y_c - y_e)))
         print(name, json.dumps(row), flush=True)
 

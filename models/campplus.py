@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .config import Config
 from .convert import conv1d_from_torch, conv2d_from_torch, fold_batch_norm
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked
 
 
 @dataclass
-class CAMPPlusConfig:
+class CAMPPlusConfig(Config):
     feat_dim: int = 80
     embedding_size: int = 192
     growth_rate: int = 32
@@ -59,19 +60,6 @@ class CAMPPlusConfig:
     @classmethod
     def tiny(cls) -> "CAMPPlusConfig":
         return cls(block_layers=(2, 2, 2))  # the embedding stays 192 (flow's spk_embed_affine_layer)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "CAMPPlusConfig":
-        names = {f.name for f in fields(cls)}
-        kwargs = {k: v for k, v in d.items() if k in names}
-        if "block_layers" in kwargs:
-            kwargs["block_layers"] = tuple(kwargs["block_layers"])
-        return cls(**kwargs)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["block_layers"] = list(self.block_layers)
-        return d
 
     @property
     def bn_channels(self) -> int:

@@ -11,12 +11,13 @@ Weights live in s3gen.safetensors under `tokenizer.`.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .config import Config
 from .convert import conv1d_from_torch
 from .dsp import hann_window, mel_filters, stft
 
@@ -46,7 +47,7 @@ OPTIONAL_KEYS = ("_mel_filters", "window")
 
 
 @dataclass
-class S3TokenizerConfig:
+class S3TokenizerConfig(Config):
     n_mels: int = 128
     n_audio_state: int = 1280
     n_audio_head: int = 20
@@ -59,14 +60,6 @@ class S3TokenizerConfig:
     @classmethod
     def tiny(cls) -> "S3TokenizerConfig":
         return cls(n_audio_state=128, n_audio_head=2, n_audio_layer=2)  # head_dim stays 64 (RoPE)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "S3TokenizerConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     def __post_init__(self) -> None:
         if self.n_audio_state // self.n_audio_head != ROPE_DIM or self.n_audio_state % self.n_audio_head:

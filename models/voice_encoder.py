@@ -10,12 +10,13 @@ reproduces librosa.effects.trim and librosa.stft without librosa.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .config import Config
 from .dsp import hann_window, mel_filters, stft
 
 logger = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ TRIM_HOP = 512
 
 
 @dataclass
-class VoiceEncoderConfig:
+class VoiceEncoderConfig(Config):
     num_mels: int = 40
     ve_hidden_size: int = 256
     speaker_embed_size: int = 256
@@ -47,14 +48,6 @@ class VoiceEncoderConfig:
     def tiny(cls) -> "VoiceEncoderConfig":
         # The embedding stays 256 wide: T3's spkr_enc expects it.
         return cls(ve_hidden_size=64)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "VoiceEncoderConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def upstream_shapes(cfg: VoiceEncoderConfig) -> dict[str, tuple[int, ...]]:

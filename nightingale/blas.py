@@ -1,8 +1,8 @@
 """Use a real BLAS under MLX's Linux CPU backend.
 
 MLX's Linux CPU wheel links a bundled reference BLAS: float32 matmuls run 30x slower than
-with OpenBLAS (shared/notes/linux-cpu.md, docs/benchmarks.md). Preloading Debian's
-OpenBLAS (package libopenblas0-pthread) replaces those symbols. A process can only preload
+with OpenBLAS (docs/benchmarks.md). Preloading Debian's OpenBLAS (package
+libopenblas0-pthread) replaces those symbols. A process can only preload
 at exec time, so entry points that will run models call `reexec_with_openblas()` before
 importing MLX: on Linux, when the library exists and is not loaded yet, the process
 re-executes itself once with LD_PRELOAD set. Nothing happens on macOS (Accelerate/Metal),
@@ -11,6 +11,7 @@ when NIGHTINGALE_NO_OPENBLAS=1, or when the library is missing.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -24,6 +25,19 @@ MARKER = "NIGHTINGALE_OPENBLAS_REEXEC"
 
 def openblas_path() -> str | None:
     return next((p for p in OPENBLAS_PATHS if os.path.exists(p)), None)
+
+
+@functools.cache
+def fast_blas_loaded() -> bool:
+    """Does MLX's CPU backend multiply with a fast BLAS in this process? Always off Linux
+    (Accelerate on macOS); on Linux only when OpenBLAS is mapped (see reexec_with_openblas)."""
+    if not sys.platform.startswith("linux"):
+        return True
+    try:
+        with open("/proc/self/maps") as maps:
+            return any("libopenblas" in line for line in maps)
+    except OSError:
+        return False
 
 
 def needs_reexec() -> bool:

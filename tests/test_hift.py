@@ -16,8 +16,8 @@ import pytest
 from mlx.utils import tree_flatten
 
 from nightingale.dev.checkpoint import random_weights
-from nightingale.models.s3gen import hifigan
-from nightingale.models.s3gen.hifigan import HiFTConfig, HiFTGenerator, convert_weights, load_hift, upstream_shapes
+from nightingale.models.s3gen import conv, hifigan
+from nightingale.models.s3gen.hifigan import HiFTConfig, HiFTGenerator, convert_weights, upstream_shapes
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SEED = 0  # as tools/fixtures_hift.py
@@ -36,23 +36,31 @@ def weights():
     return tiny_weights()
 
 
+def build(weights: dict[str, np.ndarray]) -> HiFTGenerator:
+    """A tiny HiFTGenerator loaded strictly, as S3Gen.load_upstream loads `mel2wav.`."""
+    cfg = HiFTConfig.tiny()
+    model = HiFTGenerator(cfg)
+    model.load_weights(list(convert_weights(weights, cfg).items()), strict=True)
+    return model
+
+
 @pytest.fixture(scope="module")
 def model(weights):
-    return load_hift(weights, HiFTConfig.tiny())
+    return build(weights)
 
 
 @pytest.fixture(scope="module")
 def voiced_model(weights):
     voiced = dict(weights)
     voiced["f0_predictor.classifier.bias"] = np.full_like(weights["f0_predictor.classifier.bias"], VOICED_F0_BIAS_HZ)
-    return load_hift(voiced, HiFTConfig.tiny())
+    return build(voiced)
 
 
 @pytest.fixture(params=[("matmul", "poly"), ("native", "sin")], ids=["cpu-kernels", "native-ops"])
 def conv_impl(request, monkeypatch):
     """Run a test with the CPU paths (BLAS-matmul convolutions, polynomial Snake) and with
     MLX's native conv ops and sin (the GPU paths)."""
-    monkeypatch.setattr(hifigan, "CONV_IMPL", request.param[0])
+    monkeypatch.setattr(conv, "CONV_IMPL", request.param[0])
     monkeypatch.setattr(hifigan, "SNAKE_IMPL", request.param[1])
     return request.param
 
@@ -84,7 +92,8 @@ def test_upstream_layout_and_conversion_cover_every_parameter(weights):
 
 
 def test_full_config_parameter_count():
-    """20,821,295 parameters with weight-norm g and v both counted (reference spec 3.11)."""
+    """20,821,295 parameters with weight-norm g and v both counted (the reference's
+    HiFTGenerator at its default config; tools/fixtures_hift.py loads the tiny one strictly)."""
     shapes = upstream_shapes(HiFTConfig.full())
     assert sum(int(np.prod(s)) for s in shapes.values()) == 20_821_295
     assert shapes["ups.0.parametrizations.weight.original0"] == (512, 1, 1)  # g over in_channels
@@ -112,19 +121,23 @@ def test_conversion_rejects_a_missing_key(weights):
     "t, c_in, c_out, k, stride, padding, dilation",
     [
         (50, 18, 16, 30, 15, 7, 1),  # source_downs[0]
-        (50, 64, 32, 11, 1, 15, 3),  # dilated resblock conv (im2col)
-        (40, 200, 24, 11, 1, 25, 5),  # wide: per-tap accumulation
+        (50, 64, 32, 11, 1, 15, 3),  # dilated resblock conv
+        (40, 200, 24, 11, 1, 25, 5),  # wide
         (30, 18, 8, 1, 1, 0, 1),  # 1x1
     ],
 )
-def test_matmul_conv1d_equals_native(t, c_in, c_out, k, stride, padding, dilation, monkeypatch):
+@pytest.mark.parametrize("gemm", ["im2col", "per-tap"])
+def test_matmul_conv1d_equals_native(t, c_in, c_out, k, stride, padding, dilation, gemm, monkeypatch):
     keys = mx.random.split(mx.random.key(0), 3)
     x = mx.random.normal((2, t, c_in), key=keys[0])
     w = mx.random.normal((c_out, k, c_in), key=keys[1]) / np.sqrt(k * c_in)
     b = mx.random.normal((c_out,), key=keys[2])
     expected = mx.conv1d(x, w, stride=stride, padding=padding, dilation=dilation) + b
-    monkeypatch.setattr(hifigan, "CONV_IMPL", "matmul")
-    actual = hifigan.conv1d(x, w, b, stride, padding, dilation)
+    monkeypatch.setattr(conv, "CONV_IMPL", "matmul")
+    # either GEMM layout whatever this process's BLAS (a strided conv is always im2col)
+    monkeypatch.setattr(conv, "fast_blas_loaded", lambda: True)
+    monkeypatch.setattr(conv, "IM2COL_MAX_ELEMENTS", 1 << 30 if gemm == "im2col" else 0)
+    actual = conv.conv1d(x, w, b, stride, padding, dilation)
     assert actual.shape == expected.shape
     np.testing.assert_allclose(np.array(actual), np.array(expected), atol=1e-4)
 
@@ -137,8 +150,8 @@ def test_matmul_conv_transpose1d_equals_native(t, c_in, c_out, k, stride, monkey
     b = mx.random.normal((c_out,), key=keys[2])
     padding = (k - stride) // 2
     expected = mx.conv_transpose1d(x, w, stride=stride, padding=padding) + b
-    monkeypatch.setattr(hifigan, "CONV_IMPL", "matmul")
-    actual = hifigan.conv_transpose1d(x, w, b, stride, padding)
+    monkeypatch.setattr(conv, "CONV_IMPL", "matmul")
+    actual = conv.conv_transpose1d(x, w, b, stride, padding)
     assert actual.shape == expected.shape == (2, t * stride, c_out)
     np.testing.assert_allclose(np.array(actual), np.array(expected), atol=1e-4)
 

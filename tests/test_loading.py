@@ -13,13 +13,15 @@ from safetensors.numpy import load_file, save_file
 
 from nightingale.dev import checkpoint
 from nightingale.models import cache, loading, t3, voice_encoder
+from nightingale.models.config import ConfigError
 from nightingale.models.model import load_model
 from nightingale.models.s3gen import s3gen
 
 
 def test_full_spec_matches_the_upstream_key_counts():
-    """chatterbox.md 2.6, 3.11, 4, 5: 292 T3 tensors, 16 VE tensors, 2488 S3Gen tensors
-    saved by state_dict (2490 with the two tokenizer buffers the reference may omit)."""
+    """The reference's state_dict counts (chatterbox-tts 0.1.7, tools/check_reference_load.py
+    loads them strictly): 292 T3 tensors, 16 VE tensors, 2488 S3Gen tensors (2490 with the
+    two tokenizer buffers the reference may omit)."""
     cfgs = checkpoint.component_configs("full")
     t3_shapes = t3.upstream_shapes(cfgs["t3"])
     assert len(t3_shapes) == 292
@@ -96,6 +98,45 @@ def test_optional_tokenizer_buffers_are_tolerated_either_way(tiny_checkpoint, tm
     )
     with pytest.raises(loading.CheckpointError, match="tokenizer.window"):
         load_model(wrong, cache=False)
+
+
+def _edit_json(path: Path, edit) -> None:
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: d["s3gen"]["flow"].update(n_timestep=3), "unknown FlowConfig field: n_timestep"),
+        (lambda d: d["s3gen"]["hift"].update(sample_rate=22050), "unknown HiFTConfig field: sample_rate"),
+        (lambda d: d["s3gen"].update(mean_flow=True), "unknown S3GenConfig field: mean_flow"),
+        (lambda d: d["ve"].update(hidden=64), "unknown VoiceEncoderConfig field: hidden"),
+    ],
+)
+def test_unknown_config_key_is_named(tiny_checkpoint, tmp_path, edit, message):
+    """A misspelt or newer field in dims.json, or in a converted model's config.json, is an
+    error that names it, never silently dropped."""
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_checkpoint, bad)
+    _edit_json(bad / "dims.json", edit)
+    with pytest.raises(ConfigError, match=message):
+        load_model(bad, cache=False)
+    converted = cache.convert(str(tiny_checkpoint), str(tmp_path / "conv"), quantize=None)
+    _edit_json(converted / cache.CONFIG_FILE, lambda config: edit(config["dims"]))
+    with pytest.raises(ConfigError, match=message):
+        load_model(converted)
+
+
+def test_converted_config_round_trips(tiny_checkpoint, tmp_path):
+    """config.json's dims read back to the configs the model was built with."""
+    model = load_model(tiny_checkpoint, cache=False)
+    out = cache.convert(str(tiny_checkpoint), str(tmp_path / "conv"), quantize=None)
+    dims = cache.read_config(out)["dims"]
+    assert s3gen.S3GenConfig.from_dict(dims["s3gen"]) == model.s3gen.cfg == checkpoint.component_configs("tiny")["s3gen"]
+    assert voice_encoder.VoiceEncoderConfig.from_dict(dims["ve"]) == model.ve.cfg
+    assert load_model(out).s3gen.cfg == model.s3gen.cfg
 
 
 def test_converted_cache_is_reused_and_redone_when_the_source_changes(tiny_checkpoint, tmp_path, monkeypatch):

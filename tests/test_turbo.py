@@ -206,8 +206,8 @@ def test_meanflow_estimator_with_both_times_matches_reference(tiny_turbo_model):
 def test_meanflow_two_step_solve_matches_reference(tiny_turbo_model):
     ref = fixture("meanflow")
     flow = tiny_turbo_model.s3gen.flow
-    out = flow.solve_euler(mx.array(ref["z"]), mx.array(ref["cfm_mu"]), None, mx.array(ref["cfm_spks"]),
-                           mx.array(ref["cfm_cond"]), n_timesteps=2)
+    out = flow.decoder.solve_euler(mx.array(ref["z"]), mx.array(ref["cfm_mu"]), None, mx.array(ref["cfm_spks"]),
+                                   mx.array(ref["cfm_cond"]), n_timesteps=2)
     assert rel_err(out, ref["cfm_out"]) < 1e-3
     assert flow.cfg.n_timesteps == 2
     np.testing.assert_array_equal(meanflow.linear_t_span(2), [0.0, 0.5, 1.0])

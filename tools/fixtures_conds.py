@@ -3,7 +3,7 @@ checked by real torch.
 
 Run in the reference venv (from the repo root):
 
-    OMP_NUM_THREADS=1 /work/ref-venv/bin/python tools/fixtures_conds.py
+    OMP_NUM_THREADS=1 .ref-venv/bin/python tools/fixtures_conds.py
 
 It writes into tests/fixtures/:
 - conds_torch.pt, conds_torch_cached.pt: upstream-shaped voices saved by the reference's own

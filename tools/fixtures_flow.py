@@ -1,15 +1,15 @@
 """Golden outputs of the reference S3Gen flow (tiny dims) for tests/test_flow.py.
 
-Run in the reference's virtual environment (torch + chatterbox-tts 0.1.7):
+Run in the reference's virtual environment (tools/make_reference_env.sh builds .ref-venv):
 
-    /work/ref-venv/bin/python tools/fixtures_flow.py            # writes tests/fixtures/flow_*.npz
+    .ref-venv/bin/python tools/fixtures_flow.py            # writes tests/fixtures/flow_*.npz
 
-Weights: by default the script asks our venv (NIGHTINGALE_PYTHON, default .venv/bin/python)
-to write the tiny flow's random weights, exactly as the tests regenerate them
-(`random_weights(upstream_shapes(FlowConfig.tiny()), default_rng(SEED))`), into a temporary
-checkpoint-like directory (s3gen.safetensors with `flow.` keys + dims.json). With
-`--checkpoint DIR` it reads any such directory instead (e.g. one from make_checkpoint);
-fixtures made that way only match tests that load the same weights.
+Weights: by default our venv writes the tiny flow's random weights, exactly as the tests
+regenerate them (`random_weights(upstream_shapes(FlowConfig.tiny()), default_rng(0))`),
+into a temporary checkpoint-like directory (s3gen.safetensors with `flow.` keys +
+dims.json; tools/fixture_common.py). With `--checkpoint DIR` it reads any such directory
+instead (e.g. one from make_checkpoint); fixtures made that way only match tests that load
+the same weights.
 
 The reference modules are built with the tiny dims. Upstream hard-codes three things to the
 full size, which the script rebuilds at the tiny width with the reference's own classes:
@@ -17,47 +17,40 @@ full size, which the script rebuilds at the tiny width with the reference's own 
 `up_encoders` (4). The weights then load with strict=True, so every `flow.` key is used
 and none is missing. CFM noise is injected by patching torch.randn_like.
 
+tools/fixtures_turbo.py builds its MeanFlow flow and draws its inputs with this file's
+functions.
+
 Mode for our venv (used by the default path above):
-    .venv/bin/python tools/fixtures_flow.py --write-weights DIR [--seed 0]
+    .venv/bin/python tools/fixtures_flow.py --write DIR [--seed 0]
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import os
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
-FIXTURES = REPO / "tests" / "fixtures"
-SEED = 0  # weights seed; tests/test_flow.py uses the same
+from fixture_common import load_strict, read_s3gen_part, run_generator, write_s3gen_part  # noqa: E402
+
 INPUT_SEED = 1234  # inputs (tokens, noise, mels) drawn here and stored in the fixtures
+PREFIX = "flow."
 
 
 def write_weights(out_dir: Path, seed: int) -> None:
     """Our venv: tiny flow weights in the upstream layout + dims.json."""
-    from safetensors.numpy import save_file
-
-    from nightingale.dev.checkpoint import random_weights
     from nightingale.models.s3gen.flow import FlowConfig, upstream_shapes
 
     cfg = FlowConfig.tiny()
-    weights = random_weights(upstream_shapes(cfg), np.random.default_rng(seed), prefix="flow.")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(weights, str(out_dir / "s3gen.safetensors"))
-    (out_dir / "dims.json").write_text(json.dumps({"s3gen": {"flow": cfg.to_dict()}}, indent=1))
+    write_s3gen_part(out_dir, "flow", PREFIX, cfg, upstream_shapes(cfg), seed)
 
 
-def build_reference(dims: dict):
-    """The reference CausalMaskedDiffWithXvec with the given (tiny) FlowConfig dims."""
+def build_reference(dims: dict, meanflow: bool = False):
+    """The reference CausalMaskedDiffWithXvec with the given (tiny) FlowConfig dims; with
+    `meanflow`, Turbo's estimator (the r time input) behind the same CFM."""
     import torch
 
     from chatterbox.models.s3gen.configs import CFM_PARAMS
@@ -104,8 +97,10 @@ def build_reference(dims: dict):
         num_mid_blocks=dims["decoder_num_mid_blocks"],
         num_heads=dims["decoder_num_heads"],
         act_fn="gelu",
+        meanflow=meanflow,
     )
-    assert CFM_PARAMS.inference_cfg_rate == dims["inference_cfg_rate"]
+    # a MeanFlow config says no guidance (0), but upstream's CFM keeps its rate; it skips CFG
+    assert meanflow or CFM_PARAMS.inference_cfg_rate == dims["inference_cfg_rate"]
     decoder = CausalConditionalCFM(spk_emb_dim=dims["output_size"], cfm_params=CFM_PARAMS, estimator=estimator)
     flow = CausalMaskedDiffWithXvec(
         input_size=dims["input_size"],
@@ -118,15 +113,6 @@ def build_reference(dims: dict):
         decoder=decoder,
     )
     return flow.eval().to(torch.float32)
-
-
-def load_flow_weights(checkpoint: Path) -> tuple[dict, dict]:
-    """(dims of the flow, {relative key: torch tensor}) from a checkpoint-like directory."""
-    from safetensors.torch import load_file
-
-    dims = json.loads((checkpoint / "dims.json").read_text())["s3gen"]["flow"]
-    tensors = load_file(str(checkpoint / "s3gen.safetensors"))
-    return dims, {k[len("flow.") :]: v for k, v in tensors.items() if k.startswith("flow.")}
 
 
 @contextlib.contextmanager
@@ -147,134 +133,122 @@ def injected_randn_like(noise):
         torch.randn_like = original
 
 
+def estimator_inputs(rng: np.random.Generator, mel: int, frames: int = 20) -> dict[str, np.ndarray]:
+    """One estimator call's inputs, batch 2: row 1 with a masked tail, cond zero after frame 8."""
+    x = rng.standard_normal((2, mel, frames), dtype=np.float32)
+    mask = np.ones((2, 1, frames), dtype=np.float32)
+    mask[1, :, 14:] = 0.0
+    mu = rng.standard_normal((2, mel, frames), dtype=np.float32)
+    spks = rng.standard_normal((2, mel), dtype=np.float32)
+    cond = rng.standard_normal((2, mel, frames), dtype=np.float32)
+    cond[:, :, 8:] = 0.0
+    return {"x": x, "mask": mask, "mu": mu, "spks": spks, "cond": cond}
+
+
+def cfm_inputs(rng: np.random.Generator, mel: int, frames: int = 24) -> dict[str, np.ndarray]:
+    """A CFM solve's inputs, batch 1: noise z, mu, an all-valid mask, spks, an 8-frame cond."""
+    z = rng.standard_normal((1, mel, frames), dtype=np.float32)
+    mu = rng.standard_normal((1, mel, frames), dtype=np.float32)
+    mask = np.ones((1, 1, frames), dtype=np.float32)
+    spks = rng.standard_normal((1, mel), dtype=np.float32)
+    cond = np.zeros((1, mel, frames), dtype=np.float32)
+    cond[:, :, :8] = rng.standard_normal((1, mel, 8), dtype=np.float32)
+    return {"z": z, "mu": mu, "mask": mask, "spks": spks, "cond": cond}
+
+
+def inference_inputs(rng: np.random.Generator, dims: dict, n: int = 10, p: int = 6) -> dict[str, np.ndarray]:
+    """flow.inference's inputs: n tokens after a p-token prompt (mel of 2p frames), an
+    x-vector, and the noise for all 2 (p + n) frames."""
+    mel = dims["output_size"]
+    token = rng.integers(0, dims["vocab_size"], size=(1, n)).astype(np.int32)
+    prompt_token = rng.integers(0, dims["vocab_size"], size=(1, p)).astype(np.int32)
+    prompt_feat = (rng.standard_normal((1, 2 * p, mel), dtype=np.float32) - 5.0).astype(np.float32)
+    embedding = (3.0 * rng.standard_normal((1, dims["spk_embed_dim"]), dtype=np.float32)).astype(np.float32)
+    noise = rng.standard_normal((1, mel, 2 * (p + n)), dtype=np.float32)
+    return {"token": token, "prompt_token": prompt_token, "prompt_feat": prompt_feat, "embedding": embedding,
+            "noise": noise}
+
+
+def run_estimator(flow, inputs: dict, t: np.ndarray, **kwargs) -> np.ndarray:
+    """The reference estimator on `estimator_inputs` at times t (kwargs: MeanFlow's r)."""
+    import torch
+
+    T = torch.from_numpy
+    args = [T(inputs[k]) for k in ("x", "mask", "mu")] + [T(t)] + [T(inputs[k]) for k in ("spks", "cond")]
+    return flow.decoder.estimator(*args, **{k: T(v) for k, v in kwargs.items()}).numpy()
+
+
+def run_cfm(flow, inputs: dict, n_timesteps: int, **kwargs) -> np.ndarray:
+    """The reference CFM solve on `cfm_inputs`, its noise injected (kwargs: meanflow=True)."""
+    import torch
+
+    T = torch.from_numpy
+    with injected_randn_like(T(inputs["z"])):
+        out, _ = flow.decoder(T(inputs["mu"]), T(inputs["mask"]), n_timesteps=n_timesteps, spks=T(inputs["spks"]),
+                              cond=T(inputs["cond"]), **kwargs)
+    return out.numpy()
+
+
+def run_inference(flow, inputs: dict, n_timesteps: int, **kwargs) -> np.ndarray:
+    """The reference flow.inference on `inference_inputs`, its noise injected."""
+    import torch
+
+    T = torch.from_numpy
+    with injected_randn_like(T(inputs["noise"])):
+        feat, _ = flow.inference(
+            token=T(inputs["token"]).long(),
+            token_len=torch.tensor([inputs["token"].shape[1]]),
+            prompt_token=T(inputs["prompt_token"]).long(),
+            prompt_token_len=torch.tensor([inputs["prompt_token"].shape[1]]),
+            prompt_feat=T(inputs["prompt_feat"]),
+            prompt_feat_len=None,
+            embedding=T(inputs["embedding"]),
+            finalize=True,
+            n_timesteps=n_timesteps,
+            **kwargs,
+        )
+    return feat.numpy()
+
+
+def encoder_fixture(flow, dims: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """encode (embedding * pad mask -> encoder -> encoder_proj), batch 2, row 1 padded."""
+    import torch
+
+    tokens = rng.integers(0, dims["vocab_size"], size=(2, 12)).astype(np.int32)
+    token_lens = np.array([12, 9], dtype=np.int32)
+    pad = (torch.arange(12)[None, :] < torch.from_numpy(token_lens).long()[:, None]).float().unsqueeze(-1)
+    emb = flow.input_embedding(torch.from_numpy(tokens).long()) * pad
+    h, h_mask = flow.encoder(emb, torch.from_numpy(token_lens))
+    mu = flow.encoder_proj(h).transpose(1, 2)
+    return {"tokens": tokens, "token_lens": token_lens, "h": h.numpy(), "mask": h_mask.numpy(), "mu": mu.numpy()}
+
+
 def make_fixtures(checkpoint: Path, out_dir: Path, weights_seed: int | None) -> None:
     import torch
 
     torch.set_num_threads(1)
-    dims, state = load_flow_weights(checkpoint)
-    flow = build_reference(dims)
-    result = flow.load_state_dict(state, strict=True)
-    assert not result.missing_keys and not result.unexpected_keys
-    assert set(state) == set(flow.state_dict()), "every flow.* key used, none missing"
+    dims, state = read_s3gen_part(checkpoint, "flow", PREFIX)
+    flow = load_strict(build_reference(dims), state)
 
     rng = np.random.default_rng(INPUT_SEED)
     mel = dims["output_size"]
     meta = {"weights_seed": np.int64(-1 if weights_seed is None else weights_seed)}
     out_dir.mkdir(parents=True, exist_ok=True)
-    T = torch.from_numpy
-
     with torch.inference_mode():
-        # 1. encode (embedding * pad mask -> encoder -> encoder_proj), batch 2, row 1 padded
-        tokens = rng.integers(0, dims["vocab_size"], size=(2, 12)).astype(np.int32)
-        token_lens = np.array([12, 9], dtype=np.int32)
-        pad = (torch.arange(12)[None, :] < T(token_lens).long()[:, None]).float().unsqueeze(-1)
-        emb = flow.input_embedding(T(tokens).long()) * pad
-        h, h_mask = flow.encoder(emb, T(token_lens))
-        mu = flow.encoder_proj(h).transpose(1, 2)
-        np.savez(
-            out_dir / "flow_encoder.npz",
-            tokens=tokens,
-            token_lens=token_lens,
-            h=h.numpy(),
-            mask=h_mask.numpy(),
-            mu=mu.numpy(),
-            **meta,
-        )
-
-        # 2. one estimator call, batch 2, row 1 with a masked tail
-        frames = 20
-        x = rng.standard_normal((2, mel, frames), dtype=np.float32)
-        mask = np.ones((2, 1, frames), dtype=np.float32)
-        mask[1, :, 14:] = 0.0
-        mu_e = rng.standard_normal((2, mel, frames), dtype=np.float32)
+        fixtures = {"encoder": encoder_fixture(flow, dims, rng)}
+        est = estimator_inputs(rng, mel)
         t = np.array([0.3, 0.7], dtype=np.float32)
-        spks = rng.standard_normal((2, mel), dtype=np.float32)
-        cond = rng.standard_normal((2, mel, frames), dtype=np.float32)
-        cond[:, :, 8:] = 0.0
-        v = flow.decoder.estimator(T(x), T(mask), T(mu_e), T(t), T(spks), T(cond))
-        np.savez(
-            out_dir / "flow_estimator.npz", x=x, mask=mask, mu=mu_e, t=t, spks=spks, cond=cond, out=v.numpy(), **meta
-        )
-
-        # 3. the full CFM solve (cosine schedule, Euler, CFG) with given noise
-        frames = 24
-        z = rng.standard_normal((1, mel, frames), dtype=np.float32)
-        mu_c = rng.standard_normal((1, mel, frames), dtype=np.float32)
-        mask_c = np.ones((1, 1, frames), dtype=np.float32)
-        spks_c = rng.standard_normal((1, mel), dtype=np.float32)
-        cond_c = np.zeros((1, mel, frames), dtype=np.float32)
-        cond_c[:, :, :8] = rng.standard_normal((1, mel, 8), dtype=np.float32)
-        with injected_randn_like(T(z)):
-            out, _ = flow.decoder(T(mu_c), T(mask_c), n_timesteps=10, spks=T(spks_c), cond=T(cond_c))
-        np.savez(
-            out_dir / "flow_cfm.npz",
-            z=z,
-            mu=mu_c,
-            mask=mask_c,
-            spks=spks_c,
-            cond=cond_c,
-            n_timesteps=np.int64(10),
-            out=out.numpy(),
-            **meta,
-        )
-
-        # 4. flow.inference with a prompt, given noise (10 steps and 3 steps)
-        n, p = 10, 6
-        token = rng.integers(0, dims["vocab_size"], size=(1, n)).astype(np.int32)
-        prompt_token = rng.integers(0, dims["vocab_size"], size=(1, p)).astype(np.int32)
-        prompt_feat = (rng.standard_normal((1, 2 * p, mel), dtype=np.float32) - 5.0).astype(np.float32)
-        embedding = (3.0 * rng.standard_normal((1, dims["spk_embed_dim"]), dtype=np.float32)).astype(np.float32)
-        noise = rng.standard_normal((1, mel, 2 * (p + n)), dtype=np.float32)
-        mels = {}
-        for steps in (10, 3):
-            with injected_randn_like(T(noise)):
-                feat, _ = flow.inference(
-                    token=T(token).long(),
-                    token_len=torch.tensor([n]),
-                    prompt_token=T(prompt_token).long(),
-                    prompt_token_len=torch.tensor([p]),
-                    prompt_feat=T(prompt_feat),
-                    prompt_feat_len=None,
-                    embedding=T(embedding),
-                    finalize=True,
-                    n_timesteps=steps,
-                )
-            mels[f"mel_{steps}"] = feat.numpy()
-        np.savez(
-            out_dir / "flow_inference.npz",
-            token=token,
-            prompt_token=prompt_token,
-            prompt_feat=prompt_feat,
-            embedding=embedding,
-            noise=noise,
-            **mels,
-            **meta,
-        )
-    for name in ("encoder", "estimator", "cfm", "inference"):
+        fixtures["estimator"] = {**est, "t": t, "out": run_estimator(flow, est, t)}
+        cfm = cfm_inputs(rng, mel)  # the full solve: cosine schedule, Euler, CFG
+        fixtures["cfm"] = {**cfm, "n_timesteps": np.int64(10), "out": run_cfm(flow, cfm, 10)}
+        inputs = inference_inputs(rng, dims)  # with a prompt, 10 and 3 steps
+        fixtures["inference"] = {**inputs, **{f"mel_{n}": run_inference(flow, inputs, n) for n in (10, 3)}}
+    for name, arrays in fixtures.items():
         path = out_dir / f"flow_{name}.npz"
+        np.savez(path, **arrays, **meta)
         print(f"wrote {path} ({path.stat().st_size} bytes)")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--write-weights", type=Path, help="(our venv) write tiny weights + dims.json here and exit")
-    parser.add_argument("--checkpoint", type=Path, help="(reference venv) directory with s3gen.safetensors + dims.json")
-    parser.add_argument("--seed", type=int, default=SEED)
-    parser.add_argument("--out", type=Path, default=FIXTURES)
-    args = parser.parse_args()
-
-    if args.write_weights:
-        write_weights(args.write_weights, args.seed)
-        return
-    if args.checkpoint:
-        make_fixtures(args.checkpoint, args.out, weights_seed=None)
-        return
-    python = os.environ.get("NIGHTINGALE_PYTHON", str(REPO / ".venv" / "bin" / "python"))
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [python, str(Path(__file__).resolve()), "--write-weights", tmp, "--seed", str(args.seed)]
-        subprocess.run(cmd, check=True)
-        make_fixtures(Path(tmp), args.out, weights_seed=args.seed)
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    run_generator(__doc__, __file__, write=lambda out_dir, args: write_weights(out_dir, args.seed),
+                  make=lambda checkpoint, args: make_fixtures(checkpoint, args.out, None if args.checkpoint else args.seed))

@@ -2,15 +2,15 @@
 
 Runs in the reference's virtual environment:
 
-    OMP_NUM_THREADS=1 /work/ref-venv/bin/python tools/fixtures_hift.py
+    OMP_NUM_THREADS=1 .ref-venv/bin/python tools/fixtures_hift.py   # tools/make_reference_env.sh
 
 The reference HiFTGenerator is built with HiFTConfig.tiny() and loads OUR random weights
 strictly. By default the script asks our venv (NIGHTINGALE_PYTHON, else .venv/bin/python)
-to write them, through this same file's `--write-weights DIR` mode:
-`random_weights(upstream_shapes(tiny), default_rng(SEED), "mel2wav.")`, exactly what the
-tests regenerate. `--weights FILE --dims FILE` takes them from elsewhere; `--checkpoint DIR`
-reads `mel2wav.*` of a make_checkpoint directory's s3gen.safetensors and dims.json (the
-tests do not use fixtures made that way).
+to write them, through this same file's `--write DIR` mode:
+`random_weights(upstream_shapes(tiny), default_rng(0), "mel2wav.")`, exactly what the
+tests regenerate, as s3gen.safetensors + dims.json (tools/fixture_common.py).
+`--checkpoint DIR` reads `mel2wav.*` of any such directory instead, e.g. a make_checkpoint
+one (the tests do not use fixtures made that way).
 
 SineGen's randomness (the Uniform phase and randn_like noise) is replaced by injected
 arrays, which the fixtures carry. Random F0-predictor weights give F0 far below SineGen's
@@ -18,46 +18,36 @@ arrays, which the fixtures carry. Random F0-predictor weights give F0 far below 
 and full inference runs with the classifier bias raised to VOICED_F0_BIAS_HZ (the tests
 apply the same change to the same weights).
 
-Writes tests/fixtures/hift_{f0,source,decode,inference}.npz and dsp_{mel,stft}.npz.
+Writes hift_{f0,source,decode,inference}.npz and dsp_{mel,stft}.npz into tests/fixtures/
+(or --out).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
-import os
-import subprocess
-import sys
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-FIXTURES = REPO / "tests" / "fixtures"
-SEED = 0  # PCG64 seed of the tiny HiFT weights
+from fixture_common import load_strict, read_s3gen_part, run_generator, write_s3gen_part
+
+PREFIX = "mel2wav."
 VOICED_F0_BIAS_HZ = 150.0  # f0_predictor.classifier.bias for the voiced inference fixture
 N_FRAMES = 8  # mel frames per HiFT fixture (3840 samples)
 CACHE_SOURCE_SAMPLES = 960  # streaming hook: samples of source carried into inference
 FIXTURE_RNG_SEED = 1234  # numpy seed of the fixture inputs (mels, phases, noise, signals)
-WEIGHTS_FILE = "hift_tiny.safetensors"
-DIMS_FILE = "hift_tiny_dims.json"
+# HiFTGenerator arguments that are HiFTConfig fields of the same name
+SAME_NAMED = ("in_channels", "base_channels", "nb_harmonics", "sampling_rate", "nsf_alpha", "nsf_sigma",
+              "nsf_voiced_threshold", "lrelu_slope", "audio_limit")
 
 
-def write_weights(out_dir: Path) -> None:
-    """Our venv: the tiny HiFT weights (relative mel2wav keys, torch layout) and config."""
-    from safetensors.numpy import save_file
-
-    from nightingale.dev.checkpoint import random_weights
+def write_weights(out_dir: Path, seed: int) -> None:
+    """Our venv: the tiny HiFT weights (mel2wav. keys, torch layout) and config."""
     from nightingale.models.s3gen.hifigan import HiFTConfig, upstream_shapes
 
     cfg = HiFTConfig.tiny()
-    prefix = "mel2wav."
-    weights = random_weights(upstream_shapes(cfg), np.random.default_rng(SEED), prefix)
-    save_file({k[len(prefix) :]: np.ascontiguousarray(v) for k, v in weights.items()}, str(out_dir / WEIGHTS_FILE))
-    (out_dir / DIMS_FILE).write_text(json.dumps(cfg.to_dict()))
+    write_s3gen_part(out_dir, "hift", PREFIX, cfg, upstream_shapes(cfg), seed)
 
 
 # ---------------------------------------------------------------------------------------
@@ -65,19 +55,13 @@ def write_weights(out_dir: Path) -> None:
 
 
 def build_reference(dims: dict, tensors: dict):
-    import torch
+    """The reference HiFTGenerator (and its ConvRNNF0Predictor) at HiFTConfig dims, loaded strictly."""
     from chatterbox.models.s3gen.f0_predictor import ConvRNNF0Predictor
     from chatterbox.models.s3gen.hifigan import HiFTGenerator
 
     f0_predictor = ConvRNNF0Predictor(num_class=dims["f0_num_class"], in_channels=dims["in_channels"], cond_channels=dims["f0_cond_channels"])
     hift = HiFTGenerator(
-        in_channels=dims["in_channels"],
-        base_channels=dims["base_channels"],
-        nb_harmonics=dims["nb_harmonics"],
-        sampling_rate=dims["sampling_rate"],
-        nsf_alpha=dims["nsf_alpha"],
-        nsf_sigma=dims["nsf_sigma"],
-        nsf_voiced_threshold=dims["nsf_voiced_threshold"],
+        **{name: dims[name] for name in SAME_NAMED},
         upsample_rates=list(dims["upsample_rates"]),
         upsample_kernel_sizes=list(dims["upsample_kernel_sizes"]),
         istft_params={"n_fft": dims["istft_n_fft"], "hop_len": dims["istft_hop_len"]},
@@ -85,12 +69,9 @@ def build_reference(dims: dict, tensors: dict):
         resblock_dilation_sizes=[list(d) for d in dims["resblock_dilation_sizes"]],
         source_resblock_kernel_sizes=list(dims["source_resblock_kernel_sizes"]),
         source_resblock_dilation_sizes=[list(d) for d in dims["source_resblock_dilation_sizes"]],
-        lrelu_slope=dims["lrelu_slope"],
-        audio_limit=dims["audio_limit"],
         f0_predictor=f0_predictor,
     )
-    hift.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in tensors.items()}, strict=True)
-    return hift.eval()
+    return load_strict(hift, tensors).eval()
 
 
 @contextlib.contextmanager
@@ -148,16 +129,19 @@ def captured_spectrum(hift):
         handle.remove()
 
 
-def unclipped_wav(hift, features):
-    """The reference's own magnitude/phase split and _istft on captured features, before the clamp."""
+def spectrum_fields(hift, captured: dict) -> dict[str, np.ndarray]:
+    """conv_post's captured output, and the reference's own magnitude/phase split and _istft
+    on it before the clamp (the unclipped waveform)."""
     import torch
 
+    features = captured["x"]
     n_bins = hift.istft_params["n_fft"] // 2 + 1
     with torch.inference_mode():
-        return hift._istft(torch.exp(features[:, :n_bins]), torch.sin(features[:, n_bins:])).numpy()
+        wav = hift._istft(torch.exp(features[:, :n_bins]), torch.sin(features[:, n_bins:])).numpy()
+    return {"spectrum": features.numpy(), "wav_unclipped": wav}
 
 
-def hift_fixtures(dims: dict, tensors: dict, rng: np.random.Generator) -> None:
+def hift_fixtures(dims: dict, tensors: dict, rng: np.random.Generator, out: Path) -> None:
     import torch
 
     hift = build_reference(dims, tensors)
@@ -169,7 +153,7 @@ def hift_fixtures(dims: dict, tensors: dict, rng: np.random.Generator) -> None:
 
     with torch.inference_mode():
         f0 = hift.f0_predictor(torch.from_numpy(mel)).numpy()
-    np.savez_compressed(FIXTURES / "hift_f0.npz", mel=mel, f0=f0)
+    np.savez_compressed(out / "hift_f0.npz", mel=mel, f0=f0)
 
     def phase_noise():
         phase = rng.uniform(-np.pi, np.pi, (1, n_harm)).astype(np.float32)
@@ -184,30 +168,16 @@ def hift_fixtures(dims: dict, tensors: dict, rng: np.random.Generator) -> None:
     phase_b, noise_b = phase_noise()
     source_b = reference_source(hift, f0_b, phase_b, noise_b)
     np.savez_compressed(
-        FIXTURES / "hift_source.npz",
-        f0_random=f0,
-        phase_random=phase_a,
-        noise_random=noise_a,
-        source_random=source_a,
-        f0_voiced=f0_b,
-        phase_voiced=phase_b,
-        noise_voiced=noise_b,
-        source_voiced=source_b,
+        out / "hift_source.npz", f0_random=f0, phase_random=phase_a, noise_random=noise_a, source_random=source_a,
+        f0_voiced=f0_b, phase_voiced=phase_b, noise_voiced=noise_b, source_voiced=source_b,
     )
 
     with torch.inference_mode(), captured_spectrum(hift) as captured:
         wav = hift.decode(x=torch.from_numpy(mel), s=torch.from_numpy(source_b)).numpy()
-    np.savez_compressed(
-        FIXTURES / "hift_decode.npz",
-        mel=mel,
-        source=source_b,
-        spectrum=captured["x"].numpy(),
-        wav_unclipped=unclipped_wav(hift, captured["x"]),
-        wav=wav,
-    )
+    np.savez_compressed(out / "hift_decode.npz", mel=mel, source=source_b, **spectrum_fields(hift, captured), wav=wav)
 
     voiced = dict(tensors)
-    voiced["f0_predictor.classifier.bias"] = np.full_like(tensors["f0_predictor.classifier.bias"], VOICED_F0_BIAS_HZ)
+    voiced["f0_predictor.classifier.bias"] = torch.full_like(tensors["f0_predictor.classifier.bias"], VOICED_F0_BIAS_HZ)
     hift_v = build_reference(dims, voiced)
     phase_c, noise_c = phase_noise()
     cache = (0.05 * rng.standard_normal((1, 1, CACHE_SOURCE_SAMPLES))).astype(np.float32)
@@ -217,20 +187,12 @@ def hift_fixtures(dims: dict, tensors: dict, rng: np.random.Generator) -> None:
         wav_c, source_c = hift_v.inference(speech_feat=torch.from_numpy(mel_c), cache_source=torch.from_numpy(cache))
     print(f"inference: f0 {f0_c.min():.1f}..{f0_c.max():.1f} Hz")
     np.savez_compressed(
-        FIXTURES / "hift_inference.npz",
-        mel=mel_c,
-        phase=phase_c,
-        noise=noise_c,
-        cache_source=cache,
-        f0=f0_c,
-        spectrum=captured["x"].numpy(),
-        wav_unclipped=unclipped_wav(hift_v, captured["x"]),
-        wav=wav_c.numpy(),
-        source=source_c.numpy(),
+        out / "hift_inference.npz", mel=mel_c, phase=phase_c, noise=noise_c, cache_source=cache, f0=f0_c,
+        **spectrum_fields(hift_v, captured), wav=wav_c.numpy(), source=source_c.numpy(),
     )
 
 
-def dsp_fixtures(rng: np.random.Generator) -> None:
+def dsp_fixtures(rng: np.random.Generator, out: Path) -> None:
     import librosa
     import torch
     from chatterbox.models.s3gen.s3gen import S3Token2Wav
@@ -243,10 +205,10 @@ def dsp_fixtures(rng: np.random.Generator) -> None:
     mel = mel_spectrogram(torch.from_numpy(wav)).numpy()
     mel_fb = librosa.filters.mel(sr=sr, n_fft=1920, n_mels=80, fmin=0, fmax=8000)
     trim_fade = S3Token2Wav().trim_fade.numpy()  # the real (non-persistent) buffer
-    np.savez_compressed(FIXTURES / "dsp_mel.npz", wav=wav, mel=mel, mel_fb=mel_fb, trim_fade=trim_fade)
+    np.savez_compressed(out / "dsp_mel.npz", wav=wav, mel=mel, mel_fb=mel_fb, trim_fade=trim_fade)
 
     x = rng.standard_normal((2, 1000)).astype(np.float32)
-    out: dict[str, np.ndarray] = {"x": x}
+    arrays: dict[str, np.ndarray] = {"x": x}
     # (n_fft, hop, win_length, center): HiFT's, a wider one with a shorter window, and an
     # uncentred one (Hamming, since a Hann window's zero first tap makes torch refuse it).
     cases = {"a": (16, 4, 16, True), "b": (64, 16, 48, True), "c": (32, 8, 32, False)}
@@ -257,7 +219,7 @@ def dsp_fixtures(rng: np.random.Generator) -> None:
         rand = rng.standard_normal(spec.shape) + 1j * rng.standard_normal(spec.shape)
         rand = torch.from_numpy(rand.astype(np.complex64))
         inv = torch.istft(rand, n_fft, hop, win, window=window, center=center)
-        out.update(
+        arrays.update(
             {
                 f"{name}_params": np.array([n_fft, hop, win, int(center)]),
                 f"{name}_window": window.numpy(),
@@ -273,49 +235,23 @@ def dsp_fixtures(rng: np.random.Generator) -> None:
     spec = torch.stft(torch.from_numpy(x), 16, 4, 16, window=window, return_complex=True)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The length of signal is shorter")  # intended here
-        out["length_istft"] = torch.istft(spec, 16, 4, 16, window=window, length=1010).numpy()
-    np.savez_compressed(FIXTURES / "dsp_stft.npz", **out)
+        arrays["length_istft"] = torch.istft(spec, 16, 4, 16, window=window, length=1010).numpy()
+    np.savez_compressed(out / "dsp_stft.npz", **arrays)
 
 
-def _load_weights(args: argparse.Namespace) -> tuple[dict, dict]:
-    from safetensors.numpy import load_file
-
-    if args.checkpoint:
-        ckpt = Path(args.checkpoint)
-        dims = json.loads((ckpt / "dims.json").read_text())["s3gen"]["hift"]
-        prefix = "mel2wav."
-        tensors = {k[len(prefix) :]: v for k, v in load_file(str(ckpt / "s3gen.safetensors")).items() if k.startswith(prefix)}
-        return dims, tensors
-    if args.weights:
-        return json.loads(Path(args.dims).read_text()), load_file(args.weights)
-    our_python = os.environ.get("NIGHTINGALE_PYTHON", str(REPO / ".venv" / "bin" / "python"))
-    tmp = Path(tempfile.mkdtemp(prefix="hift_weights_"))
-    subprocess.run([our_python, str(Path(__file__).resolve()), "--write-weights", str(tmp)], check=True)
-    return json.loads((tmp / DIMS_FILE).read_text()), load_file(str(tmp / WEIGHTS_FILE))
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--write-weights", metavar="DIR", help="(our venv) write the tiny weights and dims into DIR and exit")
-    parser.add_argument("--weights", help="safetensors of relative mel2wav keys (with --dims)")
-    parser.add_argument("--dims", help="HiFTConfig.to_dict() json for --weights")
-    parser.add_argument("--checkpoint", help="a make_checkpoint directory instead")
-    args = parser.parse_args()
-    if args.write_weights:
-        write_weights(Path(args.write_weights))
-        return
-
+def make(checkpoint: Path, out: Path) -> None:
     import torch
 
     torch.manual_seed(0)
-    FIXTURES.mkdir(parents=True, exist_ok=True)
-    dims, tensors = _load_weights(args)
+    out.mkdir(parents=True, exist_ok=True)
+    dims, tensors = read_s3gen_part(checkpoint, "hift", PREFIX)
     rng = np.random.default_rng(FIXTURE_RNG_SEED)
-    hift_fixtures(dims, tensors, rng)
-    dsp_fixtures(rng)
-    for path in sorted(FIXTURES.glob("hift_*.npz")) + sorted(FIXTURES.glob("dsp_*.npz")):
-        print(f"{path.relative_to(REPO)}: {path.stat().st_size / 1024:.0f} KiB")
+    hift_fixtures(dims, tensors, rng, out)
+    dsp_fixtures(rng, out)
+    for path in sorted(out.glob("hift_*.npz")) + sorted(out.glob("dsp_*.npz")):
+        print(f"{path}: {path.stat().st_size / 1024:.0f} KiB")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_generator(__doc__, __file__, write=lambda out_dir, args: write_weights(out_dir, args.seed),
+                  make=lambda checkpoint, args: make(checkpoint, args.out))

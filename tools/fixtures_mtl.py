@@ -3,11 +3,12 @@
 Two steps, two virtual environments (run from the repo root):
 
     # 1. our venv: a tiny random multilingual checkpoint (make_checkpoint(..., "multilingual"))
-    .venv/bin/python tools/fixtures_mtl.py write-checkpoint /tmp/mtl_tiny
+    .venv/bin/python tools/fixtures_mtl.py --write /tmp/mtl_tiny
     # 2. the reference venv (chatterbox-tts 0.1.7, pykakasi 2.3.0; HF_HUB_OFFLINE=1)
-    HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 /work/ref-venv/bin/python tools/fixtures_mtl.py make --checkpoint /tmp/mtl_tiny
+    HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .ref-venv/bin/python tools/fixtures_mtl.py --checkpoint /tmp/mtl_tiny
 
-`make` without --checkpoint runs step 1 itself. Fixtures (tests/fixtures/):
+(tools/make_reference_env.sh builds .ref-venv; add pykakasi==2.3.0 to it.) Without
+--checkpoint, step 2 runs step 1 itself (tools/fixture_common.py). Fixtures (tests/fixtures/):
 - mtl_tokenizer.npz: upstream `mtl_tts.punc_norm` and `MTLTokenizer.encode` for every
   language, with the stand-in grapheme_mtl_merged_expanded_v1.json and Cangjie5_TC.json
   (Chinese without pkuseg: its model cannot be downloaded here; see docs/notes.md).
@@ -26,21 +27,13 @@ Two steps, two virtual environments (run from the repo root):
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fixtures_t3 import patched, weights_check  # noqa: E402
-
-REPO = Path(__file__).resolve().parent.parent
-FIXTURES = REPO / "tests" / "fixtures"
+from fixture_common import injected_multinomial, patched, run_generator, token_rows
+from fixtures_t3 import build_reference, recorded_step_logits, weights_check
 T3_FILE = "t3_mtl23ls_v2.safetensors"
 SHARP_FILE = "t3_sharp.safetensors"
 SHARPEN_FACTOR = 6.0
@@ -86,7 +79,7 @@ TEXTS = [
 # Step 1 (our venv)
 
 
-def write_checkpoint(out: Path) -> None:
+def write_checkpoint(out: Path, seed: int) -> None:
     from safetensors.numpy import save_file
 
     from nightingale.dev.checkpoint import make_multilingual_checkpoint as make_checkpoint
@@ -94,7 +87,7 @@ def write_checkpoint(out: Path) -> None:
     from nightingale.models.alignment import sharpen_aligned_heads
     from nightingale.models.t3 import T3Config
 
-    make_checkpoint(out, "tiny", seed=0)
+    make_checkpoint(out, "tiny", seed=seed)
     cfg = T3Config.from_dict(json.loads((out / "dims.json").read_text())["t3"])
     weights = loading.read_safetensors(out / T3_FILE)
     save_file(sharpen_aligned_heads(weights, cfg, SHARPEN_FACTOR), str(out / SHARP_FILE))
@@ -105,16 +98,22 @@ def write_checkpoint(out: Path) -> None:
 # Step 2 (reference venv)
 
 
-def tokenizer_fixture(ckpt: Path, out: Path) -> None:
+def mtl_tokenizer(ckpt: Path):
+    """The reference MTLTokenizer on the checkpoint's vocabulary and Cangjie table."""
     from chatterbox.models.tokenizers import tokenizer as tok_module
-    from chatterbox.mtl_tts import punc_norm
 
     # The converter fetches Cangjie5_TC.json with hf_hub_download; hand it the checkpoint's.
     def local_download(repo_id, filename, cache_dir=None, **_):
         return str(ckpt / filename)
 
     with patched(tok_module, "hf_hub_download", local_download):
-        tokenizer = tok_module.MTLTokenizer(str(ckpt / "grapheme_mtl_merged_expanded_v1.json"))
+        return tok_module.MTLTokenizer(str(ckpt / "grapheme_mtl_merged_expanded_v1.json"))
+
+
+def tokenizer_fixture(ckpt: Path, out: Path) -> None:
+    from chatterbox.mtl_tts import punc_norm
+
+    tokenizer = mtl_tokenizer(ckpt)
     assert tokenizer.cangjie_converter.segmenter is None, "spacy_pkuseg is installed: remove it for this fixture"
     assert tokenizer.cangjie_converter.word2cj, "Cangjie table not loaded"
     langs, texts, normed, ids = [], [], [], []
@@ -126,9 +125,7 @@ def tokenizer_fixture(ckpt: Path, out: Path) -> None:
         ids.append(tokenizer.encode(n, language_id=lang))
     np.savez_compressed(
         out / "mtl_tokenizer.npz",
-        languages=np.array(langs), texts=np.array(texts), normed=np.array(normed),
-        ids_flat=np.array([i for row in ids for i in row], dtype=np.int32),
-        ids_lengths=np.array([len(row) for row in ids], dtype=np.int32),
+        languages=np.array(langs), texts=np.array(texts), normed=np.array(normed), **token_rows(ids),
     )
 
 
@@ -137,18 +134,13 @@ def t3_fixture(ckpt: Path, out: Path) -> None:
     import torch.nn.functional as F
 
     from chatterbox.models.t3.inference import alignment_stream_analyzer as asa
-    from chatterbox.models.t3.inference.t3_hf_backend import T3HuggingfaceBackend
     from chatterbox.models.t3.modules.cond_enc import T3Cond
-    from chatterbox.models.tokenizers import tokenizer as tok_module
     from chatterbox.mtl_tts import punc_norm
-    from fixtures_t3 import build_reference
 
     dims = json.loads((ckpt / "dims.json").read_text())["t3"]
     heads = [tuple(h) for h in dims["alignment_heads"]]
-    with patched(tok_module, "hf_hub_download", lambda repo_id, filename, cache_dir=None, **_: str(ckpt / filename)):
-        tokenizer = tok_module.MTLTokenizer(str(ckpt / "grapheme_mtl_merged_expanded_v1.json"))
     lang, text = T3_TEXT
-    text_ids = tokenizer.encode(punc_norm(text), language_id=lang)
+    text_ids = mtl_tokenizer(ckpt).encode(punc_norm(text), language_id=lang)
 
     rng = np.random.default_rng(INPUT_SEED)
     speaker = np.abs(rng.standard_normal((1, dims["speaker_embed_size"]))).astype(np.float32)
@@ -169,14 +161,8 @@ def t3_fixture(ckpt: Path, out: Path) -> None:
         text_t = F.pad(F.pad(text_t, (1, 0), value=hp.start_text_token), (0, 1), value=hp.stop_text_token)
         cond = T3Cond(speaker_emb=torch.from_numpy(speaker), cond_prompt_speech_tokens=torch.from_numpy(prompt),
                       emotion_adv=torch.from_numpy(emotion))
-        raw, rows, states, returned, tokens = [], [], [], [], []
-        original_forward = T3HuggingfaceBackend.forward
+        rows, states, returned = [], [], []
         original_step = asa.AlignmentStreamAnalyzer.step
-
-        def recording_forward(self, *args, **kwargs):
-            output = original_forward(self, *args, **kwargs)
-            raw.append(output.logits[:, -1, :].clone().numpy())
-            return output
 
         def recording_step(self, logits, next_token=None):
             i, j = self.text_tokens_slice
@@ -186,15 +172,9 @@ def t3_fixture(ckpt: Path, out: Path) -> None:
             returned.append(result[0].clone().numpy())
             return result
 
-        def greedy(probs, num_samples=1):
-            tok = int(torch.argmax(probs[0]))
-            tokens.append(tok)
-            return torch.tensor([[tok]], dtype=torch.long)
-
-        with patched(asa, "LLAMA_ALIGNED_HEADS", heads), \
-                patched(T3HuggingfaceBackend, "forward", recording_forward), \
+        with patched(asa, "LLAMA_ALIGNED_HEADS", heads), recorded_step_logits() as raw, \
                 patched(asa.AlignmentStreamAnalyzer, "step", recording_step), \
-                patched(torch, "multinomial", greedy):
+                injected_multinomial(lambda i, probs: int(torch.argmax(probs))) as (_, tokens):
             t3.inference(t3_cond=cond, text_tokens=text_t, max_new_tokens=max_new, temperature=0.8,
                          cfg_weight=0.5, repetition_penalty=penalty, min_p=0.05, top_p=1.0)
         fixture[f"{name}_tokens"] = np.array(tokens, dtype=np.int32)  # EOS included if it came
@@ -331,26 +311,6 @@ def make(ckpt: Path, out: Path) -> None:
     print(f"wrote fixtures into {out}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    w = sub.add_parser("write-checkpoint", help="(our venv) write the tiny multilingual checkpoint")
-    w.add_argument("out", type=Path)
-    m = sub.add_parser("make", help="(reference venv) write the fixtures")
-    m.add_argument("--checkpoint", type=Path)
-    m.add_argument("--out", type=Path, default=FIXTURES)
-    m.add_argument("--our-python", default=str(REPO / ".venv" / "bin" / "python"))
-    args = parser.parse_args()
-    if args.command == "write-checkpoint":
-        write_checkpoint(args.out)
-        return
-    if args.checkpoint is not None:
-        make(args.checkpoint, args.out)
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([args.our_python, __file__, "write-checkpoint", tmp], check=True, env=dict(os.environ, PYTHONPATH=""))
-        make(Path(tmp), args.out)
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    run_generator(__doc__, __file__, write=lambda out_dir, args: write_checkpoint(out_dir, args.seed),
+                  make=lambda checkpoint, args: make(checkpoint, args.out))

@@ -3,12 +3,13 @@
 Two steps, two virtual environments (run from the repo root):
 
     # 1. our venv: a T3 checkpoint directory (t3_cfg.safetensors, dims.json, tokenizer.json)
-    .venv/bin/python tools/fixtures_t3.py write-checkpoint /tmp/t3_tiny --size tiny --seed 0
+    .venv/bin/python tools/fixtures_t3.py --write /tmp/t3_tiny --size tiny --seed 0
     # 2. the reference venv: build upstream's T3 with those dims, load strictly, write fixtures
-    OMP_NUM_THREADS=1 /work/ref-venv/bin/python tools/fixtures_t3.py make --checkpoint /tmp/t3_tiny
+    OMP_NUM_THREADS=1 .ref-venv/bin/python tools/fixtures_t3.py --checkpoint /tmp/t3_tiny
 
-`make` without --checkpoint runs step 1 itself (tiny, seed 0) with --our-python (default
-.venv/bin/python). --checkpoint also accepts any directory holding t3_cfg.safetensors and
+(tools/make_reference_env.sh builds .ref-venv.) Without --checkpoint, step 2 runs step 1
+itself (tiny, seed 0) with $NIGHTINGALE_PYTHON (default .venv/bin/python; see
+tools/fixture_common.py). --checkpoint also accepts any directory holding t3_cfg.safetensors and
 tokenizer.json: with a dims.json its "t3" entry gives the dimensions, without one the full
 (upstream) dimensions are used, so the same harness runs on real weights later.
 
@@ -34,16 +35,12 @@ import argparse
 import contextlib
 import hashlib
 import json
-import os
-import subprocess
-import sys
-import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-FIXTURES = REPO / "tests" / "fixtures"
+from fixture_common import injected_multinomial, load_strict, patched, run_generator, token_rows
 
 # Inputs. Teacher-forced speech and injected decode choices include ids >= 6561 (SOS and an
 # unused id), which upstream feeds back like any other token.
@@ -56,6 +53,12 @@ GREEDY_STEPS = 64
 SAMPLER = dict(cfg_weight=0.5, temperature=0.8, repetition_penalty=1.2, min_p=0.05)
 TOP_P_VARIANT = 0.8
 INPUT_SEED = 1234
+# LLaMA config entries that are T3Config (dims.json "t3") fields of the same name
+LLAMA_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta")
+HP_FIELDS = ("text_tokens_dict_size", "speech_tokens_dict_size", "max_text_tokens", "max_speech_tokens",
+             "start_text_token", "stop_text_token", "start_speech_token", "stop_speech_token",
+             "speaker_embed_size", "speech_cond_prompt_len")
 
 # punc_norm / tokenizer edge cases.
 TRICKY_TEXTS = [
@@ -138,22 +141,10 @@ def build_reference(ckpt: Path, weights_file: str = "t3_cfg.safetensors"):
     if dims is not None:
         name = "Llama_fixture"
         LLAMA_CONFIGS[name] = dict(
-            LLAMA_520M_CONFIG_DICT,
-            vocab_size=dims["vocab_size"],
-            hidden_size=dims["hidden_size"],
-            intermediate_size=dims["intermediate_size"],
-            num_hidden_layers=dims["num_hidden_layers"],
-            num_attention_heads=dims["num_attention_heads"],
-            num_key_value_heads=dims["num_key_value_heads"],
-            head_dim=dims["head_dim"],
-            rms_norm_eps=dims["rms_norm_eps"],
-            rope_theta=dims["rope_theta"],
-            rope_scaling=dict(dims["rope_scaling"]),
+            LLAMA_520M_CONFIG_DICT, **{key: dims[key] for key in LLAMA_FIELDS}, rope_scaling=dict(dims["rope_scaling"])
         )
         hp.llama_config_name = name
-        for key in ("text_tokens_dict_size", "speech_tokens_dict_size", "max_text_tokens", "max_speech_tokens",
-                    "start_text_token", "stop_text_token", "start_speech_token", "stop_speech_token",
-                    "speaker_embed_size", "speech_cond_prompt_len"):
+        for key in HP_FIELDS:
             setattr(hp, key, dims[key])
     t3 = t3_module.T3(hp)
     if dims is not None:
@@ -162,28 +153,33 @@ def build_reference(ckpt: Path, weights_file: str = "t3_cfg.safetensors"):
         d = dims["hidden_size"]
         t3.cond_enc.perceiver = Perceiver(dims["perceiver_query_tokens"], d, d, dims["perceiver_heads"])
     state = load_file(str(ckpt / weights_file))
-    result = t3.load_state_dict(state, strict=True)
-    assert not result.missing_keys and not result.unexpected_keys, result
-    t3.eval()
+    load_strict(t3, state).eval()
     torch.set_grad_enabled(False)
     return t3, hp, meta, state
 
 
 @contextlib.contextmanager
-def patched(obj, name, value):
-    old = getattr(obj, name)
-    setattr(obj, name, value)
-    try:
-        yield
-    finally:
-        setattr(obj, name, old)
+def recorded_step_logits() -> Iterator[list]:
+    """Yields a list that gets the last position's logits (B, V) of every T3 backbone call
+    (T3HuggingfaceBackend.forward: the prefill, then one per fed token) inside the block."""
+    from chatterbox.models.t3.inference.t3_hf_backend import T3HuggingfaceBackend
+
+    raw: list[np.ndarray] = []
+    original_forward = T3HuggingfaceBackend.forward
+
+    def recording_forward(self, *args, **kwargs):
+        output = original_forward(self, *args, **kwargs)
+        raw.append(output.logits[:, -1, :].clone().numpy())
+        return output
+
+    with patched(T3HuggingfaceBackend, "forward", recording_forward):
+        yield raw
 
 
 def make(ckpt: Path, out: Path, tag: str) -> None:
     import torch
     import torch.nn.functional as F
 
-    from chatterbox.models.t3.inference.t3_hf_backend import T3HuggingfaceBackend
     from chatterbox.models.t3.modules.cond_enc import T3Cond
     from chatterbox.models.tokenizers import EnTokenizer
     from chatterbox.tts import punc_norm
@@ -238,28 +234,14 @@ def make(ckpt: Path, out: Path, tag: str) -> None:
 
     # -- upstream's decode loop with injected choices ----------------------------------------
     def run_inference(choose, steps: int, top_p: float) -> tuple[list, list, list]:
-        raw, probs_seen, chosen = [], [], []
-        original_forward = T3HuggingfaceBackend.forward
-
-        def recording_forward(self, *args, **kwargs):
-            output = original_forward(self, *args, **kwargs)
-            raw.append(output.logits[:, -1, :].clone().numpy())
-            return output
-
-        def fake_multinomial(probs, num_samples=1):
-            probs_seen.append(probs[0].clone().numpy())
-            tok = choose(len(chosen), probs)
-            chosen.append(tok)
-            return torch.tensor([[tok]], dtype=torch.long)
-
-        with patched(T3HuggingfaceBackend, "forward", recording_forward), patched(torch, "multinomial", fake_multinomial):
+        with recorded_step_logits() as raw, injected_multinomial(choose) as (probs_seen, chosen):
             t3.inference(t3_cond=make_cond(), text_tokens=text_t, max_new_tokens=steps, top_p=top_p, **SAMPLER)
         return raw, probs_seen, chosen
 
     raw, probs_p1, _ = run_inference(lambda i, p: INJECTED_CHOICES[i], len(INJECTED_CHOICES), 1.0)
     raw2, probs_p08, _ = run_inference(lambda i, p: INJECTED_CHOICES[i], len(INJECTED_CHOICES), TOP_P_VARIANT)
     assert all(np.array_equal(a, b) for a, b in zip(raw, raw2))
-    _, _, greedy = run_inference(lambda i, p: int(torch.argmax(p[0])), GREEDY_STEPS, 1.0)
+    _, _, greedy = run_inference(lambda i, p: int(torch.argmax(p)), GREEDY_STEPS, 1.0)
     np.savez_compressed(
         out / f"t3_{tag}_decode.npz",
         weights_recipe=np.array(recipe), weights_check=check,
@@ -278,39 +260,17 @@ def make(ckpt: Path, out: Path, tag: str) -> None:
     tok_bytes = (ckpt / "tokenizer.json").read_bytes()
     np.savez_compressed(
         out / "t3_tokenizer.npz",
-        texts=np.array(TRICKY_TEXTS), normed=np.array(normed),
-        ids_flat=np.array([i for row in ids for i in row], dtype=np.int32),
-        ids_lengths=np.array([len(row) for row in ids], dtype=np.int32),
+        texts=np.array(TRICKY_TEXTS), normed=np.array(normed), **token_rows(ids),
         tokenizer_sha256=np.array(hashlib.sha256(tok_bytes).hexdigest()),
     )
     print(f"wrote fixtures into {out}; greedy tokens: {greedy[:12]}...")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    w = sub.add_parser("write-checkpoint", help="(our venv) write a T3 checkpoint directory")
-    w.add_argument("out", type=Path)
-    w.add_argument("--size", choices=("tiny", "full"), default="tiny")
-    w.add_argument("--seed", type=int, default=0)
-    m = sub.add_parser("make", help="(reference venv) write the fixtures")
-    m.add_argument("--checkpoint", type=Path, help="directory with t3_cfg.safetensors and tokenizer.json")
-    m.add_argument("--out", type=Path, default=FIXTURES)
-    m.add_argument("--tag", default="tiny", help="fixture name part: t3_<tag>_*.npz")
-    m.add_argument("--our-python", default=str(REPO / ".venv" / "bin" / "python"))
-    args = parser.parse_args()
-
-    if args.command == "write-checkpoint":
-        write_checkpoint(args.out, args.size, args.seed)
-        return
-    if args.checkpoint is not None:
-        make(args.checkpoint, args.out, args.tag)
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([args.our_python, __file__, "write-checkpoint", tmp, "--size", "tiny", "--seed", "0"],
-                       check=True, env=dict(os.environ, PYTHONPATH=""))
-        make(Path(tmp), args.out, args.tag)
+def options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--size", choices=("tiny", "full"), default="tiny", help="(--write) checkpoint size")
+    parser.add_argument("--tag", default="tiny", help="fixture name part: t3_<tag>_*.npz")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_generator(__doc__, __file__, write=lambda out_dir, args: write_checkpoint(out_dir, args.size, args.seed),
+                  make=lambda checkpoint, args: make(checkpoint, args.out, args.tag), options=options)

@@ -1,17 +1,18 @@
 """Golden outputs of the reference's Chatterbox Turbo modules (chatterbox-tts 0.1.7).
 
-    /work/ref-venv/bin/python tools/fixtures_turbo.py     # writes tests/fixtures/turbo_*.npz/json
+    .ref-venv/bin/python tools/fixtures_turbo.py     # writes tests/fixtures/turbo_*.npz/json
 
-Step 1 (our venv, run by the script): `make_checkpoint(tmp, "tiny", seed=0, family="turbo")`
-writes a tiny random Turbo checkpoint in the upstream layout. Step 2 (the reference venv):
-the reference's own classes are built with those dims and load it strictly:
+Step 1 (our venv, run by the script; tools/fixture_common.py):
+`make_checkpoint(tmp, "tiny", seed=0, family="turbo")` writes a tiny random Turbo checkpoint
+in the upstream layout. Step 2 (the reference venv): the reference's own classes are built
+with those dims and load it strictly:
 
 - T3: `T3(hp)` with hp as `ChatterboxTurboTTS.from_local` sets it, the GPT-2 config
   registered under a new name in `LLAMA_CONFIGS` with the tiny widths; `load_state_dict`
   strict from t3_turbo_v1.safetensors, then `del t3.tfmr.wte` as upstream does.
 - MeanFlow flow: tools/fixtures_flow.py's tiny `CausalMaskedDiffWithXvec` with the
-  estimator rebuilt as `ConditionalDecoder(meanflow=True)`; strict from the `flow.` keys of
-  s3gen_meanflow.safetensors.
+  estimator built as `ConditionalDecoder(meanflow=True)`; strict from the `flow.` keys of
+  s3gen_meanflow.safetensors. Its inputs are drawn by fixtures_flow.py's functions.
 - Tokenizer: `AutoTokenizer.from_pretrained(dir)` with pad = eos, as from_local does.
 - Layout: `S3Gen(meanflow=True)` and the full Turbo `T3` built on the meta device; their
   state_dict key/shape maps are what the full upstream files hold.
@@ -33,24 +34,16 @@ Fixtures:
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import json
 import os
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
-FIXTURES = REPO / "tests" / "fixtures"
-sys.path.insert(0, str(REPO / "tools"))
+from fixture_common import FIXTURES, injected_multinomial, load_strict, read_s3gen_part, run_generator, token_rows  # noqa: E402
 
-SEED = 0
 INPUT_SEED = 4321
 TEXT = "Hi there [chuckle], have you got one minute to chat? [clear throat] Well..."
 TEACHER_SPEECH = [123, 4299, 6000, 6561, 17]
@@ -72,16 +65,6 @@ def write_checkpoint(out: Path, seed: int) -> None:
     from nightingale.dev.checkpoint import make_checkpoint
 
     make_checkpoint(out, "tiny", seed=seed, family="turbo")
-
-
-@contextlib.contextmanager
-def patched(obj, name, value):
-    original = getattr(obj, name)
-    setattr(obj, name, value)
-    try:
-        yield
-    finally:
-        setattr(obj, name, original)
 
 
 def build_t3(dims: dict):
@@ -129,21 +112,42 @@ def layout() -> dict:
     }
 
 
+def meanflow_fixture(ckpt: Path, out: Path, rng: np.random.Generator) -> None:
+    """turbo_meanflow.npz: one estimator call with both time inputs, the 2-step solve and
+    flow.inference, on tools/fixtures_flow.py's reference flow with the MeanFlow estimator."""
+    import torch
+
+    from fixtures_flow import build_reference, cfm_inputs, estimator_inputs, inference_inputs, run_cfm, run_estimator, run_inference
+
+    dims, state = read_s3gen_part(ckpt, "flow", "flow.", "s3gen_meanflow.safetensors")
+    flow = load_strict(build_reference(dims, meanflow=True), state)
+    mel = dims["output_size"]
+    with torch.inference_mode():
+        est = estimator_inputs(rng, mel)
+        t = np.array([0.0, 0.5], dtype=np.float32)
+        r = np.array([0.5, 1.0], dtype=np.float32)
+        estimator_out = run_estimator(flow, est, t, r=r)
+        cfm = cfm_inputs(rng, mel)
+        cfm_out = run_cfm(flow, cfm, 2, meanflow=True)
+        inputs = inference_inputs(rng, dims)
+        mel_out = run_inference(flow, inputs, 2, meanflow=True)
+    np.savez_compressed(
+        out / "turbo_meanflow.npz", **est, t=t, r=r, estimator_out=estimator_out,
+        z=cfm["z"], cfm_mu=cfm["mu"], cfm_spks=cfm["spks"], cfm_cond=cfm["cond"], cfm_out=cfm_out,
+        **inputs, mel=mel_out,
+    )
+
+
 def make(ckpt: Path, out: Path) -> None:
     import torch
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
-    from chatterbox.models.s3gen.configs import CFM_PARAMS
-    from chatterbox.models.s3gen.decoder import ConditionalDecoder
-    from chatterbox.models.s3gen.flow_matching import CausalConditionalCFM
     from chatterbox.tts_turbo import Conditionals, punc_norm
-    from fixtures_flow import build_reference, injected_randn_like
 
     torch.set_num_threads(1)
     dims = json.loads((ckpt / "dims.json").read_text())
     out.mkdir(parents=True, exist_ok=True)
-    T = torch.from_numpy
     rng = np.random.default_rng(INPUT_SEED)
 
     # -- tokenizer ----------------------------------------------------------------------------
@@ -152,17 +156,11 @@ def make(ckpt: Path, out: Path) -> None:
         tokenizer.pad_token = tokenizer.eos_token
     normed = [punc_norm(t) for t in TEXTS]
     ids = [tokenizer(t, return_tensors="pt", padding=True, truncation=True).input_ids[0].tolist() for t in normed]
-    np.savez_compressed(
-        out / "turbo_tokenizer.npz", texts=np.array(TEXTS), normed=np.array(normed),
-        ids_flat=np.array([i for row in ids for i in row], dtype=np.int32),
-        ids_lengths=np.array([len(row) for row in ids], dtype=np.int32), vocab_size=np.int64(len(tokenizer)),
-    )
+    np.savez_compressed(out / "turbo_tokenizer.npz", texts=np.array(TEXTS), normed=np.array(normed), **token_rows(ids),
+                        vocab_size=np.int64(len(tokenizer)))
 
     # -- T3 -----------------------------------------------------------------------------------
-    t3 = build_t3(dims["t3"])
-    state = load_file(str(ckpt / "t3_turbo_v1.safetensors"))
-    result = t3.load_state_dict(state, strict=True)
-    assert not result.missing_keys and not result.unexpected_keys
+    t3 = load_strict(build_t3(dims["t3"]), load_file(str(ckpt / "t3_turbo_v1.safetensors")))
     del t3.tfmr.wte
     t3.eval()
     conds = Conditionals.load(ckpt / "conds.pt")
@@ -175,15 +173,7 @@ def make(ckpt: Path, out: Path) -> None:
         logits = t3.speech_head(hidden)
 
     def run(temperature: float, choose, steps: int):
-        probs_seen, chosen = [], []
-
-        def fake_multinomial(probs, num_samples=1):
-            probs_seen.append(probs[0].clone().numpy())
-            tok = choose(len(chosen), probs[0])
-            chosen.append(tok)
-            return torch.tensor([[tok]], dtype=torch.long)
-
-        with patched(torch, "multinomial", fake_multinomial):
+        with injected_multinomial(choose) as (probs_seen, chosen):
             tokens = t3.inference_turbo(conds.t3, text_ids, temperature=temperature, max_gen_len=steps - 1)
         return tokens[0].tolist(), probs_seen, chosen
 
@@ -200,70 +190,14 @@ def make(ckpt: Path, out: Path) -> None:
     )
 
     # -- MeanFlow flow ------------------------------------------------------------------------
-    fdims = dims["s3gen"]["flow"]
-    flow = build_reference(fdims | {"inference_cfg_rate": CFM_PARAMS.inference_cfg_rate})
-    estimator = ConditionalDecoder(
-        in_channels=fdims["decoder_in_channels"], out_channels=fdims["output_size"], causal=True,
-        channels=list(fdims["decoder_channels"]), dropout=0.0, attention_head_dim=fdims["decoder_attention_head_dim"],
-        n_blocks=fdims["decoder_n_blocks"], num_mid_blocks=fdims["decoder_num_mid_blocks"],
-        num_heads=fdims["decoder_num_heads"], act_fn="gelu", meanflow=True,
-    )
-    flow.decoder = CausalConditionalCFM(spk_emb_dim=fdims["output_size"], cfm_params=CFM_PARAMS, estimator=estimator)
-    flow.eval()
-    tensors = load_file(str(ckpt / "s3gen_meanflow.safetensors"))
-    flow_state = {k[len("flow."):]: v for k, v in tensors.items() if k.startswith("flow.")}
-    result = flow.load_state_dict(flow_state, strict=True)
-    assert not result.missing_keys and not result.unexpected_keys
-    mel = fdims["output_size"]
-    with torch.inference_mode():
-        frames = 20
-        x = rng.standard_normal((2, mel, frames), dtype=np.float32)
-        mask = np.ones((2, 1, frames), dtype=np.float32)
-        mask[1, :, 14:] = 0.0
-        mu = rng.standard_normal((2, mel, frames), dtype=np.float32)
-        t = np.array([0.0, 0.5], dtype=np.float32)
-        r = np.array([0.5, 1.0], dtype=np.float32)
-        spks = rng.standard_normal((2, mel), dtype=np.float32)
-        cond = rng.standard_normal((2, mel, frames), dtype=np.float32)
-        cond[:, :, 8:] = 0.0
-        v = flow.decoder.estimator(T(x), T(mask), T(mu), T(t), T(spks), T(cond), r=T(r))
-
-        frames = 24
-        z = rng.standard_normal((1, mel, frames), dtype=np.float32)
-        mu_c = rng.standard_normal((1, mel, frames), dtype=np.float32)
-        mask_c = np.ones((1, 1, frames), dtype=np.float32)
-        spks_c = rng.standard_normal((1, mel), dtype=np.float32)
-        cond_c = np.zeros((1, mel, frames), dtype=np.float32)
-        cond_c[:, :, :8] = rng.standard_normal((1, mel, 8), dtype=np.float32)
-        with injected_randn_like(T(z)):
-            solved, _ = flow.decoder(T(mu_c), T(mask_c), n_timesteps=2, spks=T(spks_c), cond=T(cond_c), meanflow=True)
-
-        n, p = 10, 6
-        token = rng.integers(0, fdims["vocab_size"], size=(1, n)).astype(np.int32)
-        prompt_token = rng.integers(0, fdims["vocab_size"], size=(1, p)).astype(np.int32)
-        prompt_feat = (rng.standard_normal((1, 2 * p, mel), dtype=np.float32) - 5.0).astype(np.float32)
-        embedding = (3.0 * rng.standard_normal((1, fdims["spk_embed_dim"]), dtype=np.float32)).astype(np.float32)
-        noise = rng.standard_normal((1, mel, 2 * (p + n)), dtype=np.float32)
-        with injected_randn_like(T(noise)):
-            feat, _ = flow.inference(
-                token=T(token).long(), token_len=torch.tensor([n]), prompt_token=T(prompt_token).long(),
-                prompt_token_len=torch.tensor([p]), prompt_feat=T(prompt_feat), prompt_feat_len=None,
-                embedding=T(embedding), finalize=True, n_timesteps=2, meanflow=True,
-            )
-    np.savez_compressed(
-        out / "turbo_meanflow.npz",
-        x=x, mask=mask, mu=mu, t=t, r=r, spks=spks, cond=cond, estimator_out=v.numpy(),
-        z=z, cfm_mu=mu_c, cfm_spks=spks_c, cfm_cond=cond_c, cfm_out=solved.numpy(),
-        token=token, prompt_token=prompt_token, prompt_feat=prompt_feat, embedding=embedding, noise=noise,
-        mel=feat.numpy(),
-    )
+    meanflow_fixture(ckpt, out, rng)
 
     # -- voice prompt: the reference's loudness normalisation and 16 kHz copy ------------------
     import librosa
 
     from chatterbox.tts_turbo import ChatterboxTurboTTS
 
-    wav24 = np.load(REPO / "tests" / "fixtures" / "voice_audio.npz")["wav24"]
+    wav24 = np.load(FIXTURES / "voice_audio.npz")["wav24"]  # the spoken test clip, an input
     normed24 = ChatterboxTurboTTS.norm_loudness(None, wav24, 24000)
     normed16 = librosa.resample(normed24, orig_sr=24000, target_sr=16000)
     peak = int(np.argmax(np.abs(wav24)))
@@ -275,25 +209,6 @@ def make(ckpt: Path, out: Path) -> None:
     print(f"wrote turbo fixtures into {out}; greedy tokens {greedy[:12]}...")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--write-checkpoint", type=Path, help="(our venv) write the tiny Turbo checkpoint and exit")
-    parser.add_argument("--checkpoint", type=Path, help="(reference venv) use this checkpoint directory")
-    parser.add_argument("--seed", type=int, default=SEED)
-    parser.add_argument("--out", type=Path, default=FIXTURES)
-    args = parser.parse_args()
-    if args.write_checkpoint:
-        write_checkpoint(args.write_checkpoint, args.seed)
-        return
-    if args.checkpoint:
-        make(args.checkpoint, args.out)
-        return
-    python = os.environ.get("NIGHTINGALE_PYTHON", str(REPO / ".venv" / "bin" / "python"))
-    with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([python, str(Path(__file__).resolve()), "--write-checkpoint", tmp, "--seed", str(args.seed)],
-                       check=True, env=dict(os.environ, PYTHONPATH=""))
-        make(Path(tmp), args.out)
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    run_generator(__doc__, __file__, write=lambda out_dir, args: write_checkpoint(out_dir, args.seed),
+                  make=lambda checkpoint, args: make(checkpoint, args.out))

@@ -5,7 +5,7 @@ Three steps, each in the environment that has what it needs:
 
     python tools/fixtures_voice.py clip                      # espeak-ng -> tests/fixtures/ref_clip.wav
     .venv/bin/python tools/fixtures_voice.py weights DIR      # our venv: tiny random weights
-    /work/ref-venv/bin/python tools/fixtures_voice.py fixtures DIR   # reference venv: tests/fixtures/voice_*.npz
+    .ref-venv/bin/python tools/fixtures_voice.py fixtures DIR   # reference venv: tests/fixtures/voice_*.npz
 
 `weights` writes ve.safetensors, s3gen.safetensors (only the `tokenizer.` and
 `speaker_encoder.` keys) and dims.json, in the upstream layout. Each component's tiny weights

@@ -14,7 +14,7 @@ fi
 export OMP_NUM_THREADS=1 NIGHTINGALE_PYTHON="$OUR_PYTHON"
 work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
 
-"$REF_PYTHON" tools/fixtures_t3.py make                     # T3, punc_norm, tokenizer
+"$REF_PYTHON" tools/fixtures_t3.py                          # T3, punc_norm, tokenizer
 "$REF_PYTHON" tools/fixtures_flow.py                        # flow encoder, estimator, CFM, flow.inference
 "$REF_PYTHON" tools/fixtures_hift.py                        # F0, SineGen, HiFT decode/inference, S3Gen mel, STFT
 "$OUR_PYTHON" tools/fixtures_voice.py clip                  # spoken reference clip (espeak-ng)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the PyTorch reference (chatterbox-tts 0.1.7, CPU torch) in its own virtual
 # environment. It is a tool for parity fixtures and baseline benchmarks, never a runtime
-# dependency. Recipe and reasons: shared/notes/reference-env.md. About 1.7 GB, 1.5 minutes.
+# dependency. Why each step: the comments beside it. About 1.7 GB, 1.5 minutes.
 #   tools/make_reference_env.sh [VENV_DIR]      (default: .ref-venv)
 set -euo pipefail
 venv="${1:-.ref-venv}"

@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .estimator import conv1d
+from .conv import conv1d
 
 logger = logging.getLogger(__name__)
 
@@ -149,9 +149,9 @@ class PreLookaheadLayer(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         """x (B, T, C) -> (B, T, C)."""
-        h = conv1d(x, self.conv1.weight, self.conv1.bias, pad_right=self.pre_lookahead_len)
+        h = conv1d(x, self.conv1.weight, self.conv1.bias, padding=(0, self.pre_lookahead_len))
         h = nn.leaky_relu(h, LOOKAHEAD_LEAKY_SLOPE)
-        h = conv1d(h, self.conv2.weight, self.conv2.bias, pad_left=2)
+        h = conv1d(h, self.conv2.weight, self.conv2.bias, padding=(2, 0))
         return h + x
 
 
@@ -176,7 +176,7 @@ class Upsample1D(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         """x (B, T, C) -> (B, stride*T, C_out)."""
         x = mx.repeat(x, self.stride, axis=1)
-        return conv1d(x, self.conv.weight, self.conv.bias, pad_left=2 * self.stride)
+        return conv1d(x, self.conv.weight, self.conv.bias, padding=(2 * self.stride, 0))
 
 
 def _key_bias(lengths: mx.array | None, t: int, dtype: mx.Dtype) -> tuple[mx.array | None, mx.array | None]:

@@ -14,26 +14,18 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import sys
 from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from .conv import conv1d
 
 logger = logging.getLogger(__name__)
 
 ATTENTION_MASK_BIAS = -1.0e10  # decoder.py mask_to_bias: added to the scores of padded keys
 TIME_EMBEDDING_SCALE = 1000.0  # SinusoidalPosEmb.forward(scale=1000)
 
-# How convolutions run: "matmul" = one matmul per kernel tap, "native" = mx.conv1d (an
-# im2col + GEMM on CPU), "auto" = matmul only on a Linux CPU without OpenBLAS preloaded
-# (nightingale.blas does preload it), native elsewhere. Measured on the Linux CPU backend,
-# (2, 700, 256) -> 256, k3: with MLX's bundled reference BLAS the tap matmuls took 166 ms
-# vs 298 ms native; with OpenBLAS both ~7 ms, and the three resnet convs at T=300 took
-# 12.7 ms native vs 16.2 ms matmul. On an H100 (MLX CUDA) a full-size 10-step solve of
-# 404-700 frames took 309-391 ms native vs 362-531 ms with tap matmuls.
-CONV_IMPL = "auto"  # "auto" | "matmul" | "native"
 
 
 @partial(mx.compile, shapeless=True)
@@ -73,40 +65,6 @@ def gelu(x: mx.array) -> mx.array:
     return 0.5 * x * (1.0 + mx.sign(x) * erf_abs)
 
 
-def _conv_as_matmul() -> bool:
-    if CONV_IMPL == "auto":
-        return (
-            mx.default_device() == mx.cpu
-            and sys.platform.startswith("linux")
-            and "openblas" not in os.environ.get("LD_PRELOAD", "")
-        )
-    if CONV_IMPL not in ("matmul", "native"):
-        raise ValueError(f"CONV_IMPL must be 'auto', 'matmul' or 'native', not {CONV_IMPL!r}")
-    return CONV_IMPL == "matmul"
-
-
-def conv1d(x: mx.array, weight: mx.array, bias: mx.array | None, pad_left: int = 0, pad_right: int = 0) -> mx.array:
-    """Stride-1, undilated Conv1d with explicit zero padding.
-
-    x (B, T, C_in), weight in MLX layout (C_out, K, C_in), bias (C_out,) or None
-    -> (B, T + pad_left + pad_right - K + 1, C_out).
-    """
-    k = weight.shape[1]
-    if pad_left or pad_right:
-        x = mx.pad(x, [(0, 0), (pad_left, pad_right), (0, 0)])
-    if k == 1:
-        y = x @ weight[:, 0, :].T
-    elif _conv_as_matmul():
-        t_out = x.shape[1] - k + 1
-        # sum over taps of shifted inputs times that tap's (C_in, C_out) matrix
-        y = x[:, 0:t_out] @ weight[:, 0, :].T
-        for tap in range(1, k):
-            y = y + x[:, tap : tap + t_out] @ weight[:, tap, :].T
-    else:
-        y = mx.conv1d(x, weight)
-    return y if bias is None else y + bias
-
-
 class CausalConv1d(nn.Module):
     """Conv1d with kernel_size - 1 zeros padded on the left (decoder.py CausalConv1d).
 
@@ -120,7 +78,7 @@ class CausalConv1d(nn.Module):
         self.bias = mx.zeros((out_channels,))
 
     def __call__(self, x: mx.array) -> mx.array:
-        return conv1d(x, self.weight, self.bias, pad_left=self.weight.shape[1] - 1)
+        return conv1d(x, self.weight, self.bias, padding=(self.weight.shape[1] - 1, 0))
 
 
 def timestep_embedding(t: mx.array, dim: int) -> mx.array:

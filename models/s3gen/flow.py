@@ -14,7 +14,8 @@ pipeline for one utterance:
 
 Noise is always explicit: callers pass it, or pass an `mx.random` key. `fixed_noise`
 gives position-indexed noise, so overlapping windows of a stream see identical noise on
-the frames they share (upstream 0.1.7 draws fresh noise per call; see the spec, 7.3).
+the frames they share (upstream 0.1.7 draws fresh noise per call, so two windows would
+disagree on their overlap; models/streaming.py relies on this).
 """
 
 from __future__ import annotations
@@ -23,14 +24,15 @@ import functools
 import logging
 import math
 import threading
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..convert import conv1d_from_torch
 from ..chunks import check_cancel
+from ..config import Config
+from ..convert import conv1d_from_torch
 from .encoder import UpsampleConformerEncoder
 from .estimator import ConditionalDecoder
 
@@ -49,7 +51,7 @@ NOISE_BLOCK_FRAMES = 1024  # fixed_noise draws noise in blocks of this many fram
 
 
 @dataclass
-class FlowConfig:
+class FlowConfig(Config):
     """Dimensions of the flow (field names follow upstream's constructor arguments)."""
 
     vocab_size: int = 6561
@@ -103,19 +105,6 @@ class FlowConfig:
             decoder_num_mid_blocks=2,
             decoder_num_heads=2,
         )
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "FlowConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown FlowConfig fields: {sorted(unknown)}")
-        return cls(**d)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["decoder_channels"] = list(self.decoder_channels)
-        return d
 
 
 def _linear(out_dim: int, in_dim: int, bias: bool = True) -> dict[str, tuple[int, ...]]:
@@ -289,12 +278,81 @@ def compile_steps() -> bool:
     return COMPILE_STEP == "on"
 
 
-class CausalConditionalCFM(nn.Module):
-    """The CFM sampler around the estimator (`flow.decoder`; holds `estimator`)."""
+class EulerSolver(nn.Module):
+    """Fixed-step Euler integration of the estimator's velocity, dx/dt = v(x, t), from noise
+    at t = 0 to t = 1 (`flow.decoder`; holds `estimator`). A subclass gives the time
+    schedule (`t_span`) and the velocity (`velocity`); the loop, the float32 state and
+    cancellation are shared."""
 
-    def __init__(self, estimator: ConditionalDecoder, inference_cfg_rate: float = 0.7):
+    def __init__(self, estimator: ConditionalDecoder):
         super().__init__()
         self.estimator = estimator
+
+    def t_span(self, n_timesteps: int) -> np.ndarray:
+        """(n + 1,) float32 times from 0 to 1."""
+        raise NotImplementedError
+
+    def conditioning(self, mu: mx.array, mask: mx.array | None, spks: mx.array, cond: mx.array) -> tuple:
+        """(mu, mask, spks, cond) as every step passes them to `velocity` (built once per solve)."""
+        return mu, mask, spks, cond
+
+    def velocity(self, x: mx.array, t: mx.array, r: mx.array, mu: mx.array, spks: mx.array, cond: mx.array,
+                 mask: mx.array | None = None) -> mx.array:
+        """v (B, 80, T) float32 at x (B, 80, T) for the step from time t to r (0-d float32)."""
+        raise NotImplementedError
+
+    def euler_step(self, x: mx.array, t: mx.array, r: mx.array, mu: mx.array, spks: mx.array, cond: mx.array,
+                   mask: mx.array | None = None) -> mx.array:
+        """One Euler step from t to r (0-d float32): x + (r - t) v."""
+        return x + (r - t) * self.velocity(x, t, r, mu, spks, cond, mask)
+
+    def step_function(self, shape: tuple[int, ...]):
+        """The unmasked Euler step for inputs of `shape` (eager here; see CausalConditionalCFM)."""
+        return self.euler_step
+
+    def solve_euler(
+        self,
+        z: mx.array,
+        mu: mx.array,
+        mask: mx.array | None,
+        spks: mx.array,
+        cond: mx.array,
+        n_timesteps: int,
+        cancel: threading.Event | None = None,
+    ) -> mx.array:
+        """x <- x + (r - t) v(x, t, r) over the schedule's steps, from x = z.
+
+        z, mu, cond: (B, 80, T); mask (B, 1, T) or None (all valid); spks (B, 80). Returns
+        (B, 80, T) float32: the state x stays float32 whatever the estimator's dtype.
+        `cancel` (a threading.Event or None) is checked before each step; when set,
+        Cancelled is raised.
+        """
+        mu, mask, spks, cond = self.conditioning(mu, mask, spks, cond)
+        step = self.step_function(tuple(z.shape)) if mask is None else functools.partial(self.euler_step, mask=mask)
+        t_span = self.t_span(n_timesteps)
+        x = z.astype(mx.float32)
+        previous = None
+        for t, r in zip(t_span[:-1], t_span[1:]):
+            check_cancel(cancel)
+            if cancel is not None and previous is not None:
+                # at most two steps in flight, so a cancel acts within about one step
+                mx.eval(previous)
+            previous = x
+            x = step(x, mx.array(t), mx.array(r), mu, spks, cond)
+            # start this step while Python builds the next one
+            mx.async_eval(x)
+        return x
+
+
+class CausalConditionalCFM(EulerSolver):
+    """The CFM sampler: a cosine time schedule and classifier-free guidance.
+
+    v = (1 + g) v(x | mu, spks, cond) - g v(x | 0, 0, 0) with g = inference_cfg_rate; both
+    rows go through the estimator as one batch of 2B.
+    """
+
+    def __init__(self, estimator: ConditionalDecoder, inference_cfg_rate: float = 0.7):
+        super().__init__(estimator)
         self.inference_cfg_rate = inference_cfg_rate
         # mx.compile of `euler_step`, made on first use (after the weights are loaded: it
         # captures them), and how often each window shape was seen; the leading underscores
@@ -302,14 +360,24 @@ class CausalConditionalCFM(nn.Module):
         self._compiled_step = None
         self._shapes_seen: dict[tuple[int, ...], int] = {}
 
-    def euler_step(self, x: mx.array, t: mx.array, dt: mx.array, mu_in: mx.array, spks_in: mx.array,
-                   cond_in: mx.array) -> mx.array:
-        """One guided Euler step without a mask: x (B, 80, T) float32 at time t (2B,) -> x + dt v."""
+    def t_span(self, n_timesteps: int) -> np.ndarray:
+        return cosine_t_span(n_timesteps)
+
+    def conditioning(self, mu: mx.array, mask: mx.array | None, spks: mx.array, cond: mx.array) -> tuple:
+        """Rows [:B] conditional, [B:] unconditional (mu, spks and cond zeroed)."""
+        mu_in = mx.concatenate([mu, mx.zeros_like(mu)], axis=0)
+        spks_in = mx.concatenate([spks, mx.zeros_like(spks)], axis=0)
+        cond_in = mx.concatenate([cond, mx.zeros_like(cond)], axis=0)
+        return mu_in, None if mask is None else mx.concatenate([mask, mask], axis=0), spks_in, cond_in
+
+    def velocity(self, x: mx.array, t: mx.array, r: mx.array, mu: mx.array, spks: mx.array, cond: mx.array,
+                 mask: mx.array | None = None) -> mx.array:
+        """The guided velocity; mu, spks, cond (and mask) are `conditioning`'s 2B rows."""
         b = x.shape[0]
         rate = self.inference_cfg_rate
-        v = self.estimator(mx.concatenate([x, x], axis=0), None, mu_in, t, spks_in, cond_in)
-        v = ((1.0 + rate) * v[:b] - rate * v[b:]).astype(mx.float32)
-        return x + dt * v
+        t_in = mx.full((2 * b,), t, dtype=mx.float32)
+        v = self.estimator(mx.concatenate([x, x], axis=0), mask, mu, t_in, spks, cond)
+        return ((1.0 + rate) * v[:b] - rate * v[b:]).astype(mx.float32)
 
     def step_function(self, shape: tuple[int, ...]):
         """The Euler step for inputs of `shape`: compiled once the shape repeats (COMPILE_STEP)."""
@@ -323,51 +391,19 @@ class CausalConditionalCFM(nn.Module):
             self._compiled_step = mx.compile(self.euler_step)
         return self._compiled_step
 
-    def solve_euler(
-        self,
-        z: mx.array,
-        mu: mx.array,
-        mask: mx.array | None,
-        spks: mx.array,
-        cond: mx.array,
-        n_timesteps: int = 10,
-        cancel: threading.Event | None = None,
-    ) -> mx.array:
-        """Euler integration of dx/dt = v(x, t) from x = z at t = 0 to t = 1, cosine schedule.
 
-        z, mu, cond: (B, 80, T); mask (B, 1, T) or None (all valid); spks (B, 80).
-        v = (1 + r) v(x | mu, spks, cond) - r v(x | 0, 0, 0) with r = inference_cfg_rate;
-        both rows go through the estimator as one batch of 2B. Returns (B, 80, T) float32:
-        the state x stays float32 whatever the estimator's dtype. `cancel` (a
-        threading.Event or None) is checked before each step; when set, Cancelled is raised.
-        """
-        b = mu.shape[0]
-        rate = self.inference_cfg_rate
-        # rows [:B] conditional, [B:] unconditional (mu, spks and cond zeroed)
-        mu_in = mx.concatenate([mu, mx.zeros_like(mu)], axis=0)
-        spks_in = mx.concatenate([spks, mx.zeros_like(spks)], axis=0)
-        cond_in = mx.concatenate([cond, mx.zeros_like(cond)], axis=0)
-        mask_in = None if mask is None else mx.concatenate([mask, mask], axis=0)
-        t_span = cosine_t_span(n_timesteps)
-        x = z.astype(mx.float32)
-        step = self.step_function(tuple(z.shape)) if mask is None else None
-        previous = None
-        for t, r in zip(t_span[:-1], t_span[1:]):
-            check_cancel(cancel)
-            if cancel is not None and previous is not None:
-                # at most two steps in flight, so a cancel acts within about one step
-                mx.eval(previous)
-            previous = x
-            t_in = mx.full((2 * b,), float(t), dtype=mx.float32)
-            if step is not None:
-                x = step(x, t_in, mx.array(float(r - t), dtype=mx.float32), mu_in, spks_in, cond_in)
-            else:
-                v = self.estimator(mx.concatenate([x, x], axis=0), mask_in, mu_in, t_in, spks_in, cond_in)
-                v = ((1.0 + rate) * v[:b] - rate * v[b:]).astype(mx.float32)
-                x = x + float(r - t) * v
-            # start this step while Python builds the next one
-            mx.async_eval(x)
-        return x
+def build_estimator(cfg: FlowConfig, meanflow: bool = False) -> ConditionalDecoder:
+    """The flow's U-Net estimator at cfg's dimensions (meanflow: with the r-time mixer)."""
+    return ConditionalDecoder(
+        in_channels=cfg.decoder_in_channels,
+        out_channels=cfg.output_size,
+        channels=cfg.decoder_channels,
+        attention_head_dim=cfg.decoder_attention_head_dim,
+        n_blocks=cfg.decoder_n_blocks,
+        num_mid_blocks=cfg.decoder_num_mid_blocks,
+        num_heads=cfg.decoder_num_heads,
+        meanflow=meanflow,
+    )
 
 
 class Flow(nn.Module):
@@ -389,16 +425,12 @@ class Flow(nn.Module):
             upsample_stride=cfg.token_mel_ratio,
         )
         self.encoder_proj = nn.Linear(cfg.encoder_output_size, cfg.output_size)
-        estimator = ConditionalDecoder(
-            in_channels=cfg.decoder_in_channels,
-            out_channels=cfg.output_size,
-            channels=cfg.decoder_channels,
-            attention_head_dim=cfg.decoder_attention_head_dim,
-            n_blocks=cfg.decoder_n_blocks,
-            num_mid_blocks=cfg.decoder_num_mid_blocks,
-            num_heads=cfg.decoder_num_heads,
-        )
-        self.decoder = CausalConditionalCFM(estimator, cfg.inference_cfg_rate)
+        self.decoder = self.build_decoder(cfg)
+
+    @staticmethod
+    def build_decoder(cfg: FlowConfig) -> EulerSolver:
+        """`flow.decoder`: the CFM around the estimator."""
+        return CausalConditionalCFM(build_estimator(cfg), cfg.inference_cfg_rate)
 
     @property
     def estimator(self) -> ConditionalDecoder:
@@ -422,19 +454,6 @@ class Flow(nn.Module):
         """x-vector (B, 192) -> L2-normalised -> spk_embed_affine_layer -> (B, 80)."""
         norm = mx.sqrt(mx.sum(embedding * embedding, axis=-1, keepdims=True))
         return self.spk_embed_affine_layer(embedding / mx.maximum(norm, L2_NORM_EPS))
-
-    def solve_euler(
-        self,
-        z: mx.array,
-        mu: mx.array,
-        mask: mx.array | None,
-        spks: mx.array,
-        cond: mx.array,
-        n_timesteps: int = 10,
-        cancel: threading.Event | None = None,
-    ) -> mx.array:
-        """The CFM solve (see CausalConditionalCFM.solve_euler); spks already projected."""
-        return self.decoder.solve_euler(z, mu, mask, spks, cond, n_timesteps, cancel)
 
     def inference(
         self,
@@ -481,7 +500,7 @@ class Flow(nn.Module):
             axis=2,
         )
         spks = self.speaker_projection(embedding)
-        mel = self.solve_euler(noise, mu, None, spks, cond, n_timesteps, cancel)[:, :, prompt_frames:]
+        mel = self.decoder.solve_euler(noise, mu, None, spks, cond, n_timesteps, cancel)[:, :, prompt_frames:]
         if frames is not None:
             mel = mel[:, :, frames[0] : frames[1]]
         return mel

@@ -10,36 +10,32 @@ Activations are channels-last (B, T, C) inside; the public boundary keeps the re
 (B, C, T) for mels and sources. Weight norm is folded at load, so the module holds plain
 conv weights in MLX layout (C_out, K, C_in).
 
-On the Linux CPU backend MLX's dilated and transposed convolutions run at about
-1 GFLOP/s, and sin costs ~18 ns per element (scalar libm), which made the Snake
-activations a third of the vocoder's time. So on CPU the convolutions are BLAS matmuls
-(accumulated per tap, an im2col for strided or short inputs, one matmul plus
-overlap-add for the transposed ones) and Snake's sin^2 is a range-reduced polynomial
-(4x faster, float32-exact to ~2e-7). `CONV_IMPL` and `SNAKE_IMPL` choose; "auto" takes
-those paths on CPU and MLX's native conv ops and sin on a GPU.
+The convolutions are models/s3gen/conv.py's (BLAS matmuls on the CPU backend, MLX's conv
+ops on a GPU). On the Linux CPU backend sin costs ~18 ns per element (scalar libm), which
+made the Snake activations a third of the vocoder's time, so there Snake's sin^2 is a
+range-reduced polynomial (4x faster, float32-exact to ~2e-7). `SNAKE_IMPL` chooses; "auto"
+takes the polynomial on CPU and sin on a GPU.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
 from .. import dsp
+from ..config import Config
 from ..convert import conv1d_from_torch, conv_transpose1d_from_torch, fold_weight_norm
+from .conv import conv1d, conv_transpose1d
 
 logger = logging.getLogger(__name__)
 
-# Module-level switches so a benchmark or a GPU build can flip them.
-CONV_IMPL = "auto"  # "auto" | "matmul" | "native"
+# A module-level switch so a benchmark or a test can flip it.
 SNAKE_IMPL = "auto"  # "auto" | "poly" | "sin"
-# An im2col matrix up to this many floats (2 MiB, cache-resident) beats per-tap GEMMs;
-# larger ones cost more in copying than they save (measured with OpenBLAS on x86).
-IM2COL_MAX_ELEMENTS = 1 << 19
 # sin^2(pi u) on |u| <= 1/2 as sum_k c_k (u^2)^k, k = 1..6: a weighted least-squares fit,
 # max error 6e-9 in float64 and 2.4e-7 when evaluated in float32 (c_1 = pi^2).
 SIN2_PI_COEFFS = (9.869603157043457, -32.469581604003906, 42.72538757324219, -30.085968017578125, 12.990792274475098, -3.273036003112793)
@@ -51,7 +47,7 @@ WEIGHT_NORM_SUFFIXES = (".parametrizations.weight.original0", ".parametrizations
 
 
 @dataclass
-class HiFTConfig:
+class HiFTConfig(Config):
     """HiFTGenerator hyper-parameters; field names follow the reference's constructor."""
 
     in_channels: int = 80
@@ -83,18 +79,6 @@ class HiFTConfig:
         """Narrow channels only: rates, kernels and the iSTFT keep 480 samples per frame."""
         return cls(base_channels=32, f0_cond_channels=32)
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "HiFTConfig":
-        known = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in d.items() if k in known}
-        for k, v in kw.items():
-            if isinstance(v, list):
-                kw[k] = tuple(tuple(e) if isinstance(e, list) else e for e in v)
-        return cls(**kw)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
     @property
     def upsample_total(self) -> int:
         """Samples per mel frame (480 for the real model)."""
@@ -113,69 +97,6 @@ class HiFTConfig:
 
 # ---------------------------------------------------------------------------------------
 # Convolutions
-
-
-def _on_cpu() -> bool:
-    return mx.default_device().type == mx.DeviceType.cpu
-
-
-def _use_matmul_convs() -> bool:
-    if CONV_IMPL == "auto":
-        return _on_cpu()
-    if CONV_IMPL not in ("matmul", "native"):
-        raise ValueError(f"CONV_IMPL must be 'auto', 'matmul' or 'native', not {CONV_IMPL!r}")
-    return CONV_IMPL == "matmul"
-
-
-def _use_poly_snake() -> bool:
-    if SNAKE_IMPL == "auto":
-        return _on_cpu()
-    if SNAKE_IMPL not in ("poly", "sin"):
-        raise ValueError(f"SNAKE_IMPL must be 'auto', 'poly' or 'sin', not {SNAKE_IMPL!r}")
-    return SNAKE_IMPL == "poly"
-
-
-def conv1d(x: mx.array, weight: mx.array, bias: mx.array, stride: int = 1, padding: int = 0, dilation: int = 1) -> mx.array:
-    """torch Conv1d (zero padding on both sides) on channels-last input.
-
-    x (B, T, C_in), weight (C_out, K, C_in), bias (C_out,)
-    -> (B, (T + 2 padding - dilation (K - 1) - 1) // stride + 1, C_out).
-    """
-    if not _use_matmul_convs():
-        return mx.conv1d(x, weight, stride=stride, padding=padding, dilation=dilation) + bias
-    c_out, k, c_in = weight.shape
-    if padding:
-        x = mx.pad(x, [(0, 0), (padding, padding), (0, 0)])
-    batch, t_pad, _ = x.shape
-    t_out = (t_pad - dilation * (k - 1) - 1) // stride + 1
-    if k == 1:
-        return mx.addmm(bias, x[:, : (t_out - 1) * stride + 1 : stride], weight[:, 0].T)
-    if stride > 1 or t_out * k * c_in <= IM2COL_MAX_ELEMENTS:
-        # im2col: every output step's receptive field as one row, then one GEMM.
-        cols = mx.as_strided(x, (batch, t_out, k, c_in), (t_pad * c_in, stride * c_in, dilation * c_in, 1))
-        return mx.addmm(bias, cols.reshape(batch, t_out, k * c_in), weight.reshape(c_out, k * c_in).T)
-    # Long inputs: one GEMM per tap on a shifted view, accumulated in place by BLAS (beta=1).
-    y = mx.addmm(bias, x[:, :t_out], weight[:, 0].T)
-    for j in range(1, k):
-        y = mx.addmm(y, x[:, j * dilation : j * dilation + t_out], weight[:, j].T)
-    return y
-
-
-def conv_transpose1d(x: mx.array, weight: mx.array, bias: mx.array, stride: int, padding: int) -> mx.array:
-    """torch ConvTranspose1d on channels-last input.
-
-    x (B, T, C_in), weight (C_out, K, C_in), bias (C_out,)
-    -> (B, (T - 1) stride - 2 padding + K, C_out).
-    """
-    if not _use_matmul_convs():
-        return mx.conv_transpose1d(x, weight, stride=stride, padding=padding) + bias
-    c_out, k, c_in = weight.shape
-    batch, t_in, _ = x.shape
-    # Every input step's contribution to its K output taps, then overlap-add at the stride.
-    w = weight.transpose(2, 1, 0).reshape(c_in, k * c_out)
-    taps = (x @ w).reshape(batch, t_in, k, c_out)
-    y = dsp.overlap_add(taps, stride)  # (B, (T - 1) stride + K, C_out)
-    return y[:, padding : y.shape[1] - padding] + bias
 
 
 class Conv1d(nn.Module):
@@ -209,6 +130,14 @@ class ConvTranspose1d(nn.Module):
 
 # ---------------------------------------------------------------------------------------
 # Blocks
+
+
+def _use_poly_snake() -> bool:
+    if SNAKE_IMPL == "auto":
+        return mx.default_device().type == mx.DeviceType.cpu
+    if SNAKE_IMPL not in ("poly", "sin"):
+        raise ValueError(f"SNAKE_IMPL must be 'auto', 'poly' or 'sin', not {SNAKE_IMPL!r}")
+    return SNAKE_IMPL == "poly"
 
 
 def sin_squared(y: mx.array) -> mx.array:
@@ -593,10 +522,3 @@ def convert_weights(weights: dict[str, np.ndarray], cfg: HiFTConfig) -> dict[str
             out[key] = mx.array(np.asarray(value, dtype=np.float32))
     return out
 
-
-def load_hift(weights: dict[str, np.ndarray], cfg: HiFTConfig) -> HiFTGenerator:
-    """Build a HiFTGenerator and load upstream-layout weights strictly."""
-    model = HiFTGenerator(cfg)
-    model.load_weights(list(convert_weights(weights, cfg).items()), strict=True)
-    model.eval()
-    return model

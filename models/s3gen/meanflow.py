@@ -19,13 +19,10 @@ flow_matching.py `basic_euler`, decoder.py, utils/intmeanflow.py):
 from __future__ import annotations
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 
-from ..chunks import check_cancel
 from . import flow as flow_mod
-from .estimator import ConditionalDecoder
-from .flow import Flow, FlowConfig
+from .flow import EulerSolver, Flow, FlowConfig, build_estimator
 
 MEANFLOW_STEPS = 2  # tts_turbo.generate: n_cfm_timesteps=2
 MIXER_KEY = "decoder.estimator.time_embed_mixer.weight"
@@ -61,55 +58,25 @@ def linear_t_span(n_timesteps: int) -> np.ndarray:
     return np.linspace(0.0, 1.0, n_timesteps + 1, dtype=np.float32)
 
 
-class MeanFlowCFM(nn.Module):
-    """`flow.decoder` of a MeanFlow S3Gen (holds `estimator`)."""
+class MeanFlowCFM(EulerSolver):
+    """`flow.decoder` of a MeanFlow S3Gen: the linear schedule, no guidance, and the step's
+    end time r as the estimator's second time input."""
 
-    def __init__(self, estimator: ConditionalDecoder):
-        super().__init__()
-        self.estimator = estimator
+    def t_span(self, n_timesteps: int) -> np.ndarray:
+        return linear_t_span(n_timesteps)
 
-    def solve_euler(
-        self,
-        z: mx.array,
-        mu: mx.array,
-        mask: mx.array | None,
-        spks: mx.array,
-        cond: mx.array,
-        n_timesteps: int = MEANFLOW_STEPS,
-        cancel=None,
-    ) -> mx.array:
-        """x <- x + (r - t) v(x, t, r) over the linear schedule, batch as given, no CFG.
-
-        z, mu, cond: (B, 80, T); mask (B, 1, T) or None; spks (B, 80). Returns (B, 80, T)
-        float32 (the state stays float32 whatever the estimator's dtype). `cancel`
-        (threading.Event or None) is checked before each step (raises Cancelled).
-        """
-        b = mu.shape[0]
-        x = z.astype(mx.float32)
-        t_span = linear_t_span(n_timesteps)
-        for t, r in zip(t_span[:-1], t_span[1:]):
-            check_cancel(cancel)
-            t_in = mx.full((b,), float(t), dtype=mx.float32)
-            r_in = mx.full((b,), float(r), dtype=mx.float32)
-            v = self.estimator(x, mask, mu, t_in, spks, cond, r=r_in).astype(mx.float32)
-            x = x + float(r - t) * v
-            mx.async_eval(x)
-        return x
+    def velocity(self, x: mx.array, t: mx.array, r: mx.array, mu: mx.array, spks: mx.array, cond: mx.array,
+                 mask: mx.array | None = None) -> mx.array:
+        """The average velocity from t to r, batch as given."""
+        b = x.shape[0]
+        t_in = mx.full((b,), t, dtype=mx.float32)
+        r_in = mx.full((b,), r, dtype=mx.float32)
+        return self.estimator(x, mask, mu, t_in, spks, cond, r=r_in).astype(mx.float32)
 
 
 class MeanFlow(Flow):
     """CausalMaskedDiffWithXvec with the MeanFlow estimator and solver (same `inference`)."""
 
-    def __init__(self, cfg: FlowConfig):
-        super().__init__(cfg)
-        estimator = ConditionalDecoder(
-            in_channels=cfg.decoder_in_channels,
-            out_channels=cfg.output_size,
-            channels=cfg.decoder_channels,
-            attention_head_dim=cfg.decoder_attention_head_dim,
-            n_blocks=cfg.decoder_n_blocks,
-            num_mid_blocks=cfg.decoder_num_mid_blocks,
-            num_heads=cfg.decoder_num_heads,
-            meanflow=True,
-        )
-        self.decoder = MeanFlowCFM(estimator)
+    @staticmethod
+    def build_decoder(cfg: FlowConfig) -> EulerSolver:
+        return MeanFlowCFM(build_estimator(cfg, meanflow=True))

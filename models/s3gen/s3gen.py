@@ -8,12 +8,14 @@ is computed.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import mlx.nn as nn
 import numpy as np
 
 from .. import campplus, s3tokenizer
+from ..config import Config
 from . import flow as flow_mod
 from . import hifigan, meanflow
 
@@ -25,10 +27,17 @@ PARTS = (
     ("mel2wav", hifigan),
 )
 CONFIG_NAMES = {"tokenizer": "tokenizer", "speaker_encoder": "campplus", "flow": "flow", "mel2wav": "hift"}
+# S3GenConfig field -> its config class
+PART_CONFIGS = {
+    "tokenizer": s3tokenizer.S3TokenizerConfig,
+    "campplus": campplus.CAMPPlusConfig,
+    "flow": flow_mod.FlowConfig,
+    "hift": hifigan.HiFTConfig,
+}
 
 
 @dataclass
-class S3GenConfig:
+class S3GenConfig(Config):
     tokenizer: s3tokenizer.S3TokenizerConfig = field(default_factory=s3tokenizer.S3TokenizerConfig.full)
     campplus: campplus.CAMPPlusConfig = field(default_factory=campplus.CAMPPlusConfig.full)
     flow: flow_mod.FlowConfig = field(default_factory=flow_mod.FlowConfig.full)
@@ -53,25 +62,13 @@ class S3GenConfig:
         )
 
     @classmethod
-    def from_dict(cls, d: dict | None) -> "S3GenConfig":
-        d = d or {}
-        full = cls.full()
-        return cls(
-            s3tokenizer.S3TokenizerConfig.from_dict(d["tokenizer"]) if "tokenizer" in d else full.tokenizer,
-            campplus.CAMPPlusConfig.from_dict(d["campplus"]) if "campplus" in d else full.campplus,
-            flow_mod.FlowConfig.from_dict(d["flow"]) if "flow" in d else full.flow,
-            hifigan.HiFTConfig.from_dict(d["hift"]) if "hift" in d else full.hift,
-            bool(d.get("meanflow", False)),
-        )
-
-    def to_dict(self) -> dict:
-        return {
-            "tokenizer": self.tokenizer.to_dict(),
-            "campplus": self.campplus.to_dict(),
-            "flow": self.flow.to_dict(),
-            "hift": self.hift.to_dict(),
-            "meanflow": self.meanflow,
-        }
+    def from_dict(cls, d: Mapping | None) -> "S3GenConfig":
+        """Strict at both levels: each part's mapping goes to that part's `from_dict`, and an
+        unknown top-level key is an error too. A part left out is the full model's."""
+        d = {} if d is None else d
+        if isinstance(d, Mapping):
+            d = {k: PART_CONFIGS[k].from_dict(v) if k in PART_CONFIGS else v for k, v in d.items()}
+        return super().from_dict(d)
 
     def part(self, prefix: str):
         return getattr(self, CONFIG_NAMES[prefix])
