@@ -164,6 +164,18 @@ def _import_reference_t3_only() -> None:
     sys.modules["chatterbox"] = package
 
 
+def _fixture_common():
+    """tools/fixture_common.py (stdlib and numpy only), which sets up the reference's Turbo
+    T3 for the parity fixtures."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "tools" / "fixture_common.py"
+    spec = importlib.util.spec_from_file_location("fixture_common", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _reference_turbo_t3(directory: Path, device: str):
     """The reference's Turbo T3, built as `ChatterboxTurboTTS.from_local` builds it."""
     import torch
@@ -172,16 +184,8 @@ def _reference_turbo_t3(directory: Path, device: str):
 
     from chatterbox.models.t3 import T3
     from chatterbox.models.t3.modules.cond_enc import T3Cond
-    from chatterbox.models.t3.modules.t3_config import T3Config
 
-    hp = T3Config(text_tokens_dict_size=50276)
-    hp.llama_config_name = "GPT2_medium"
-    hp.speech_tokens_dict_size = 6563
-    hp.input_pos_emb = None
-    hp.speech_cond_prompt_len = 375
-    hp.use_perceiver_resampler = False
-    hp.emotion_adv = False
-    t3 = T3(hp)
+    t3 = T3(_fixture_common().turbo_t3_config())
     t3.load_state_dict(load_file(directory / "t3_turbo_v1.safetensors"))
     del t3.tfmr.wte
     t3.to(device).eval()

@@ -23,6 +23,7 @@ this stream, so a file and a stream of the same request hold the same samples.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import queue
@@ -474,16 +475,70 @@ def stream_tokens(
 # -- the pipelined engine: T3 on its own thread ------------------------------------------
 
 _END = object()  # end of one segment's tokens in the queue
+CLOSE_TIMEOUT_S = 5.0  # at exit, how long a T3 thread may take to finish its job
+
+
+class _T3Thread:
+    """A long-lived thread that runs one T3 job at a time, keeping its MLX stream between
+    jobs: a fresh thread per stream paid a new stream's first-use costs before every first
+    chunk (H100, Turbo: the first 19 tokens took 210-270 ms on a new thread against ~150 ms on
+    a warm one). Idle threads wait in `_IDLE`; a stream that finds none (two streams at once)
+    gets a new one, which then stays for the next."""
+
+    _IDLE: list["_T3Thread"] = []
+    _ALL: list["_T3Thread"] = []
+    _LOCK = threading.Lock()
+
+    def __init__(self):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name="nightingale-t3", daemon=True)
+        self._thread.start()
+        if not self._ALL:
+            atexit.register(_T3Thread._close_all)
+        self._ALL.append(self)
+
+    @classmethod
+    def run(cls, job: Callable[[], None], done: threading.Event) -> None:
+        """Start `job` on an idle T3 thread (or a new one) and return at once; `done` is set
+        when the job has ended and its thread is idle again (so the next stream reuses it)."""
+        with cls._LOCK:
+            worker = cls._IDLE.pop() if cls._IDLE else cls()
+        worker._jobs.put((job, done))
+
+    def _loop(self) -> None:
+        while True:
+            item = self._jobs.get()
+            if item is None:
+                break
+            job, done = item
+            try:
+                job()
+            finally:
+                with self._LOCK:
+                    self._IDLE.append(self)
+                done.set()
+        # MLX streams belong to the thread that made them; left behind at exit, their
+        # workers abort the process, so each T3 thread frees its own before it ends.
+        mx.synchronize()
+        mx.clear_streams()
+
+    @classmethod
+    def _close_all(cls) -> None:
+        """At interpreter exit: end every T3 thread (after its current job, if any)."""
+        for worker in cls._ALL:
+            worker._jobs.put(None)
+        for worker in cls._ALL:
+            worker._thread.join(CLOSE_TIMEOUT_S)
 
 
 class TokenPump:
-    """Runs T3 on its own thread (its own MLX stream) into a bounded queue, segment after
-    segment, while the caller's thread renders audio from it.
+    """Runs T3 on a T3 thread (its own MLX stream, `_T3Thread`) into a bounded queue, segment
+    after segment, while the caller's thread renders audio from it.
 
     `segments` yields (text, seed) pairs; it is consumed on the T3 thread, so a text feed
     that blocks for more input blocks T3, not rendering. Each segment's tokens are followed
     by an end marker; an exception on the T3 thread crosses the queue and is raised by
-    `tokens()`. close() (or `cancel`) stops T3 at its next token, and waits for the thread.
+    `tokens()`. close() (or `cancel`) stops T3 at its next token, and waits for the job.
     """
 
     def __init__(self, generate: Callable[[str, int], Iterable[int]], segments: Iterable[tuple[str, int]],
@@ -495,8 +550,8 @@ class TokenPump:
         self._cancel = cancel
         self.generated = 0
         self.busy_s = 0.0  # T3's own time: the rate excludes time blocked on a full queue
-        self._thread = threading.Thread(target=self._run, name="nightingale-t3", daemon=True)
-        self._thread.start()
+        self._done = threading.Event()  # the T3 job has ended
+        _T3Thread.run(self._run, self._done)
 
     def _stopped(self) -> bool:
         return self._stop.is_set() or (self._cancel is not None and self._cancel.is_set())
@@ -528,9 +583,7 @@ class TokenPump:
         except BaseException as err:  # crosses to the rendering thread
             self._put(("error", err))
         finally:
-            # MLX streams belong to the thread that made them; free them before it ends
-            mx.synchronize()
-            mx.clear_streams()
+            mx.synchronize()  # nothing of this job is left running on the thread's stream
 
     def rate(self) -> float:
         return self.generated / self.busy_s if self.busy_s > 0 else 0.0
@@ -541,7 +594,7 @@ class TokenPump:
             try:
                 item = self._queue.get(timeout=0.05)
             except queue.Empty:
-                if not self._thread.is_alive() and self._queue.empty():
+                if self._done.is_set() and self._queue.empty():
                     return None
                 continue
             if isinstance(item, tuple) and item[0] == "error":
@@ -563,12 +616,12 @@ class TokenPump:
 
     def close(self) -> None:
         self._stop.set()
-        while self._thread.is_alive():
+        while not self._done.is_set():
             try:  # unblock a put on a full queue
                 self._queue.get_nowait()
             except queue.Empty:
                 pass
-            self._thread.join(0.05)
+            self._done.wait(0.05)
 
 
 def stream_text(

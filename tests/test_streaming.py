@@ -19,6 +19,7 @@ from nightingale.models.streaming import (
     SegmentRenderer,
     StreamOptions,
     TokenPump,
+    _T3Thread,
     _prompt,
     guard_runaway,
     render_tokens,
@@ -251,26 +252,60 @@ def test_pipelined_stream_equals_sequential_and_text_runs_equal_the_whole_text(t
     np.testing.assert_array_equal(np.concatenate([c.samples for c in chunks]), whole)
 
 
-def _t3_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == "nightingale-t3"]
+def _busy_t3_threads() -> list:
+    """T3 threads still running a stream's job (idle ones wait for the next stream)."""
+    with _T3Thread._LOCK:
+        return [w for w in _T3Thread._ALL if w not in _T3Thread._IDLE]
+
+
+class _Spy:
+    """The tiny model, recording the thread each T3 generation runs on."""
+
+    def __init__(self, model):
+        self._model = model
+        self.threads: list[threading.Thread] = []
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def generate_tokens(self, *args, **kwargs):
+        self.threads.append(threading.current_thread())
+        return self._model.generate_tokens(*args, **kwargs)
 
 
 def test_t3_runs_on_its_own_thread_while_s3gen_renders(tiny_model):
-    names = set()
-    generate = tiny_model.generate_tokens
+    spy = _Spy(tiny_model)
+    chunks = list(stream_text(spy, "Pipelined speech here.", seed=1, max_new_tokens=40, chunk_schedule="8,2,16"))
+    assert [t.name for t in spy.threads] == ["nightingale-t3"] and spy.threads[0] is not threading.current_thread()
+    assert chunks[-1].is_last and chunks[-1].timings["t3_tokens_per_s"] > 0
+    assert not _busy_t3_threads()  # the job ends with the stream
+    again = list(stream_text(spy, "Pipelined speech here.", seed=1, max_new_tokens=40, chunk_schedule="8,2,16"))
+    assert spy.threads[1] is spy.threads[0]  # the next stream reuses the idle T3 thread (and its MLX stream)
+    np.testing.assert_array_equal(np.concatenate([c.samples for c in again]), np.concatenate([c.samples for c in chunks]))
 
-    class Spy:
-        def __getattr__(self, name):
-            return getattr(tiny_model, name)
 
-        def generate_tokens(self, *args, **kwargs):
-            names.add(threading.current_thread().name)
-            return generate(*args, **kwargs)
-
-    chunks = list(stream_text(Spy(), "Pipelined speech here.", seed=1, max_new_tokens=40, chunk_schedule="8,2,16"))
-    assert names == {"nightingale-t3"} and chunks[-1].is_last
-    assert not _t3_threads()  # the thread ends with the stream
-    assert chunks[-1].timings["t3_tokens_per_s"] > 0
+def test_two_streams_at_once_each_get_a_t3_thread(tiny_model):
+    """Streams consumed in turns on one thread: each needs T3 running, so the second gets a
+    thread of its own rather than waiting for the first's (which would never end)."""
+    spy = _Spy(tiny_model)
+    kwargs = dict(max_new_tokens=40, chunk_schedule="4,1,4")  # T3 may run 14 tokens ahead: it blocks
+    alone = [np.concatenate([c.samples for c in stream_text(tiny_model, text, seed=seed, **kwargs)])
+             for text, seed in (("First voice here.", 1), ("Second one there.", 2))]
+    a = stream_text(spy, "First voice here.", seed=1, **kwargs)
+    b = stream_text(spy, "Second one there.", seed=2, **kwargs)
+    got: list[list] = [[], []]
+    pending = [a, b]
+    while pending:
+        for stream in list(pending):
+            chunk = next(stream, None)
+            if chunk is None:
+                pending.remove(stream)
+            else:
+                got[0 if stream is a else 1].append(chunk.samples)
+    assert len(spy.threads) == 2 and spy.threads[0] is not spy.threads[1]
+    for samples, want in zip(got, alone):
+        np.testing.assert_array_equal(np.concatenate(samples), want)
+    assert not _busy_t3_threads()
 
 
 def test_token_queue_is_bounded():
@@ -287,12 +322,12 @@ def test_token_queue_is_bounded():
         assert pump.next_segment() == "text"
         deadline = time.monotonic() + 30
         while not pump._queue.full() and time.monotonic() < deadline:
-            pump._thread.join(0.01)
-        pump._thread.join(0.2)  # had it not blocked, it would produce thousands meanwhile
+            pump._done.wait(0.01)
+        pump._done.wait(0.2)  # had it not blocked, it would produce thousands meanwhile
         assert pump._queue.full() and len(produced) <= 20 + 2
     finally:
         pump.close()
-    assert not pump._thread.is_alive()
+    assert pump._done.is_set()
 
 
 @pytest.mark.parametrize("how", ["cancel", "close"])
@@ -319,7 +354,7 @@ def test_cancel_or_close_stops_t3_and_s3gen(tiny_model, how):
             next(stream)
     else:
         stream.close()
-    assert not _t3_threads()
+    assert not _busy_t3_threads()
     n = len(produced)
     assert n < 200  # bounded by the queue, far from the 1000-token budget
     assert len(produced) == n

@@ -140,3 +140,18 @@ def token_rows(ids: list[list[int]]) -> dict[str, np.ndarray]:
         "ids_flat": np.array([i for row in ids for i in row], dtype=np.int32),
         "ids_lengths": np.array([len(row) for row in ids], dtype=np.int32),
     }
+
+
+def turbo_t3_config(text_vocab: int = 50276, backbone: str = "GPT2_medium"):
+    """The reference's Turbo T3Config, set as `ChatterboxTurboTTS.from_local` sets it (tools/fixtures_turbo.py;
+    bench/turbo.py runs the reference's Turbo T3 on a GPU with it)."""
+    from chatterbox.models.t3.modules.t3_config import T3Config
+
+    hp = T3Config(text_tokens_dict_size=text_vocab)
+    hp.llama_config_name = backbone
+    hp.speech_tokens_dict_size = 6563
+    hp.input_pos_emb = None
+    hp.speech_cond_prompt_len = 375
+    hp.use_perceiver_resampler = False
+    hp.emotion_adv = False
+    return hp

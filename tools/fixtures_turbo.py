@@ -42,7 +42,15 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 
-from fixture_common import FIXTURES, injected_multinomial, load_strict, read_s3gen_part, run_generator, token_rows  # noqa: E402
+from fixture_common import (  # noqa: E402
+    FIXTURES,
+    injected_multinomial,
+    load_strict,
+    read_s3gen_part,
+    run_generator,
+    token_rows,
+    turbo_t3_config,
+)
 
 INPUT_SEED = 4321
 TEXT = "Hi there [chuckle], have you got one minute to chat? [clear throat] Well..."
@@ -70,7 +78,6 @@ def write_checkpoint(out: Path, seed: int) -> None:
 def build_t3(dims: dict):
     from chatterbox.models.t3 import T3
     from chatterbox.models.t3.llama_configs import GPT2_MEDIUM_CONFIG, LLAMA_CONFIGS
-    from chatterbox.models.t3.modules.t3_config import T3Config
 
     name = "GPT2_nightingale_test"
     LLAMA_CONFIGS[name] = {
@@ -78,14 +85,7 @@ def build_t3(dims: dict):
         "n_layer": dims["n_layer"], "n_embd": dims["n_embd"], "hidden_size": dims["n_embd"], "n_head": dims["n_head"],
         "n_positions": dims["n_positions"], "n_ctx": dims["n_positions"], "vocab_size": dims["vocab_size"],
     }
-    hp = T3Config(text_tokens_dict_size=dims["text_tokens_dict_size"])  # the rest as from_local
-    hp.llama_config_name = name
-    hp.speech_tokens_dict_size = 6563
-    hp.input_pos_emb = None
-    hp.speech_cond_prompt_len = 375
-    hp.use_perceiver_resampler = False
-    hp.emotion_adv = False
-    return T3(hp)
+    return T3(turbo_t3_config(dims["text_tokens_dict_size"], name))
 
 
 def layout() -> dict:
@@ -94,17 +94,9 @@ def layout() -> dict:
 
     from chatterbox.models.s3gen import S3Gen
     from chatterbox.models.t3 import T3
-    from chatterbox.models.t3.modules.t3_config import T3Config
 
     with torch.device("meta"):
-        hp = T3Config(text_tokens_dict_size=50276)
-        hp.llama_config_name = "GPT2_medium"
-        hp.speech_tokens_dict_size = 6563
-        hp.input_pos_emb = None
-        hp.speech_cond_prompt_len = 375
-        hp.use_perceiver_resampler = False
-        hp.emotion_adv = False
-        t3 = T3(hp)
+        t3 = T3(turbo_t3_config())
         s3gen = S3Gen(meanflow=True)
     return {
         "t3_turbo_v1.safetensors": {k: list(v.shape) for k, v in t3.state_dict().items()},
