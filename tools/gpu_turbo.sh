@@ -10,6 +10,8 @@
 #   call 1 (carry .gpu/a):  bash tools/gpu_turbo.sh stage
 #   call 2 (carry .gpu/b):  bash tools/gpu_turbo.sh daemon     # request-to-first-audio p50s
 #   call 3 (no carry):      bash tools/gpu_turbo.sh bench      # bench/turbo.py, reference T3 on CUDA
+#   or, for a before/after of models/streaming.py (its old copy in .gpu/c/streaming_before.py):
+#   call 2 (carry .gpu/b .gpu/c):  bash tools/gpu_turbo.sh pump   # Turbo daemon p50, old and new, interleaved
 # Calls must follow each other within the machine's idle release. Full random checkpoints are
 # generated on the device; every result is written under $OUT as soon as it exists.
 set -uo pipefail
@@ -34,16 +36,18 @@ if [ ! -d "$S/mlx" ]; then
 fi
 export PYTHONPATH=$S LD_LIBRARY_PATH=$(ls -d $NV/*/lib | tr '\n' ':')${LD_LIBRARY_PATH:-}
 export NIGHTINGALE_NO_OPENBLAS=1 NIGHTINGALE_CACHE_DIR=/tmp/ngcache PYTHONUNBUFFERED=1
-if [ "$step" = daemon ]; then
+if [ "$step" = daemon ] || [ "$step" = pump ]; then
+    python3 -m pip install -q --no-index --no-deps --target "$S" .gpu/c/*.whl
     python3 -m pip install -q --no-deps --no-build-isolation --target "$S" . >/dev/null 2>&1 || \
         python3 -m pip install -q --no-deps --no-build-isolation --upgrade --target "$S" .
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+    MODELS="$TURBO"; [ "$step" = daemon ] && MODELS="$TURBO $ORIG"
     (cd /tmp && python3 -m nightingale.cli dev make-checkpoint $TURBO --family turbo --size full) &
-    (cd /tmp && python3 -m nightingale.cli dev make-checkpoint $ORIG --size full) &
+    [ "$step" = daemon ] && (cd /tmp && python3 -m nightingale.cli dev make-checkpoint $ORIG --size full) &
     wait
     # Convert (and quantize) each model once before timing; a conversion that dies is retried
     # once (an intermittent CUDA abort was seen on the first conversion in an earlier session).
-    for m in "$TURBO" "$ORIG"; do
+    for m in $MODELS; do
         for attempt in 1 2; do
             (cd /tmp && python3 -c "import sys; from nightingale.models import load_model; load_model(sys.argv[1], quantize=8)" "$m") \
                 >>"$OUT/convert.log" 2>&1 && break
@@ -51,6 +55,15 @@ if [ "$step" = daemon ]; then
         done
     done
     D="python3 $REPO/bench/daemon.py --clients 1 --utterances ${DAEMON_N:-30} --warmup 5"
+fi
+if [ "$step" = pump ]; then
+    O=/tmp/oldsite; rm -rf $O && mkdir -p $O && cp -r $S/nightingale $O/ && cp .gpu/c/streaming_before.py $O/nightingale/models/streaming.py
+    for round in 1 2; do
+        (cd /tmp && PYTHONPATH=$O:$S timeout 200 $D --model $TURBO --options '{"max_new_tokens": 40}') 2>&1 | tee "$OUT/pump-before-$round.md" | grep -E "first audio|RTF|errors"
+        (cd /tmp && timeout 120 $D --model $TURBO --options '{"max_new_tokens": 40}') 2>&1 | tee "$OUT/pump-after-$round.md" | grep -E "first audio|RTF|errors"
+    done
+fi
+if [ "$step" = daemon ]; then
     (cd /tmp && timeout 170 $D --model $TURBO --options '{"max_new_tokens": 40}') 2>&1 | tee "$OUT/daemon-turbo.md"
     (cd /tmp && timeout 150 $D --model $ORIG --options '{"max_new_tokens": 40}') 2>&1 | tee "$OUT/daemon-original.md"
     (cd /tmp && timeout 150 $D --model $ORIG --decoder $TURBO --options '{"max_new_tokens": 40}') 2>&1 | tee "$OUT/daemon-paired.md"
@@ -59,7 +72,8 @@ if [ "$step" = daemon ]; then
         | tee "$OUT/daemon-turbo-first12.md"
 fi
 if [ "$step" = bench ]; then
-    printf '#!/bin/sh\nPYTHONPATH=%s:%s exec python3 "$@"\n' "$R" "$S" > /tmp/refpy && chmod +x /tmp/refpy
+    # the reference alone on its path: our site's soundfile (no cffi there) would break transformers' import
+    printf '#!/bin/sh\nPYTHONPATH=%s exec python3 "$@"\n' "$R" > /tmp/refpy && chmod +x /tmp/refpy
     python3 bench/turbo.py --turbo $TURBO --original $ORIG --runs "${RUNS:-turbo:int8,turbo:float16,paired:int8,original:int8}" \
         --reference --reference-device cuda --reference-python /tmp/refpy --tokens 100 --out "$OUT/turbo" 2>&1 | tee "$OUT/turbo.log"
 fi
