@@ -624,6 +624,80 @@ class TokenPump:
             self._done.wait(0.05)
 
 
+def _located(runs: Iterable[str]) -> Iterator[tuple[str, list[int]]]:
+    """Segments of the runs (models/text.py), each with its characters' indices in the text
+    (the runs joined)."""
+    offset = 0
+    for run in runs:
+        pieces = split_text(run)
+        for segment, origins in zip(pieces, segment_origins(run, pieces)):
+            yield segment, [offset + k for k in origins]
+        offset += len(run)
+
+
+class _TextStream:
+    """One `stream_text` call: its segments, their seeds (segment n: T3 seed + 2n, S3Gen
+    seed + 2n + 1) and text positions, rendered one after another with T3 pipelined
+    (`pipelined`) or in turn (`serial`); the audio is the same either way."""
+
+    def __init__(self, model, text, conds, seed: int, language, options: StreamOptions, t_start: float,
+                 cancel, max_new_tokens: int, max_repeat_run: int, sampling: dict):
+        self.model, self.conds, self.seed, self.language = model, conds, seed, language
+        self.options, self.t_start, self.cancel, self.sampling = options, t_start, cancel, sampling
+        self.max_new_tokens, self.max_repeat_run = max_new_tokens, max_repeat_run
+        self.known = isinstance(text, str)
+        self.segments = list(_located([text])) if self.known else _located(text)
+        self.n_segments = len(self.segments) if self.known else None
+        self.index = 0  # the next chunk's index, across segments
+        # Per segment (keyed by its T3 seed): where its characters are, and the analyzer's text
+        # position of each rendered token (filled on T3's thread before the token is queued).
+        self.where: dict[int, tuple[SegmentPositions, list[int]]] = {}
+
+    def numbered(self) -> Iterator[tuple[str, int]]:
+        """(segment, T3 seed) pairs; consumed on T3's thread when pipelined."""
+        for number, (segment, origins) in enumerate(self.segments):
+            spans = self.model.text_spans(segment, self.language) if self.model.family == "multilingual" else None
+            self.where[self.seed + 2 * number] = (SegmentPositions(origins, spans), [])
+            yield segment, self.seed + 2 * number
+
+    def generate(self, segment: str, t3_seed: int) -> Iterator[int]:
+        model = self.model
+        text_ids = model.text_tokens(segment, self.language) if self.language is not None else model.text_tokens(segment)
+        budget = token_budget(len(text_ids), self.max_new_tokens,
+                              getattr(model, "budget_tokens_per_text_token", BUDGET_TOKENS_PER_TEXT_TOKEN))
+        tokens = tracked_tokens(model, segment, self.language, self.where[t3_seed][1], voice=self.conds, seed=t3_seed,
+                                max_new_tokens=budget, cancel=self.cancel, **self.sampling)
+        return guard_runaway(tokens, self.max_repeat_run)
+
+    def render(self, number: int, tokens: Iterable[int], pump: "TokenPump | None" = None) -> Iterator[AudioChunk]:
+        """Segment `number`'s audio from its tokens, with its text positions."""
+        last = self.n_segments is not None and number == self.n_segments - 1
+        mapper, positions = self.where[self.seed + 2 * number]
+        for chunk in stream_tokens(self.model, tokens, self.conds, seed=self.seed + 2 * number + 1, options=self.options,
+                                   t_start=self.t_start, first_index=self.index, cancel=self.cancel, pump=pump):
+            chunk.is_last = chunk.is_last and last
+            chunk.timings["segment"] = number
+            chunk.text_start, chunk.text_end = mapper.char_range(positions[chunk.token_start : chunk.token_end])
+            self.index = chunk.index + 1
+            yield chunk
+
+    def pipelined(self) -> Iterator[AudioChunk]:
+        schedule = self.options.chunk_schedule
+        max_chunk = max(schedule.first, schedule.max_tokens)
+        pump = TokenPump(self.generate, self.numbered(), T3_QUEUE_CHUNKS * (max_chunk + LOOKAHEAD_TOKENS), self.cancel)
+        try:
+            number = 0
+            while pump.next_segment() is not None:
+                yield from self.render(number, pump.tokens(), pump)
+                number += 1
+        finally:
+            pump.close()
+
+    def serial(self) -> Iterator[AudioChunk]:
+        for number, (segment, t3_seed) in enumerate(self.numbered()):
+            yield from self.render(number, self.generate(segment, t3_seed))
+
+
 def stream_text(
     model,
     text: str | Iterable[str],
@@ -657,7 +731,6 @@ def stream_text(
     # T3's thread must not evaluate arrays that are still lazy graphs of this thread's
     # stream (a voice read with mx.load is): MLX refuses another thread's stream
     mx.eval(conds.arrays())
-    seed = secrets.randbits(62) if seed is None else seed
     options = StreamOptions(
         chunk_schedule=ChunkSchedule.parse(chunk_schedule),
         context_tokens=StreamOptions.context_tokens if context_tokens is None else context_tokens,
@@ -666,71 +739,11 @@ def stream_text(
         prompt_tokens=prompt_tokens,
     )
     language = model.resolve_language(sampling.pop("language", None), voice)
-    known = isinstance(text, str)
-
-    def located(runs: Iterable[str]) -> Iterator[tuple[str, list[int]]]:
-        """Segments, each with its characters' indices in the text (the runs joined)."""
-        offset = 0
-        for run in runs:
-            pieces = split_text(run)
-            for segment, origins in zip(pieces, segment_origins(run, pieces)):
-                yield segment, [offset + k for k in origins]
-            offset += len(run)
-
-    segments = list(located([text])) if known else located(text)
-    # Per segment (keyed by its T3 seed): where its characters are, and the analyzer's text
-    # position of each rendered token (filled on T3's thread before the token is queued).
-    where: dict[int, tuple[SegmentPositions, list[int]]] = {}
-
-    def numbered() -> Iterator[tuple[str, int]]:
-        for number, (segment, origins) in enumerate(segments):
-            spans = model.text_spans(segment, language) if model.family == "multilingual" else None
-            where[seed + 2 * number] = (SegmentPositions(origins, spans), [])
-            yield segment, seed + 2 * number
-
-    def generate(segment: str, t3_seed: int) -> Iterator[int]:
-        text_ids = model.text_tokens(segment, language) if language is not None else model.text_tokens(segment)
-        budget = token_budget(len(text_ids), max_new_tokens,
-                              getattr(model, "budget_tokens_per_text_token", BUDGET_TOKENS_PER_TEXT_TOKEN))
-        tokens = tracked_tokens(model, segment, language, where[t3_seed][1], voice=conds, seed=t3_seed,
-                                max_new_tokens=budget, cancel=cancel, **sampling)
-        return guard_runaway(tokens, max_repeat_run)
-
-    def place(chunk: AudioChunk, t3_seed: int) -> None:
-        mapper, positions = where[t3_seed]
-        chunk.text_start, chunk.text_end = mapper.char_range(positions[chunk.token_start : chunk.token_end])
-
-    n_segments = len(segments) if known else None
-    index = 0
-    if pipeline:
-        max_chunk = max(options.chunk_schedule.first, options.chunk_schedule.max_tokens)
-        pump = TokenPump(generate, numbered(), T3_QUEUE_CHUNKS * (max_chunk + LOOKAHEAD_TOKENS), cancel)
-        try:
-            number = 0
-            while pump.next_segment() is not None:
-                last = n_segments is not None and number == n_segments - 1
-                for chunk in stream_tokens(model, pump.tokens(), conds, seed=seed + 2 * number + 1, options=options,
-                                           t_start=t_start, first_index=index, cancel=cancel, pump=pump):
-                    chunk.is_last = chunk.is_last and last
-                    chunk.timings["segment"] = number
-                    place(chunk, seed + 2 * number)
-                    index = chunk.index + 1
-                    yield chunk
-                number += 1
-        finally:
-            pump.close()
-    else:
-        for number, (segment, t3_seed) in enumerate(numbered()):
-            last = n_segments is not None and number == n_segments - 1
-            for chunk in stream_tokens(model, generate(segment, t3_seed), conds, seed=t3_seed + 1, options=options,
-                                       t_start=t_start, first_index=index, cancel=cancel):
-                chunk.is_last = chunk.is_last and last
-                chunk.timings["segment"] = number
-                place(chunk, t3_seed)
-                index = chunk.index + 1
-                yield chunk
+    run = _TextStream(model, text, conds, secrets.randbits(62) if seed is None else seed, language, options,
+                      t_start, cancel, max_new_tokens, max_repeat_run, sampling)
+    yield from run.pipelined() if pipeline else run.serial()
     check_cancel(cancel)
-    if not known or index == 0:
+    if not run.known or run.index == 0:
         # an iterable's end is known only now; blank text still ends with one (empty) last chunk
-        yield AudioChunk(np.zeros(0, dtype=np.float32), index, 0, 0, {"elapsed_ms": (time.perf_counter() - t_start) * 1000},
-                         is_last=True)
+        yield AudioChunk(np.zeros(0, dtype=np.float32), run.index, 0, 0,
+                         {"elapsed_ms": (time.perf_counter() - t_start) * 1000}, is_last=True)
