@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
-REFERENCE_PYTHON = "/work/ref-venv/bin/python"
+# The PyTorch reference's interpreter: tools/make_reference_env.sh makes .ref-venv in the checkout.
+REFERENCE_PYTHON = os.environ.get("NIGHTINGALE_REFERENCE_PYTHON", str(REPO / ".ref-venv" / "bin" / "python"))
 MB = 2**20
 WORKER_FLAG = "--worker"
 

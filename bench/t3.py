@@ -14,7 +14,7 @@ What is measured, per configuration, each in its own process (clean peak memory)
   (batch 2 CFG, one token at a time, sampler included), after one warm-up generation;
 - peak memory: mx.get_peak_memory during generation, and the process's maximum RSS
   (which includes loading).
-The reference runs upstream's own `T3.inference` loop in /work/ref-venv with one thread; its
+The reference runs upstream's own `T3.inference` loop in .ref-venv (tools/make_reference_env.sh) with one thread; its
 token times are taken at each `torch.multinomial` call (sampling is left intact).
 
 On Linux, MLX's bundled CPU BLAS is slow; Debian's OpenBLAS (libopenblas0-pthread) is
@@ -35,9 +35,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import common  # bench/common.py (no MLX at import)
+
 REPO = Path(__file__).resolve().parent.parent
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
-REFERENCE_PYTHON = "/work/ref-venv/bin/python"
 TEXT = "Hello there, this is a short benchmark sentence."
 PROMPT_TOKENS = 150
 SAMPLER = dict(cfg_weight=0.5, temperature=0.8, repetition_penalty=1.2, min_p=0.05, top_p=1.0)
@@ -227,7 +228,7 @@ def main() -> None:
     parser.add_argument("--random-init", action="store_true",
                         help="no checkpoint: full-size T3 with MLX's own random init (MLX only; for GPU machines)")
     parser.add_argument("--bits", default="", help="also run these quantized widths, e.g. 8 or 8,4 (float32 activations)")
-    parser.add_argument("--reference-python", default=REFERENCE_PYTHON)
+    parser.add_argument("--reference-python", default=common.REFERENCE_PYTHON)
     parser.add_argument("--reference-device", default="cpu", help="torch device of the reference (cpu, cuda)")
     parser.add_argument("--worker", choices=("ours", "reference"), help=argparse.SUPPRESS)
     parser.add_argument("--dtype", help=argparse.SUPPRESS)
@@ -256,9 +257,9 @@ def main() -> None:
         inputs_file = Path(tmp) / "inputs.json"
         inputs = bench_inputs(ckpt)
         inputs_file.write_text(json.dumps(inputs))
-        common = [str(ckpt), "--tokens", str(args.tokens), "--inputs", str(inputs_file)]
+        worker_args = [str(ckpt), "--tokens", str(args.tokens), "--inputs", str(inputs_file)]
         if args.random_init:
-            common.append("--random-init")
+            worker_args.append("--random-init")
 
         mlx_env = dict(os.environ)
         if not args.no_openblas and "LD_PRELOAD" not in mlx_env and Path(OPENBLAS).exists():
@@ -270,13 +271,13 @@ def main() -> None:
             ref_env.pop("LD_PRELOAD", None)
             print("reference ...", file=sys.stderr)
             rows.append(run_worker(args.reference_python, ["--worker", "reference", "--reference-device",
-                                                           args.reference_device, *common], ref_env))
+                                                           args.reference_device, *worker_args], ref_env))
         for dtype in args.dtypes.split(","):
             print(f"MLX {dtype} ...", file=sys.stderr)
-            rows.append(run_worker(sys.executable, ["--worker", "ours", "--dtype", dtype, *common], mlx_env))
+            rows.append(run_worker(sys.executable, ["--worker", "ours", "--dtype", dtype, *worker_args], mlx_env))
         for bits in filter(None, args.bits.split(",")):
             print(f"MLX int{bits} ...", file=sys.stderr)
-            rows.append(run_worker(sys.executable, ["--worker", "ours", "--dtype", "float32", "--bits", bits, *common], mlx_env))
+            rows.append(run_worker(sys.executable, ["--worker", "ours", "--dtype", "float32", "--bits", bits, *worker_args], mlx_env))
 
     ref = rows[0] if not args.no_reference else None
     print(f"T3 on {platform.machine()} {platform.system()}, MLX device {rows[-1]['device']}, "

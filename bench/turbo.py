@@ -19,7 +19,7 @@ Per run:
 - a short sentence streamed end to end (T3 + S3Gen): time to first audio and RTF;
 - peak MLX memory and maximum RSS.
 `--reference` adds the PyTorch reference's Turbo (`ChatterboxTurboTTS.from_local` on the
-same Turbo checkpoint, /work/ref-venv, CPU): `inference_turbo` tokens/s (timed at each
+same Turbo checkpoint, .ref-venv (tools/make_reference_env.sh), CPU): `inference_turbo` tokens/s (timed at each
 multinomial) and one `S3Gen.inference` (2 MeanFlow steps + HiFT) on prompt + 48 tokens.
 With `--reference-device cuda` it runs the reference's Turbo T3 alone on the GPU.
 Random weights never emit EOS, so budgets bound every utterance.
@@ -36,9 +36,10 @@ import sys
 import time
 from pathlib import Path
 
+import common  # bench/common.py (no MLX at import)
+
 SHORT_TEXT = "The quick brown fox jumps over the lazy dog."
 CONFIGS = {"int8": (8, "float32"), "float16": (None, "float16"), "float32": (None, "float32"), "bfloat16": (None, "bfloat16")}
-REFERENCE_PYTHON = "/work/ref-venv/bin/python"
 CHUNK_TOKENS = 48
 
 
@@ -53,7 +54,6 @@ def worker_ours(args) -> dict:
     import mlx.core as mx
     import numpy as np
 
-    import common
     from nightingale.models import load_model
     from nightingale.models.streaming import ChunkSchedule, StreamOptions, stream_tokens
 
@@ -113,7 +113,6 @@ def worker_decoders(args) -> dict:
     import mlx.core as mx
     import numpy as np
 
-    import common
     from nightingale.models import load_model
     from nightingale.models.streaming import _prompt, speech_noise
     from nightingale.models.s3gen.flow import fixed_noise
@@ -260,12 +259,11 @@ def render_decoders(r: dict) -> str:
 
 
 def render(results: list[dict]) -> str:
-    from common import describe_machine
 
     decoders = [r for r in results if r["run"].startswith("decoders:")]
     results = [r for r in results if not r["run"].startswith("decoders:")]
     machine = next((r["machine"] for r in results if "machine" in r), None)
-    lines = [f"Machine: {describe_machine(machine) if machine else '-'}", "",
+    lines = [f"Machine: {common.describe_machine(machine) if machine else '-'}", "",
              "| run | device | CFM steps | T3 prefill ms | T3 decode tok/s | S3Gen first chunk ms (tokens) "
              "| S3Gen steady chunk ms (tokens) | short: TTFA ms | short: RTF | peak GB | max RSS MB |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -289,7 +287,7 @@ def main() -> int:
     parser.add_argument("--original", help="full-size original checkpoint directory (original and paired runs)")
     parser.add_argument("--runs", default="turbo:int8,turbo:float16")
     parser.add_argument("--reference", action="store_true", help="also run the PyTorch reference's Turbo")
-    parser.add_argument("--reference-python", default=REFERENCE_PYTHON)
+    parser.add_argument("--reference-python", default=common.REFERENCE_PYTHON)
     parser.add_argument("--reference-device", default="cpu", help="cpu (whole pipeline) or cuda (T3 alone)")
     parser.add_argument("--tokens", type=int, default=40, help="T3 decode steps timed")
     parser.add_argument("--short-tokens", type=int, default=75, help="T3 budget of the short sentence (3 s)")
