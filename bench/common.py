@@ -174,6 +174,19 @@ def run_worker(argv: list[str], env: dict[str, str] | None = None, timeout: floa
     return json.loads(lines[-1])
 
 
+def import_reference_t3_only() -> None:
+    """Make `chatterbox` a bare namespace so importing chatterbox.models.t3 skips the
+    package's __init__ (which imports the whole TTS and VC pipelines and their audio
+    dependencies, absent on a GPU machine); the T3 code itself is the reference's, unchanged."""
+    import importlib.util
+    import types
+
+    spec = importlib.util.find_spec("chatterbox")
+    package = types.ModuleType("chatterbox")
+    package.__path__ = list(spec.submodule_search_locations)
+    sys.modules["chatterbox"] = package
+
+
 def reference_env() -> dict[str, str]:
     """Environment for a PyTorch reference worker: one thread, no preloaded BLAS of ours."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")

@@ -111,25 +111,12 @@ def worker_ours(ckpt: Path | None, dtype_name: str, inputs: dict, tokens: int, b
     }
 
 
-def _import_reference_t3_only() -> None:
-    """Make `chatterbox` a bare namespace so importing chatterbox.models.t3 skips the
-    package's __init__ (which imports the whole TTS and VC pipelines and their audio
-    dependencies); the T3 code itself is the reference's, unchanged."""
-    import importlib.util
-    import types
-
-    spec = importlib.util.find_spec("chatterbox")
-    package = types.ModuleType("chatterbox")
-    package.__path__ = list(spec.submodule_search_locations)
-    sys.modules["chatterbox"] = package
-
-
 def worker_reference(ckpt: Path, inputs: dict, tokens: int, device: str = "cpu") -> dict:
     import torch
     from safetensors.torch import load_file
 
     if device != "cpu":
-        _import_reference_t3_only()
+        common.import_reference_t3_only()
     from chatterbox.models.t3 import T3
     from chatterbox.models.t3.modules.cond_enc import T3Cond
 

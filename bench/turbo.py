@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -41,10 +40,6 @@ import common  # bench/common.py (no MLX at import)
 SHORT_TEXT = "The quick brown fox jumps over the lazy dog."
 CONFIGS = {"int8": (8, "float32"), "float16": (None, "float16"), "float32": (None, "float32"), "bfloat16": (None, "bfloat16")}
 CHUNK_TOKENS = 48
-
-
-def max_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def worker_ours(args) -> dict:
@@ -99,7 +94,7 @@ def worker_ours(args) -> dict:
         "steady_chunk_s3gen_ms": float(np.median(steady)) if steady else None, "steady_chunk_tokens": schedule.max_tokens,
         "ttfa_ms": first * 1000, "rtf": elapsed / (audio / 24000), "short_audio_s": audio / 24000,
         "n_timesteps": model.s3gen.flow.cfg.n_timesteps,
-        "peak_memory_gb": mx.get_peak_memory() / 1e9, "max_rss_mb": max_rss_mb(),
+        "peak_memory_gb": mx.get_peak_memory() / 1e9, "max_rss_mb": common.max_rss_mb(),
     }
 
 
@@ -148,19 +143,6 @@ def worker_decoders(args) -> dict:
             "original_flow_ms": med["original"][0], "meanflow_flow_ms": med["meanflow"][0],
             "original_hift_ms": med["original"][1], "meanflow_hift_ms": med["meanflow"][1],
             "flow_speedup": med["original"][0] / med["meanflow"][0]}
-
-
-def _import_reference_t3_only() -> None:
-    """Make `chatterbox` a bare namespace so that importing chatterbox.models.t3 skips the
-    package's __init__ (the whole TTS/VC pipelines and their audio dependencies, which a
-    GPU machine without them cannot import); the T3 code itself is the reference's."""
-    import importlib.util
-    import types
-
-    spec = importlib.util.find_spec("chatterbox")
-    package = types.ModuleType("chatterbox")
-    package.__path__ = list(spec.submodule_search_locations)
-    sys.modules["chatterbox"] = package
 
 
 def _fixture_common():
@@ -230,7 +212,7 @@ def worker_reference(args) -> dict:
         tts = ChatterboxTurboTTS.from_local(args.turbo, "cpu")
         t3, cond, tokenizer = tts.t3, tts.conds.t3, tts.tokenizer
     else:
-        _import_reference_t3_only()
+        common.import_reference_t3_only()
         t3, cond, tokenizer = _reference_turbo_t3(Path(args.turbo), device)
     load_s = time.perf_counter() - t0
     text = tokenizer(SHORT_TEXT, return_tensors="pt").input_ids.to(device)
@@ -238,7 +220,7 @@ def worker_reference(args) -> dict:
     prefill_ms, tokens_per_s = _time_inference_turbo(t3, cond, text, args.tokens)
     result = {"run": "reference-turbo:float32", "device": f"{device} (torch {torch.__version__})", "load_s": load_s,
               "prefill_ms": prefill_ms, "t3_tokens_per_s": tokens_per_s, "steady_chunk_tokens": CHUNK_TOKENS,
-              "n_timesteps": 2, "max_rss_mb": max_rss_mb()}
+              "n_timesteps": 2, "max_rss_mb": common.max_rss_mb()}
     if device == "cpu":
         tokens = torch.from_numpy(np.random.default_rng(0).integers(0, 6561, CHUNK_TOKENS))
         tts.s3gen.inference(tokens[:8], ref_dict=tts.conds.gen)  # warm-up
