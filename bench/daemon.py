@@ -17,6 +17,7 @@ Exit status 1 if any request failed, the daemon logged a traceback, or memory gr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -26,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from nightingale import protocol as p
@@ -60,7 +62,7 @@ def start_daemon(args, path: Path, log_file) -> subprocess.Popen:
     cmd = [
         sys.executable, "-m", "nightingale.cli", "serve",
         "--model", str(args.model), "--socket", str(path), "--no-playback", "--quantize", args.quantize,
-        *(["--decoder", str(args.decoder)] if args.decoder else []),
+        *(["--decoder", str(args.decoder)] if getattr(args, "decoder", None) else []),  # fuzz.py has no --decoder
     ]  # fmt: skip
     # The daemon runs in the scratch directory: started from a source checkout, the checkout's
     # own nightingale/ folder would shadow the installed package.
@@ -81,6 +83,29 @@ def start_daemon(args, path: Path, log_file) -> subprocess.Popen:
             time.sleep(0.1)
     proc.kill()
     raise SystemExit("the daemon did not become ready in time")
+
+
+@contextlib.contextmanager
+def scratch_daemon(args, name: str) -> Iterator[tuple[subprocess.Popen, Path, Path]]:
+    """`nightingale serve` on a socket in a scratch directory (args.model, or a tiny random
+    checkpoint made there), ready: yields (process, socket path, log path). The process is
+    killed on the way out if it is still running; the log outlives it until the block ends."""
+    with tempfile.TemporaryDirectory(prefix=f"ng-{name}-") as tmp:
+        tmp_path = Path(tmp)
+        if args.model is None:
+            from nightingale.dev.checkpoint import make_checkpoint
+
+            args.model = make_checkpoint(tmp_path / "tiny", "tiny", seed=0)
+        path = tmp_path / f"{name}.sock"
+        log_path = tmp_path / "daemon.log"
+        with open(log_path, "w") as log_file:
+            proc = start_daemon(args, path, log_file)
+            try:
+                yield proc, path, log_path
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait(60)
 
 
 def run_round(path: Path, clients: int, per_client: int, options: dict, tag: str) -> tuple[list[float], list[float], list[p.Done], list[str]]:
@@ -150,35 +175,22 @@ def main(argv: list[str] | None = None) -> int:
     options = json.loads(args.options)
     per_client = max(1, args.utterances // args.clients)
 
-    with tempfile.TemporaryDirectory(prefix="ng-bench-") as tmp:
-        tmp_path = Path(tmp)
-        if args.model is None:
-            from nightingale.dev.checkpoint import make_checkpoint
-
-            args.model = make_checkpoint(tmp_path / "tiny", "tiny", seed=0)
-        path = tmp_path / "bench.sock"
-        log_path = tmp_path / "daemon.log"
-        with open(log_path, "w") as log_file:
-            t_start = time.monotonic()
-            proc = start_daemon(args, path, log_file)
-            t_ready = time.monotonic() - t_start
-            try:
-                st0 = status(path)
-                rss_ready = st0.memory["rss_mb"]
-                # Warm-up round: allocator pools and kernel caches settle.
-                _, _, _, w_err = run_round(path, args.clients, max(1, args.warmup // args.clients), options, "warm")
-                rss_warm = status(path).memory["rss_mb"]
-                t0 = time.monotonic()
-                first_ms, total_ms, dones, errors = run_round(path, args.clients, per_client, options, "soak")
-                wall = time.monotonic() - t0
-                st1 = status(path)
-                rss_end = st1.memory["rss_mb"]
-                with Connection(path, timeout=30) as c:
-                    c.send(p.Shutdown())
-                rc = proc.wait(60)
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
+    t_start = time.monotonic()
+    with scratch_daemon(args, "bench") as (proc, path, log_path):
+        t_ready = time.monotonic() - t_start
+        st0 = status(path)
+        rss_ready = st0.memory["rss_mb"]
+        # Warm-up round: allocator pools and kernel caches settle.
+        _, _, _, w_err = run_round(path, args.clients, max(1, args.warmup // args.clients), options, "warm")
+        rss_warm = status(path).memory["rss_mb"]
+        t0 = time.monotonic()
+        first_ms, total_ms, dones, errors = run_round(path, args.clients, per_client, options, "soak")
+        wall = time.monotonic() - t0
+        st1 = status(path)
+        rss_end = st1.memory["rss_mb"]
+        with Connection(path, timeout=30) as c:
+            c.send(p.Shutdown())
+        rc = proc.wait(60)
         errors = w_err + errors
         tracebacks = log_path.read_text(errors="replace").count("Traceback")
         n = len(dones)

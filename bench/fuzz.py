@@ -24,13 +24,12 @@ import signal
 import socket
 import struct
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import msgpack
-from daemon import start_daemon, status  # bench/daemon.py, beside this script
+from daemon import scratch_daemon, status  # bench/daemon.py, beside this script
 
 from nightingale import protocol as p
 from nightingale.client.connection import Connection
@@ -156,50 +155,41 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     rng = random.Random(args.seed)
 
-    with tempfile.TemporaryDirectory(prefix="ng-fuzz-") as tmp:
-        tmp_path = Path(tmp)
-        if args.model is None:
-            from nightingale.dev.checkpoint import make_checkpoint
-
-            args.model = make_checkpoint(tmp_path / "tiny", "tiny", seed=0)
-        path = tmp_path / "fuzz.sock"
-        log_path = tmp_path / "daemon.log"
-        with open(log_path, "w") as log_file:
-            proc = start_daemon(args, path, log_file)
-            rss_ready = status(path).memory["rss_mb"]
-            t0 = time.monotonic()
-            sent = cut = failed_pings = connections = 0
-            while sent < args.frames:
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                sock.connect(str(path))
-                sock.settimeout(0.2)
-                connections += 1
-                stop = threading.Event()
-                reader = threading.Thread(target=drain, args=(sock, stop), daemon=True)
-                reader.start()
-                try:
-                    for _ in range(min(args.per_connection, args.frames - sent)):
-                        data, cut_after = fuzz_frame(rng)
-                        sock.sendall(data)
-                        sent += 1
-                        if cut_after:
-                            cut += 1
-                            break
-                except OSError:
-                    pass  # the daemon may drop a hostile client
-                stop.set()
-                sock.close()
-                reader.join()
-                if not ping(path):
-                    failed_pings += 1
-                if proc.poll() is not None:
-                    break
-            wall = time.monotonic() - t0
-            crashed = proc.poll() is not None
-            rss_end = status(path).memory["rss_mb"] if not crashed else float("nan")
-            if not crashed:
-                proc.send_signal(signal.SIGTERM)
-            rc = proc.wait(60)
+    with scratch_daemon(args, "fuzz") as (proc, path, log_path):
+        rss_ready = status(path).memory["rss_mb"]
+        t0 = time.monotonic()
+        sent = cut = failed_pings = connections = 0
+        while sent < args.frames:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(str(path))
+            sock.settimeout(0.2)
+            connections += 1
+            stop = threading.Event()
+            reader = threading.Thread(target=drain, args=(sock, stop), daemon=True)
+            reader.start()
+            try:
+                for _ in range(min(args.per_connection, args.frames - sent)):
+                    data, cut_after = fuzz_frame(rng)
+                    sock.sendall(data)
+                    sent += 1
+                    if cut_after:
+                        cut += 1
+                        break
+            except OSError:
+                pass  # the daemon may drop a hostile client
+            stop.set()
+            sock.close()
+            reader.join()
+            if not ping(path):
+                failed_pings += 1
+            if proc.poll() is not None:
+                break
+        wall = time.monotonic() - t0
+        crashed = proc.poll() is not None
+        rss_end = status(path).memory["rss_mb"] if not crashed else float("nan")
+        if not crashed:
+            proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(60)
         log = log_path.read_text(errors="replace")
         tracebacks = log.count("Traceback")
         print(f"# nightingale fuzz ({platform.machine()}, {os.cpu_count()} CPUs, {platform.system()})")

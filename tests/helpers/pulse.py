@@ -28,6 +28,16 @@ PASSBAND_HZ = 7000.0  # compared band: PulseAudio's resampling round trip is tra
 _INSTALL_HINT = "apt-get install -y --no-install-recommends libportaudio2 pulseaudio pulseaudio-utils libasound2-plugins"
 
 
+
+def _end_process(proc: subprocess.Popen, sig: int) -> None:
+    """Send `sig` and wait; a process still there after 5 s is killed."""
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout=5.0)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5.0)
+
 class PulseUnavailable(RuntimeError):
     pass
 
@@ -92,12 +102,7 @@ class PulseNullSink:
             else:
                 os.environ["PULSE_SERVER"] = self._saved_server
         if self._proc is not None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=5.0)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait(timeout=5.0)
+            _end_process(self._proc, signal.SIGTERM)
             self._proc = None
         if self._log is not None:
             self._log.close()
@@ -148,12 +153,7 @@ class MonitorRecorder:
     def stop(self) -> np.ndarray:
         """End the recording; the samples recorded (float32, RECORD_RATE)."""
         if self._proc is not None:
-            self._proc.send_signal(signal.SIGINT)
-            try:
-                self._proc.wait(timeout=5.0)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait(timeout=5.0)
+            _end_process(self._proc, signal.SIGINT)
             self._proc = None
             self._file.close()
         return np.fromfile(self.path, dtype="<f4")
